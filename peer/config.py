@@ -1,0 +1,278 @@
+"""The daemon's configuration: one frozen, typed tree, resolved in one place.
+
+Precedence, lowest first: built-in defaults < TOML file (``--config``) < ``PEER_*`` environment
+variables < command-line flags. Every setting has one flat name that is unique across sections;
+it is the TOML key inside its section, the environment variable ``PEER_<NAME>`` (upper case) and
+the flag ``--<name>`` with dashes. Example: ``[sync] codec = "int4"`` in the file,
+``PEER_CODEC=int4`` in the environment, ``--codec int4`` on the command line.
+
+List values (``interfaces``, ``peers``) are TOML arrays, comma-separated in the environment, and
+repeatable flags. Settings left at ``None`` take the task's own default (see ``peer.trainer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from peer.errors import ConfigError
+
+ENV_PREFIX = "PEER_"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str = ""
+    task: str = "digits"
+    # A user's own data for the task (file or directory; see the task's docs).
+    data: str | None = None
+    # Shared by every peer of the run: the initial model is derived from it.
+    seed: int = 0
+    # Where this peer keeps its id and checkpoints. Default: ./peer-state/<run_id>.
+    state_dir: str | None = None
+    # Stable identity; default: a random id persisted in state_dir.
+    peer_id: str | None = None
+    # Stop after this many completed rounds (0: run until stopped).
+    rounds: int = 0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    listen: str = "0.0.0.0:7070"
+    # Address others should dial, when it differs from the listen address (NAT, 0.0.0.0).
+    advertise: str | None = None
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9470
+    # IPv4 addresses on which mDNS runs; empty: every interface (what a LAN wants).
+    interfaces: tuple[str, ...] = ()
+    # Static peers (host:port) for networks that multicast does not reach.
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"
+    # torch threads in this process; several peers on one machine must share its cores.
+    threads: int = 1
+    inner_steps: int | None = None
+    batch_size: int | None = None
+    inner_lr: float | None = None
+    eval_every_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    codec: str = "int8"
+    error_feedback: bool = True
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+    chunk_bytes: int = 1 << 20
+    # Leader's wait for the known peers to join a round, counted from the first join.
+    matchmaking_timeout_s: float = 10.0
+    # Lower bound of the all-reduce deadline; the deadline adapts to observed round times.
+    reduce_deadline_s: float = 30.0
+    # How long a peer waits for others to show up before training alone at start-up.
+    startup_grace_s: float = 3.0
+    checkpoint_every_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    handshake_timeout_s: float = 5.0
+    rpc_timeout_s: float = 5.0
+    chunk_idle_timeout_s: float = 10.0
+    state_transfer_timeout_s: float = 120.0
+    # SIGTERM to exit; must stay below systemd's TimeoutStopSec and the 10 s promise.
+    stop_grace_s: float = 8.0
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    # Fault-injection plan for tests (see peer.faults); never set in production.
+    faults: str = ""
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "net": NetConfig,
+    "train": TrainConfig,
+    "sync": SyncConfig,
+    "timeouts": TimeoutConfig,
+}
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config name {f.name}"
+            index[f.name] = (section, f)
+            _TYPES[f.name] = hints[f.name]
+    return index
+
+
+_TYPES: dict[str, Any] = {}
+FIELDS = _field_index()
+
+
+def _convert(name: str, value: Any, *, from_text: bool) -> Any:
+    """Convert ``value`` to the declared type of setting ``name``; raise ConfigError if it cannot."""
+    hint = _TYPES[name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if value is None or (from_text and optional and value == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    try:
+        if typing.get_origin(hint) is tuple:
+            if from_text and isinstance(value, str):
+                items = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (list, tuple)):
+                items = list(value)
+            else:
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            if not all(isinstance(v, str) for v in items):
+                raise TypeError("expected a list of strings")
+            return tuple(items)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and isinstance(value, str) and value.lower() in _BOOLS:
+                return _BOOLS[value.lower()]
+            raise TypeError(f"expected true/false, got {value!r}")
+        if hint is int:
+            if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
+                raise TypeError(f"expected an integer, got {value!r}")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool) or (not from_text and not isinstance(value, (int, float))):
+                raise TypeError(f"expected a number, got {value!r}")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError(f"expected a string, got {value!r}")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    raise ConfigError(f"{name}: unsupported type {hint}")  # pragma: no cover
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _from_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, body in doc.items():
+        if key == "faults" and isinstance(body, str):
+            values["faults"] = body
+            continue
+        if key not in SECTIONS or not isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{key}]; known: {', '.join(SECTIONS)}")
+        for name, value in body.items():
+            if name not in FIELDS or FIELDS[name][0] != key:
+                raise ConfigError(f"{path}: unknown setting {name!r} in [{key}]")
+            values[name] = _convert(name, value, from_text=False)
+    return values
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name == "faults":
+            values["faults"] = text
+        elif name in FIELDS:
+            values[name] = _convert(name, text, from_text=True)
+        # Other PEER_* variables are not ours to judge (shells set odd things); ignore them.
+    return values
+
+
+def load_config(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve defaults < ``config_file`` < ``env`` (``os.environ`` if None) < ``cli``.
+
+    ``cli`` maps flat setting names to values already parsed by the CLI; ``None`` values are
+    ignored (flag not given). Raises ConfigError naming the offending setting.
+    """
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_from_toml(config_file))
+    values.update(_from_env(os.environ if env is None else env))
+    for name, value in (cli or {}).items():
+        if value is None:
+            continue
+        if name == "faults":
+            values["faults"] = value
+            continue
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, value, from_text=isinstance(value, str))
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in values.items():
+        if name == "faults":
+            continue
+        per_section[FIELDS[name][0]][name] = value
+    cfg = Config(
+        **{s: SECTIONS[s](**kw) for s, kw in per_section.items()},
+        faults=values.get("faults", ""),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no other module; raises ConfigError."""
+    checks = [
+        (cfg.train.threads >= 1, "threads must be >= 1"),
+        (cfg.train.inner_steps is None or cfg.train.inner_steps >= 1, "inner_steps must be >= 1"),
+        (cfg.train.batch_size is None or cfg.train.batch_size >= 1, "batch_size must be >= 1"),
+        (cfg.sync.outer_lr is None or cfg.sync.outer_lr > 0, "outer_lr must be > 0"),
+        (cfg.sync.outer_momentum is None or 0 <= cfg.sync.outer_momentum < 1, "outer_momentum must be in [0, 1)"),
+        (4096 <= cfg.sync.chunk_bytes <= (1 << 20), "chunk_bytes must be in [4096, 1048576]"),
+        (0 <= cfg.net.metrics_port <= 65535, "metrics_port must be in [0, 65535]"),
+        (cfg.run.rounds >= 0, "rounds must be >= 0"),
+        (cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
+         "device must be auto, cpu or cuda[:N]"),
+    ]
+    for name in ("matchmaking_timeout_s", "reduce_deadline_s"):
+        checks.append((getattr(cfg.sync, name) > 0, f"{name} must be > 0"))
+    for f in dataclasses.fields(TimeoutConfig):
+        checks.append((getattr(cfg.timeouts, f.name) > 0, f"{f.name} must be > 0"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.run.run_id and not all(c.isalnum() or c in "-_." for c in cfg.run.run_id):
+        raise ConfigError(f"run_id {cfg.run.run_id!r} may only hold letters, digits, '-', '_' and '.'")
+    if len(cfg.run.run_id) > 48:
+        raise ConfigError("run_id is longer than 48 characters")

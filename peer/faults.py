@@ -1,0 +1,89 @@
+"""Fault injection for tests: a plan of faults that production code consults at named points.
+
+A plan is a comma-separated list of ``action@round[:phase]`` entries, set with ``--faults`` or
+``PEER_FAULTS`` (tests only). Actions:
+
+  crash        SIGKILL this process (as ``kill -9``) when it reaches ``phase`` of ``round``
+  stall        stop making progress at ``phase`` of ``round`` (sleeps until cancelled)
+  corrupt      flip a byte of each part sent in ``round`` after its crc32 was computed
+  wrong_size   send parts of the wrong size (header and crc consistent with the wrong size)
+  nan          make this peer's delta of ``round`` NaN (it must be withheld, not sent)
+
+Phases: ``inner`` (before the inner phase), ``join`` (before group formation), ``reduce`` (after
+the group formed, before parts are sent), ``owner`` (after this peer's owned shard was averaged,
+before answering), ``outer`` (before the outer step), ``serve_state`` (while serving GetState).
+A fault whose round is ``*`` fires in every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from peer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan")
+PHASES = ("inner", "join", "reduce", "owner", "outer", "serve_state")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    round: int | None  # None: every round
+    phase: str
+
+
+class FaultPlan:
+    def __init__(self, faults: tuple[Fault, ...] = ()) -> None:
+        self.faults = faults
+
+    @classmethod
+    def parse(cls, text: str) -> FaultPlan:
+        faults = []
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            try:
+                action, rest = item.split("@", 1)
+                rnd, _, phase = rest.partition(":")
+                fault = Fault(action, None if rnd == "*" else int(rnd), phase or "reduce")
+            except ValueError:
+                raise ConfigError(f"fault {item!r}: expected action@round[:phase]") from None
+            if fault.action not in ACTIONS or fault.phase not in PHASES:
+                raise ConfigError(f"fault {item!r}: actions {ACTIONS}, phases {PHASES}")
+            faults.append(fault)
+        return cls(tuple(faults))
+
+    def _match(self, action: str, rnd: int, phase: str | None = None) -> bool:
+        return any(f.action == action and f.round in (None, rnd) and (phase is None or f.phase == phase)
+                   for f in self.faults)
+
+    async def at(self, phase: str, rnd: int) -> None:
+        """Called by production code at ``phase`` of round ``rnd``; may never return."""
+        if self._match("crash", rnd, phase):
+            log.warning("fault injection: crash at round %d phase %s", rnd, phase)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._match("stall", rnd, phase):
+            log.warning("fault injection: stall at round %d phase %s", rnd, phase)
+            await asyncio.Event().wait()
+
+    def wrong_size(self, rnd: int) -> bool:
+        return self._match("wrong_size", rnd)
+
+    def corrupt(self, rnd: int) -> bool:
+        return self._match("corrupt", rnd)
+
+    def nan(self, rnd: int) -> bool:
+        return self._match("nan", rnd)
+
+
+def corrupt_bytes(payload: bytes) -> bytes:
+    """The payload with its middle byte flipped."""
+    if not payload:
+        return payload
+    data = bytearray(payload)
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)

@@ -1,0 +1,446 @@
+"""The round state machine: group formation, butterfly all-reduce, failures as data.
+
+Async, loop-only code. It talks to other peers only through the ``PeerClient`` protocol (the
+transport implements it; tests may implement it in memory) and never imports grpc.
+
+Group formation (no coordinator): the leader of a round is the lowest peer id among the live
+peers a peer knows, itself included. A peer that finished its inner phase sends ``JoinRound`` to
+its leader (or joins locally when it leads). The leader forms the group when every live peer it
+knows has joined, or ``matchmaking_timeout_s`` after the first join, whichever comes first. The
+group keeps the joiners whose ``(round, global_hash)`` agree with the majority (ties: the
+leader's own hash, then the smallest); the others are told to resync. A follower whose leader
+does not answer tries the next lowest id.
+
+Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
+id). Each member encodes every shard of its own delta (with error feedback), streams shard j to
+owner j and keeps its own. The owner averages what arrived by its cut-off (weighted by samples),
+encodes the average once and answers every stream with the same bytes; everyone, the owner
+included, applies ``decode(those bytes)``. So all members that complete the round apply the same
+averaged delta, bit for bit, whatever the codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from collections import Counter as Tally
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from peer.codec import Codec, ErrorFeedback, get_codec
+from peer.errors import CodecError, PeerUnavailable, RoundError
+from peer.faults import FaultPlan, corrupt_bytes
+from peer.sync.aggregate import weighted_mean
+from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
+
+log = logging.getLogger(__name__)
+
+
+class PeerClient(Protocol):
+    """What the round logic needs from the network. Every call is bounded by ``timeout_s``;
+    failures to reach a peer raise ``PeerUnavailable``; a peer's refusal raises ``RoundError``."""
+
+    async def join_round(self, address: str, req: JoinRequest, timeout_s: float) -> JoinReply: ...
+
+    async def reduce(
+        self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
+    ) -> tuple[ReduceHeader, bytes]: ...
+
+    async def get_state(
+        self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float
+    ) -> tuple[StateHeader, bytes]: ...
+
+
+def shard_bounds(numel: int, k: int) -> list[tuple[int, int]]:
+    """Split ``numel`` elements into ``k`` contiguous shards whose sizes differ by at most one."""
+    base, extra = divmod(numel, k)
+    bounds, start = [], 0
+    for i in range(k):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def crc32(data: bytes | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass
+class _Match:
+    """The leader's bookkeeping for one round."""
+
+    round: int
+    joins: dict[str, JoinRequest] = field(default_factory=dict)
+    formed: asyncio.Future | None = None
+    timer: asyncio.Task | None = None
+    first_join: float = 0.0
+
+
+class Matchmaker:
+    """Leader side of group formation. Loop-only.
+
+    ``live`` returns the ids of the live peers of the run this peer knows (without itself);
+    ``deadline_s`` returns the all-reduce deadline to announce with a group.
+    """
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        numel: int,
+        codec: str,
+        live: Callable[[], Mapping[str, str]],
+        current_round: Callable[[], int],
+        timeout_s: float,
+        deadline_s: Callable[[], float],
+    ) -> None:
+        self._me = peer_id
+        self._numel = numel
+        self._codec = codec
+        self._live = live
+        self._current_round = current_round
+        self._timeout_s = timeout_s
+        self._deadline_s = deadline_s
+        self._matches: dict[int, _Match] = {}
+
+    def close(self) -> None:
+        for m in self._matches.values():
+            if m.timer is not None:
+                m.timer.cancel()
+            if m.formed is not None and not m.formed.done():
+                m.formed.cancel()
+        self._matches.clear()
+
+    def peer_left(self, peer_id: str) -> None:
+        """A peer left or died: groups being formed stop waiting for it."""
+        for m in list(self._matches.values()):
+            self._maybe_form(m)
+
+    async def join(self, req: JoinRequest) -> JoinReply:
+        live = self._live()
+        leader = min([self._me, *live])
+        if leader != self._me:
+            return JoinReply(JoinOutcome.NOT_LEADER, f"{leader} leads round {req.round}",
+                             leader_hint=f"{leader}@{live[leader]}")
+        current = self._current_round()
+        if req.round < current:
+            return JoinReply(JoinOutcome.WRONG_ROUND,
+                             f"round {req.round} is over; the leader is at round {current}", leader_round=current)
+        for old in [r for r in self._matches if r < current]:
+            self._drop(old)
+        m = self._matches.get(req.round)
+        if m is None:
+            m = self._matches[req.round] = _Match(round=req.round)
+            m.formed = asyncio.get_running_loop().create_future()
+        if m.formed.done():
+            return JoinReply(JoinOutcome.TOO_LATE, f"the group of round {req.round} formed without {req.peer_id}")
+        m.joins[req.peer_id] = req
+        if m.timer is None:
+            m.first_join = time.monotonic()
+            m.timer = asyncio.create_task(self._form_after(m, self._timeout_s), name=f"matchmaking-{req.round}")
+        self._maybe_form(m)
+        group: Group = await asyncio.shield(m.formed)
+        if group.member(req.peer_id) is not None:
+            return JoinReply(JoinOutcome.GROUP, group=group)
+        if req.global_hash != group.global_hash:
+            return JoinReply(JoinOutcome.HASH_MISMATCH,
+                             f"round {req.round}: your parameters {req.global_hash[:12]} differ from the "
+                             f"group's {group.global_hash[:12]}; resync", leader_round=group.round)
+        return JoinReply(JoinOutcome.TOO_LATE, f"the group of round {req.round} formed without {req.peer_id}")
+
+    def _drop(self, rnd: int) -> None:
+        m = self._matches.pop(rnd)
+        if m.timer is not None:
+            m.timer.cancel()
+
+    async def _form_after(self, m: _Match, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._form(m)
+
+    def _maybe_form(self, m: _Match) -> None:
+        if m.formed is None or m.formed.done():
+            return
+        expected = {self._me, *self._live()}
+        if expected <= set(m.joins):
+            self._form(m)
+
+    def _form(self, m: _Match) -> None:
+        if m.formed is None or m.formed.done() or not m.joins:
+            return
+        tally = Tally(j.global_hash for j in m.joins.values())
+        best = max(tally.values())
+        winners = sorted(h for h, n in tally.items() if n == best)
+        mine = m.joins.get(self._me)
+        chosen = mine.global_hash if mine is not None and mine.global_hash in winners else winners[0]
+        members = sorted((j for j in m.joins.values() if j.global_hash == chosen), key=lambda j: j.peer_id)
+        bounds = shard_bounds(self._numel, len(members))
+        group = Group(
+            group_id=uuid.uuid4().hex[:16],
+            round=m.round,
+            global_hash=chosen,
+            members=tuple(Member(j.peer_id, j.address, s, e, j.weight) for j, (s, e) in zip(members, bounds)),
+            codec=self._codec,
+            numel=self._numel,
+            reduce_deadline_s=self._deadline_s(),
+        )
+        left_out = sorted(set(m.joins) - {x.peer_id for x in members})
+        log.info("round %d: group %s formed with %d peers after %.2f s%s", m.round, group.group_id,
+                 len(members), time.monotonic() - m.first_join,
+                 f" (left out for hash mismatch: {', '.join(left_out)})" if left_out else "")
+        m.formed.set_result(group)
+
+
+class OwnedShard:
+    """An owner's shard of one group: collects encoded parts, averages, answers everyone."""
+
+    def __init__(self, group: Group, me: Member, codec: Codec, executor: Executor, cutoff_s: float) -> None:
+        self.group = group
+        self.me = me
+        self._codec = codec
+        self._executor = executor
+        self._expected = {m.peer_id: m for m in group.members}
+        self._parts: dict[str, tuple[float, torch.Tensor]] = {}
+        self._pending = 0
+        self.result: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
+        self._finishing: asyncio.Future | None = None
+        self._timer = asyncio.get_running_loop().call_later(cutoff_s, self._cutoff)
+
+    @property
+    def numel(self) -> int:
+        return self.me.shard_end - self.me.shard_start
+
+    async def add(self, peer_id: str, weight: float, payload: bytes) -> None:
+        """Add one member's encoded part. Raises RoundError (with a metric reason) if it is refused."""
+        if peer_id not in self._expected:
+            raise RoundError("not_member", f"{peer_id} is not a member of group {self.group.group_id}")
+        if peer_id in self._parts:
+            raise RoundError("duplicate", f"{peer_id} already sent its part of shard {self.me.shard_start}")
+        if self.result.done():
+            raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")
+        if not (weight >= 0 and weight < float("inf")):
+            raise RoundError("bad_weight", f"weight {weight} from {peer_id} is not finite and >= 0")
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            part = await loop.run_in_executor(self._executor, self._codec.decode, payload, self.numel)
+        except CodecError as exc:
+            raise RoundError("corrupt", f"part from {peer_id} does not decode: {exc}") from None
+        finally:
+            self._pending -= 1
+        if not torch.isfinite(part).all():
+            raise RoundError("nonfinite", f"part from {peer_id} holds NaN or Inf")
+        if self.result.done():
+            raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")
+        self._parts[peer_id] = (weight, part)
+        if set(self._parts) == set(self._expected):
+            await self._finish()
+
+    def _cutoff(self) -> None:
+        if not self.result.done() and self._parts:
+            self._finishing = asyncio.ensure_future(self._finish())
+        elif not self.result.done():
+            self.result.set_exception(RoundError("no_parts", "no part arrived before the owner's cut-off"))
+
+    async def _finish(self) -> None:
+        if self.result.done():
+            return
+        self._timer.cancel()
+        order = sorted(self._parts)
+        weights = [self._parts[p][0] for p in order]
+        parts = [self._parts[p][1] for p in order]
+        loop = asyncio.get_running_loop()
+
+        def reduce() -> bytes:
+            return self._codec.encode(weighted_mean(parts, weights))
+
+        payload = await loop.run_in_executor(self._executor, reduce)
+        if not self.result.done():
+            self.result.set_result((payload, len(order)))
+        if len(order) < len(self._expected):
+            missing = sorted(set(self._expected) - set(order))
+            log.warning("round %d: shard %d-%d averaged without %s", self.group.round, self.me.shard_start,
+                        self.me.shard_end, ", ".join(missing))
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if not self.result.done():
+            self.result.set_exception(RoundError("closed", "round closed"))
+        # Consume the exception so asyncio does not log "never retrieved" for abandoned rounds.
+        if self.result.done() and not self.result.cancelled():
+            self.result.exception()
+
+
+class ShardRegistry:
+    """Owned shards by group id, so the server can route incoming parts. Loop-only."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, OwnedShard] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    def put(self, shard: OwnedShard) -> None:
+        self._shards[shard.group.group_id] = shard
+        self._waiters.pop(shard.group.group_id, asyncio.Event()).set()
+
+    def remove(self, group_id: str) -> None:
+        shard = self._shards.pop(group_id, None)
+        if shard is not None:
+            shard.close()
+
+    async def get(self, group_id: str, timeout_s: float) -> OwnedShard:
+        """The shard of ``group_id``; waits up to ``timeout_s`` for the owner to learn its group."""
+        if group_id in self._shards:
+            return self._shards[group_id]
+        event = self._waiters.setdefault(group_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            raise RoundError("unknown_group", f"no group {group_id} here") from None
+        finally:
+            if not event.is_set():
+                self._waiters.pop(group_id, None)
+        return self._shards[group_id]
+
+
+@dataclass
+class ReduceStats:
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    encoded_bytes: int = 0
+    contributors: list[int] = field(default_factory=list)
+
+
+class Reducer:
+    """Member side of the butterfly all-reduce for this peer."""
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        run_id: str,
+        client: PeerClient,
+        registry: ShardRegistry,
+        executor: Executor,
+        error_feedback: bool,
+        faults: FaultPlan | None = None,
+    ) -> None:
+        self._me = peer_id
+        self._run_id = run_id
+        self._client = client
+        self._registry = registry
+        self._executor = executor
+        self._use_ef = error_feedback
+        self._ef: ErrorFeedback | None = None
+        self._faults = faults or FaultPlan()
+
+    def _feedback(self, codec: Codec, numel: int) -> ErrorFeedback | None:
+        if not (self._use_ef and codec.lossy):
+            return None
+        if self._ef is None or self._ef.residual.numel() != numel or getattr(self._ef, "_codec_name", "") != codec.name:
+            self._ef = ErrorFeedback(codec, numel)
+            self._ef._codec_name = codec.name  # type: ignore[attr-defined]
+        return self._ef
+
+    async def run(self, group: Group, delta: torch.Tensor, weight: float) -> tuple[torch.Tensor, ReduceStats]:
+        """All-reduce ``delta`` within ``group``; return the averaged delta (identical on every
+        member that completes) and traffic stats. Raises RoundError when a shard is missing."""
+        me = group.member(self._me)
+        if me is None:
+            raise RoundError("not_member", f"{self._me} is not in group {group.group_id}")
+        if delta.numel() != group.numel:
+            raise RoundError("bad_size", f"delta has {delta.numel()} elements, the group expects {group.numel}")
+        codec = get_codec(group.codec)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = started + group.reduce_deadline_s
+        ef = self._feedback(codec, delta.numel())
+
+        def encode_all() -> list[bytes]:
+            # Error feedback runs over the whole delta, then it is cut into the members' shards.
+            if ef is None:
+                return [codec.encode(delta[m.shard_start:m.shard_end]) for m in group.members]
+            compensated = delta + ef.residual
+            payloads = [codec.encode(compensated[m.shard_start:m.shard_end]) for m in group.members]
+            decoded = torch.cat([codec.decode(p, m.shard_end - m.shard_start)
+                                 for p, m in zip(payloads, group.members)])
+            ef.residual.copy_(compensated - decoded)
+            return payloads
+
+        payloads = await loop.run_in_executor(self._executor, encode_all)
+        stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
+        # The owner stops waiting for parts halfway to the deadline, so that its answer
+        # reaches every member before their own deadline.
+        owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s / 2)
+        self._registry.put(owned)
+        try:
+            await self._faults.at("reduce", group.round)
+            own_part = payloads[group.members.index(me)]
+            tasks: dict[str, asyncio.Task] = {}
+            async with asyncio.TaskGroup() as tg:
+                tasks[me.peer_id] = tg.create_task(self._own(owned, own_part, weight))
+                for m, payload in zip(group.members, payloads):
+                    if m.peer_id == self._me:
+                        continue
+                    if self._faults.wrong_size(group.round):
+                        payload = payload[: len(payload) // 2]
+                    header = ReduceHeader(
+                        run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
+                        shard_start=m.shard_start, shard_end=m.shard_end, codec=codec.name,
+                        numel=m.shard_end - m.shard_start, total_bytes=len(payload), crc32=crc32(payload),
+                        weight=weight)
+                    if self._faults.corrupt(group.round):
+                        payload = corrupt_bytes(payload)
+                    tasks[m.peer_id] = tg.create_task(self._send(m, header, payload, deadline, stats))
+            results: list[tuple[Member, bytes]] = []
+            missing = []
+            for m in group.members:
+                outcome = tasks[m.peer_id].result()
+                if isinstance(outcome, Exception):
+                    missing.append(f"{m.peer_id}: {outcome}")
+                else:
+                    payload, contributors = outcome
+                    stats.contributors.append(contributors)
+                    results.append((m, payload))
+            if missing:
+                raise RoundError("shard_missing", f"round {group.round}: averaged shard missing from "
+                                 + "; ".join(missing))
+
+            def decode_all() -> torch.Tensor:
+                return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+
+            avg = await loop.run_in_executor(self._executor, decode_all)
+            return avg, stats
+        finally:
+            # Give streams that still want our shard's answer a moment, then drop it.
+            loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
+
+    async def _own(self, owned: OwnedShard, payload: bytes, weight: float) -> tuple[bytes, int] | Exception:
+        try:
+            await owned.add(self._me, weight, payload)
+            return await asyncio.shield(owned.result)
+        except RoundError as exc:
+            return exc
+
+    async def _send(
+        self, m: Member, header: ReduceHeader, payload: bytes, deadline: float, stats: ReduceStats
+    ) -> tuple[bytes, int] | Exception:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return RoundError("deadline", "no time left")
+        try:
+            reply, result = await self._client.reduce(m.address, header, payload, timeout)
+        except (PeerUnavailable, RoundError) as exc:
+            log.warning("round %d: shard owner %s failed: %s", header.round, m.peer_id, exc)
+            return exc
+        stats.sent_bytes += len(payload)
+        stats.received_bytes += len(result)
+        if (reply.shard_start, reply.shard_end, reply.codec) != (m.shard_start, m.shard_end, header.codec):
+            return RoundError("bad_reply", f"owner {m.peer_id} answered for another shard")
+        return result, reply.contributors

@@ -1,0 +1,119 @@
+"""The state a donor serves and a checkpoint holds: global parameters, outer momentum, round.
+
+Format (no pickle anywhere): ``MAGIC``, an 8-byte little-endian header length, a JSON header
+(round, numel, global_hash, tensor table), the raw little-endian float32 tensors, and, for
+files only, a trailing sha256 of everything before it (so a torn or corrupt file is detected).
+Every size is validated against the header and the expected numel before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peer.errors import StateError
+from peer.sync.outer import tensor_sha256
+
+MAGIC = b"PEERSTATE1\n"
+FORMAT = "peerstate1"
+MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    round: int
+    params: torch.Tensor      # 1-D float32 CPU
+    momentum: torch.Tensor    # 1-D float32 CPU, same length
+
+    @property
+    def global_hash(self) -> str:
+        return tensor_sha256(self.params)
+
+
+def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state)."""
+    tensors = {"params": state.params, "momentum": state.momentum, **(extra or {})}
+    table, blobs, offset = [], [], 0
+    for name, t in tensors.items():
+        data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        table.append({"name": name, "offset": offset, "nbytes": len(data), "shape": list(t.shape)})
+        blobs.append(data)
+        offset += len(data)
+    header = json.dumps({
+        "format": FORMAT, "round": state.round, "numel": state.params.numel(),
+        "global_hash": state.global_hash, "tensors": table,
+    }).encode()
+    return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *blobs])
+
+
+def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dict[str, torch.Tensor]]:
+    """Parse a state blob for a model of ``numel`` parameters; raise StateError if it does not fit."""
+    view = memoryview(blob)
+    if len(view) < len(MAGIC) + 8 or bytes(view[: len(MAGIC)]) != MAGIC:
+        raise StateError("not a peer state blob (bad magic)")
+    (hlen,) = struct.unpack_from("<Q", view, len(MAGIC))
+    start = len(MAGIC) + 8
+    if hlen > MAX_HEADER or start + hlen > len(view):
+        raise StateError(f"state header length {hlen} does not fit a blob of {len(view)} bytes")
+    try:
+        header = json.loads(bytes(view[start : start + hlen]))
+        rnd, table, want_hash = int(header["round"]), header["tensors"], str(header["global_hash"])
+        if header.get("format") != FORMAT or int(header["numel"]) != numel:
+            raise StateError(f"state is for {header.get('numel')} parameters in format "
+                             f"{header.get('format')!r}; this model has {numel}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"state header is malformed: {exc}") from None
+    body = view[start + hlen :]
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in table:
+        try:
+            name, off, nbytes = str(entry["name"]), int(entry["offset"]), int(entry["nbytes"])
+            shape = [int(s) for s in entry["shape"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"state tensor table is malformed: {exc}") from None
+        count = 1
+        for s in shape:
+            count *= s
+        if off < 0 or nbytes != 4 * count or off + nbytes > len(body):
+            raise StateError(f"state tensor {name!r} ({nbytes} bytes at {off}) does not fit the blob")
+        tensors[name] = torch.frombuffer(bytearray(body[off : off + nbytes]), dtype=torch.float32).reshape(shape)
+    params, momentum = tensors.pop("params", None), tensors.pop("momentum", None)
+    if params is None or momentum is None or params.numel() != numel or momentum.numel() != numel:
+        raise StateError("state lacks params/momentum of the model's size")
+    state = GlobalState(round=rnd, params=params, momentum=momentum)
+    if state.global_hash != want_hash:
+        raise StateError("state parameters do not match the hash in their header")
+    if not (torch.isfinite(params).all() and torch.isfinite(momentum).all()):
+        raise StateError("state holds NaN or Inf")
+    return state, tensors
+
+
+def write_checkpoint(path: Path, blob: bytes) -> None:
+    """Atomic: write a temp file beside ``path``, fsync it, rename it over ``path``, fsync the dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(blob)
+        fh.write(hashlib.sha256(blob).digest())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_checkpoint(path: Path) -> bytes:
+    """Return the state blob of a checkpoint file; StateError if it is torn or corrupt."""
+    data = path.read_bytes()
+    if len(data) < 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise StateError(f"checkpoint {path} is torn or corrupt (checksum mismatch); not loading it")
+    return data[:-32]

@@ -1,0 +1,161 @@
+"""The grpc.aio client: implements ``peer.sync.round.PeerClient`` and the handshake/status calls.
+
+Every call carries a deadline; streamed reads also have a per-chunk idle timeout. gRPC errors
+become ``PeerUnavailable`` (could not reach or lost the peer) or ``RoundError`` (the peer refused
+what we sent), and are reported to ``on_error(method, code)`` for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import zlib
+from collections.abc import Callable
+
+import grpc
+
+from peer.errors import PeerUnavailable, RoundError, StateError
+from peer.transport import convert
+from peer.transport.gen import peer_pb2 as pb
+from peer.transport.gen import peer_pb2_grpc as pb_grpc
+from peer.transport.server import MAX_MESSAGE_BYTES
+from peer.transport.streams import assemble, next_message, split
+from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
+
+_UNAVAILABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+ErrorHook = Callable[[str, str], None]
+
+
+class GrpcPeerClient:
+    """Channels are cached per address and closed by ``close()``. Loop-only."""
+
+    def __init__(self, *, chunk_bytes: int, chunk_idle_timeout_s: float, on_error: ErrorHook | None = None,
+                 max_state_bytes: int = 1 << 34) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._idle = chunk_idle_timeout_s
+        self._on_error = on_error or (lambda method, code: None)
+        self._max_state_bytes = max_state_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Reconnect quickly after a peer restarts on the same address.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ])
+            self._channels[address] = channel
+        return pb_grpc.PeerServiceStub(channel)
+
+    async def forget(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        for address in list(self._channels):
+            await self.forget(address)
+
+    def _fail(self, method: str, exc: grpc.aio.AioRpcError, address: str) -> Exception:
+        code = exc.code()
+        self._on_error(method, code.name)
+        text = f"{method} to {address}: {code.name}: {exc.details()}"
+        if code in _UNAVAILABLE:
+            return PeerUnavailable(text)
+        return RoundError(code.name.lower(), text)
+
+    async def handshake(self, address: str, me: PeerInfo, timeout_s: float) -> HandshakeReply:
+        try:
+            reply = await self._stub(address).Handshake(pb.HandshakeRequest(peer=convert.info_to_pb(me)),
+                                                         timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("Handshake", exc, address) from None
+        return convert.handshake_reply_from_pb(reply)
+
+    async def status(self, address: str, timeout_s: float) -> StatusInfo:
+        try:
+            reply = await self._stub(address).Status(pb.StatusRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("Status", exc, address) from None
+        return convert.status_from_pb(reply)
+
+    async def leave(self, address: str, run_id: str, peer_id: str, timeout_s: float) -> None:
+        try:
+            await self._stub(address).Leave(pb.LeaveRequest(run_id=run_id, peer_id=peer_id), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("Leave", exc, address) from None
+
+    async def join_round(self, address: str, req: JoinRequest, timeout_s: float) -> JoinReply:
+        try:
+            reply = await self._stub(address).JoinRound(convert.join_request_to_pb(req), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("JoinRound", exc, address) from None
+        return convert.join_reply_from_pb(reply)
+
+    async def reduce(
+        self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
+    ) -> tuple[ReduceHeader, bytes]:
+        call = self._stub(address).Reduce(timeout=timeout_s)
+
+        async def send() -> None:
+            await call.write(pb.ReduceMessage(header=convert.reduce_header_to_pb(header)))
+            for chunk in split(payload, self._chunk_bytes):
+                await call.write(pb.ReduceMessage(chunk=chunk))
+            await call.done_writing()
+
+        writer = asyncio.create_task(send(), name="reduce-send")
+        try:
+            it = call.__aiter__()
+            first = await next_message(it, timeout_s, f"reduce answer from {address}")
+            if first.WhichOneof("kind") != "header":
+                raise RoundError("malformed", f"{address} answered Reduce without a header")
+            reply = convert.reduce_header_from_pb(first.header)
+            if reply.total_bytes > 4 * (header.numel + 1024) + 64:
+                raise RoundError("oversized", f"{address} announced {reply.total_bytes} bytes for "
+                                 f"{header.numel} elements")
+            result = await assemble(it, reply.total_bytes, self._idle, f"averaged shard from {address}")
+            if zlib.crc32(result) & 0xFFFFFFFF != reply.crc32:
+                raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+            await writer
+            return reply, result
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("Reduce", exc, address) from None
+        except RoundError:
+            call.cancel()
+            raise
+        finally:
+            if not writer.done():
+                writer.cancel()
+            # Collect the writer's outcome; its failure is the read side's failure too.
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def get_state(
+        self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float
+    ) -> tuple[StateHeader, bytes]:
+        call = self._stub(address).GetState(
+            pb.GetStateRequest(run_id=run_id, peer_id=peer_id, schema_hash=schema_hash), timeout=timeout_s)
+        try:
+            it = call.__aiter__()
+            first = await next_message(it, self._idle, f"state header from {address}")
+            if first.WhichOneof("kind") != "header":
+                raise StateError(f"{address} sent state without a header")
+            header = convert.state_header_from_pb(first.header)
+            if header.total_bytes > self._max_state_bytes:
+                raise StateError(f"{address} offers {header.total_bytes} bytes of state; the limit is "
+                                 f"{self._max_state_bytes}")
+            blob = await assemble(it, header.total_bytes, self._idle, f"state from {address}")
+            if hashlib.sha256(blob).hexdigest() != header.sha256:
+                raise StateError(f"state from {address} fails its sha256 check")
+            return header, blob
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("GetState", exc, address) from None
+        except RoundError as exc:
+            call.cancel()
+            raise StateError(str(exc)) from None

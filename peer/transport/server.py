@@ -1,0 +1,154 @@
+"""The grpc.aio server: validates what arrives, converts it, and delegates to a ``Handler``.
+
+Domain errors (``PeerError`` children) are mapped to gRPC status codes here and only here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
+from peer.transport import convert
+from peer.transport.gen import peer_pb2 as pb
+from peer.transport.gen import peer_pb2_grpc as pb_grpc
+from peer.transport.streams import assemble, next_message, split
+from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
+
+log = logging.getLogger(__name__)
+
+# Chunks are at most 1 MiB of payload; 4 MiB leaves room for framing and a header.
+MAX_MESSAGE_BYTES = 4 << 20
+
+_CODES = {
+    "not_member": grpc.StatusCode.FAILED_PRECONDITION,
+    "unknown_group": grpc.StatusCode.NOT_FOUND,
+    "stalled": grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+class Handler(Protocol):
+    """What the server needs from the daemon. Called on the event loop."""
+
+    chunk_bytes: int
+    chunk_idle_timeout_s: float
+
+    def handshake(self, info: PeerInfo, observed_host: str) -> HandshakeReply:
+        """``observed_host``: the caller's address as this server sees the connection."""
+    def status(self) -> StatusInfo: ...
+    async def join_round(self, req: JoinRequest) -> JoinReply: ...
+    async def reduce_expect(self, header: ReduceHeader) -> int:
+        """Validate a Reduce header; return the exact payload size expected. Raises RoundError."""
+    async def reduce_part(self, header: ReduceHeader, payload: bytes) -> tuple[ReduceHeader, bytes]:
+        """Owner side: add the part, return the averaged shard's header and payload."""
+    def reduce_rejected(self, header: ReduceHeader | None, error: RoundError) -> None: ...
+    def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]: ...
+    def state_served(self, ok: bool) -> None: ...
+    def leave(self, run_id: str, peer_id: str) -> None: ...
+
+
+class _Servicer(pb_grpc.PeerServiceServicer):
+    def __init__(self, handler: Handler) -> None:
+        self._h = handler
+
+    async def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:  # noqa: N802
+        reply = self._h.handshake(convert.info_from_pb(request.peer), observed_host(context.peer()))
+        return convert.handshake_reply_to_pb(reply)
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:  # noqa: N802
+        return convert.status_to_pb(self._h.status())
+
+    async def JoinRound(self, request: pb.JoinRoundRequest, context) -> pb.JoinRoundResponse:  # noqa: N802
+        reply = await self._h.join_round(convert.join_request_from_pb(request))
+        return convert.join_reply_to_pb(reply)
+
+    async def Reduce(self, request_iterator: AsyncIterator[pb.ReduceMessage], context) -> AsyncIterator[pb.ReduceMessage]:  # noqa: N802
+        header: ReduceHeader | None = None
+        idle = self._h.chunk_idle_timeout_s
+        try:
+            first = await next_message(request_iterator.__aiter__(), idle, "reduce header")
+            if first.WhichOneof("kind") != "header":
+                raise RoundError("malformed", "a Reduce stream must start with a header")
+            header = convert.reduce_header_from_pb(first.header)
+            expected = await self._h.reduce_expect(header)
+            if header.total_bytes != expected:
+                raise RoundError("bad_size", f"{header.peer_id} announced {header.total_bytes} bytes for shard "
+                                 f"{header.shard_start}-{header.shard_end}; {header.codec} needs {expected}")
+            payload = await assemble(request_iterator.__aiter__(), expected, idle, f"reduce part from {header.peer_id}")
+            if _crc32(payload) != header.crc32:
+                raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
+            reply, result = await self._h.reduce_part(header, payload)
+        except RoundError as exc:
+            self._h.reduce_rejected(header, exc)
+            await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            return
+        yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
+        for chunk in split(result, self._h.chunk_bytes):
+            yield pb.ReduceMessage(chunk=chunk)
+
+    async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[pb.StateMessage]:  # noqa: N802
+        try:
+            header, blob = self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
+        except (HandshakeRefused, StateError) as exc:
+            self._h.state_served(False)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
+        ok = False
+        try:
+            yield pb.StateMessage(header=convert.state_header_to_pb(header))
+            for chunk in split(blob, self._h.chunk_bytes):
+                yield pb.StateMessage(chunk=chunk)
+            ok = True
+        finally:
+            self._h.state_served(ok)
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:  # noqa: N802
+        self._h.leave(request.run_id, request.peer_id)
+        return pb.LeaveResponse()
+
+
+def observed_host(peer: str) -> str:
+    """Host part of grpc's ``context.peer()`` ("ipv4:10.0.0.2:5123", "ipv6:[::1]:5123"), or ""."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0]  # keeps the brackets, ready for host:port
+    return ""
+
+
+def _crc32(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+class PeerServer:
+    """grpc.aio server bound to ``listen`` (host:port; port 0 picks a free one)."""
+
+    def __init__(self, handler: Handler, listen: str) -> None:
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_PeerServiceServicer_to_server(_Servicer(handler), self._server)
+        try:
+            self.port = self._server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise PeerError(f"cannot listen on {listen}: {exc}") from None
+        if self.port == 0:
+            raise PeerError(f"cannot listen on {listen} (address in use or not local)")
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self._server.stop(grace_s)
+
+
+def sha256_hex(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,137 @@
+"""Domain types shared by the round logic, the transport and the daemon (stdlib only).
+
+``peer.transport`` converts protobuf messages to and from these at the boundary; nothing else
+sees generated code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    peer_id: str
+    run_id: str
+    protocol_version: int
+    schema_hash: str
+    codecs: tuple[str, ...] = ()
+    round: int = 0
+    global_hash: str = ""
+    address: str = ""
+    metrics_port: int = 0
+    task: str = ""
+
+
+@dataclass(frozen=True)
+class HandshakeReply:
+    accepted: bool
+    reason: str
+    message: str
+    peer: PeerInfo | None
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    peer: PeerInfo
+    inner_step: int = 0
+    loss: float = float("nan")
+    eval_loss: float = float("nan")
+    eval_accuracy: float = float("nan")
+    peers: tuple[str, ...] = ()
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_round_s: float = 0.0
+    phase: str = ""
+    samples: int = 0
+    rounds_completed: int = 0
+    rounds_failed: int = 0
+    codec: str = ""
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    run_id: str
+    peer_id: str
+    round: int
+    global_hash: str
+    weight: float
+    address: str
+
+
+@dataclass(frozen=True)
+class Member:
+    peer_id: str
+    address: str
+    shard_start: int
+    shard_end: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class Group:
+    group_id: str
+    round: int
+    global_hash: str
+    members: tuple[Member, ...]
+    codec: str
+    numel: int
+    reduce_deadline_s: float
+
+    def member(self, peer_id: str) -> Member | None:
+        return next((m for m in self.members if m.peer_id == peer_id), None)
+
+
+class JoinOutcome(enum.IntEnum):
+    GROUP = 1
+    NOT_LEADER = 2
+    WRONG_ROUND = 3
+    HASH_MISMATCH = 4
+    TOO_LATE = 5
+    REFUSED = 6
+
+
+@dataclass(frozen=True)
+class JoinReply:
+    outcome: JoinOutcome
+    message: str = ""
+    group: Group | None = None
+    leader_hint: str = ""
+    leader_round: int = 0
+
+
+@dataclass(frozen=True)
+class ReduceHeader:
+    """Names a payload on a Reduce stream: whose, which round and shard, how encoded."""
+
+    run_id: str
+    group_id: str
+    round: int
+    peer_id: str
+    shard_start: int
+    shard_end: int
+    codec: str
+    numel: int
+    total_bytes: int
+    crc32: int
+    weight: float = 0.0
+    contributors: int = 0
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    round: int
+    global_hash: str
+    total_bytes: int
+    sha256: str
+    format: str
+
+
+@dataclass
+class Traffic:
+    """Bytes moved by one operation, for metrics (mutable accumulator)."""
+
+    sent: int = 0
+    received: int = 0
+    by_codec: dict[str, int] = field(default_factory=dict)
