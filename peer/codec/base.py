@@ -1,0 +1,140 @@
+"""The codec contract and the validation every codec shares.
+
+A codec turns a 1-D float32 CPU tensor into wire bytes and back. The wire layout is fully
+determined by ``(codec.name, numel)``: there is no header, so a receiver must know both from the
+surrounding message. Codecs are stateless and pure; any instance may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import numpy as np
+import torch
+
+from peer.errors import CodecError
+
+# Far more elements than any model shard this daemon moves (2**36 float32 = 256 GiB); a larger
+# ``numel`` in a message is a corrupt or hostile header, refused before anything is allocated.
+MAX_NUMEL = 2**36
+
+Buffer = bytes | bytearray | memoryview
+
+
+def check_numel(numel: int) -> int:
+    """Return ``numel`` as an int; raise ``CodecError`` if negative or absurdly large."""
+    if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)):
+        raise CodecError(f"numel must be an int, got {type(numel).__name__}")
+    numel = int(numel)
+    if numel < 0 or numel > MAX_NUMEL:
+        raise CodecError(f"numel {numel} out of range [0, {MAX_NUMEL}]")
+    return numel
+
+
+def as_byte_view(data: Buffer) -> memoryview:
+    """A flat, contiguous byte view of ``data`` (no copy)."""
+    try:
+        view = memoryview(data)
+        return view if (view.format == "B" and view.ndim == 1) else view.cast("B")
+    except TypeError as exc:
+        raise CodecError(f"payload is not a contiguous byte buffer: {exc}") from exc
+
+
+def extrema(x: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a non-empty tensor; a NaN anywhere makes both NaN.
+
+    Two reductions without a temporary: about ten times cheaper than ``isfinite(x).all()``.
+    """
+    return float(x.amin()), float(x.amax())
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` holds no NaN and no infinity."""
+    if x.numel() == 0:
+        return True
+    lo, hi = extrema(x)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+def abs_max(x: torch.Tensor) -> float:
+    """``max|x|`` as a Python float (0.0 for an empty tensor, NaN if ``x`` holds a NaN)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = extrema(x)
+    return max(-lo, hi) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
+
+
+class Codec(abc.ABC):
+    """Encode a 1-D float32 CPU tensor to bytes and back.
+
+    Subclasses set ``name``, ``bits_per_value`` and ``lossy`` and implement ``encoded_size``,
+    ``_encode``, ``_decode`` and ``error_bound``; the public ``encode``/``decode`` validate first.
+    Every method raises ``CodecError`` (and nothing else on purpose) for bad input.
+    """
+
+    name: str
+    bits_per_value: float
+    lossy: bool
+
+    def encode(self, x: torch.Tensor) -> bytes:
+        """Encode ``x`` (1-D float32 CPU, finite) to exactly ``encoded_size(x.numel())`` bytes.
+
+        Raises ``CodecError`` for a tensor of the wrong shape, dtype or device, or one holding
+        NaN or infinity: every receiver would reject such a payload, so the sender refuses it.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise CodecError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise CodecError(
+                f"{self.name}: expected a 1-D float32 CPU tensor, got shape {tuple(x.shape)} "
+                f"dtype {x.dtype} device {x.device}"
+            )
+        check_numel(x.numel())
+        return self._encode(x.detach().contiguous())
+
+    def decode(self, data: Buffer, numel: int) -> torch.Tensor:
+        """Decode ``data`` into a new writable 1-D float32 CPU tensor of ``numel`` elements.
+
+        The payload size, ``numel`` and any per-block scales are checked before the output is
+        allocated. Raises ``CodecError`` for a wrong-size payload, a bad ``numel``, a non-finite
+        or negative scale, or values that decode to NaN or infinity.
+        """
+        numel = check_numel(numel)
+        view = as_byte_view(data)
+        expected = self.encoded_size(numel)
+        if view.nbytes != expected:
+            raise CodecError(
+                f"{self.name}: payload is {view.nbytes} bytes, "
+                f"expected {expected} for numel {numel}"
+            )
+        if numel == 0:
+            return torch.empty(0, dtype=torch.float32)
+        out = self._decode(view, numel)
+        if not all_finite(out):
+            raise CodecError(f"{self.name}: payload decodes to non-finite values")
+        return out
+
+    @abc.abstractmethod
+    def encoded_size(self, numel: int) -> int:
+        """Exact byte count of ``encode`` output for ``numel`` elements."""
+
+    def compression_ratio(self, numel: int) -> float:
+        """``4 * numel / encoded_size(numel)``; 1.0 for ``numel == 0``."""
+        size = self.encoded_size(numel)
+        return 4.0 * numel / size if size else 1.0
+
+    @abc.abstractmethod
+    def error_bound(self, x: torch.Tensor) -> float:
+        """A guaranteed bound on ``max|decode(encode(x)) - x|`` for this ``x`` (finite ``x``)."""
+
+    @abc.abstractmethod
+    def _encode(self, x: torch.Tensor) -> bytes:
+        """Encode a validated contiguous 1-D float32 tensor."""
+
+    @abc.abstractmethod
+    def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
+        """Decode a payload already checked to be ``encoded_size(numel)`` bytes, ``numel > 0``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

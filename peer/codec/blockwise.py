@@ -1,0 +1,306 @@
+"""Blockwise scaled codecs: int8 and int4 (absmax), sign1 (mean absolute value).
+
+The tensor is cut into consecutive blocks of ``block`` elements; the last block holds the
+remainder (``numel % block`` elements) when ``numel`` is not a multiple. ``nblocks =
+ceil(numel / block)``. Every payload is
+
+    [nblocks x float32 LE scale][packed values]
+
+with no header. The packed values are, per codec:
+
+* int8:  ``numel`` bytes, int8 ``q = round(x / scale)`` in [-127, 127], ``scale = absmax / 127``.
+         Decode: ``q * scale``.
+* int4:  ``ceil(numel / 2)`` bytes; element ``2i`` in the low nibble of byte ``i``, ``2i + 1`` in
+         the high nibble. Nibble ``= q + 8`` with ``q = round(x / scale)`` in [-7, 7],
+         ``scale = absmax / 7``; the unused high nibble when ``numel`` is odd is 0. Decode:
+         ``(nibble - 8) * scale``; nibble 0 is never produced and decodes to 0.
+* sign1: ``ceil(numel / 8)`` bytes of sign bits, LSB first (``numpy.packbits(bitorder="little")``);
+         bit 1 means ``x < 0``, so +0, -0 and positives send bit 0. ``scale = mean|x|`` over the
+         block's elements. Decode: ``-scale`` for bit 1, ``+scale`` for bit 0. Padding bits are 0.
+
+A block of zeros has scale 0 and decodes to zeros. Rounding is round-half-to-even.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from peer.codec.base import Codec, check_numel
+from peer.errors import CodecError
+
+if sys.byteorder != "little":  # scales are written through native float32 views
+    raise ImportError("peer.codec.blockwise supports little-endian hosts only")
+
+_F32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal, 2**-126
+# Absolute slack for blocks whose scale is subnormal (scale rounding up to 2**-150, clamping):
+# a few hundred times the smallest subnormal; irrelevant for any real tensor.
+_ABS_SLACK = 2.0**-140
+# Relative slack for float32 rounding in x / scale, q * scale and absmax / qmax (a few ulps).
+_REL_SLACK = 2.0**-20
+# Work in chunks of about 2**20 elements (4 MiB of float32): temporaries stay in cache and are
+# reused, which is about twice as fast as whole-tensor passes with 40 MB temporaries.
+_CHUNK_ELEMENTS = 2**20
+
+
+def _block_views(t: torch.Tensor, block: int) -> list[tuple[torch.Tensor, slice]]:
+    """2-D views of ``t`` by block, with the rows of the per-block scale vector each covers.
+
+    The full blocks are one ``(nfull, block)`` view and the tail a ``(1, rest)`` view, so
+    every per-block operation is two broadcast torch ops and no padding copy.
+    """
+    n = t.numel()
+    nfull = n // block
+    cut = nfull * block
+    views = []
+    if nfull:
+        views.append((t[:cut].view(nfull, block), slice(0, nfull)))
+    if cut < n:
+        views.append((t[cut:].view(1, n - cut), slice(nfull, nfull + 1)))
+    return views
+
+
+def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block ``max|x|`` (float32, NaN propagates); ``amax``/``amin`` need no temporary."""
+    parts = [torch.maximum(v.amax(dim=1), v.amin(dim=1).neg()) for v, _ in _block_views(x, block)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _scale_into(out: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    """Multiply each block of ``out`` in place by its scale."""
+    for view, rows in _block_views(out, block):
+        view.mul_(scales[rows, None])
+
+
+class _BlockCodec(Codec):
+    """Shared layout, chunking and scale handling; subclasses pack and unpack one chunk.
+
+    A chunk is a whole number of blocks (and a multiple of 8 elements, so packed values start
+    on a byte boundary); only the last chunk may end in a partial block.
+    """
+
+    default_block: int
+
+    def __init__(self, block: int | None = None) -> None:
+        block = self.default_block if block is None else block
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise CodecError(f"{self.name}: block must be a positive int, got {block!r}")
+        self.block = block
+        blocks_per_chunk = max(8, (_CHUNK_ELEMENTS // block) // 8 * 8)
+        self._chunk = blocks_per_chunk * block
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(block={self.block})"
+
+    def nblocks(self, numel: int) -> int:
+        """``ceil(numel / block)``: the number of float32 scales in a payload."""
+        return -(-check_numel(numel) // self.block)
+
+    def encoded_size(self, numel: int) -> int:
+        return 4 * self.nblocks(numel) + self._packed_size(numel)
+
+    def _packed_size(self, numel: int) -> int:
+        return -(-check_numel(numel) * int(self.bits_per_value) // 8)
+
+    def _chunks(self, numel: int):
+        """``(element slice, scale rows, packed byte slice)`` for each chunk."""
+        bits = int(self.bits_per_value)
+        for start in range(0, numel, self._chunk):
+            stop = min(numel, start + self._chunk)
+            rows = slice(start // self.block, -(-stop // self.block))
+            packed = slice(start * bits // 8, -(-stop * bits // 8))
+            yield slice(start, stop), rows, packed
+
+    def _encode(self, x: torch.Tensor) -> bytes:
+        n = x.numel()
+        head = 4 * self.nblocks(n)
+        payload = np.empty(head + self._packed_size(n), dtype=np.uint8)
+        scales = torch.from_numpy(payload[:head].view(np.float32))
+        body = payload[head:]
+        work = torch.empty(min(n, self._chunk), dtype=torch.float32)
+        for elems, rows, packed in self._chunks(n):
+            self._encode_chunk(x[elems], scales[rows], body[packed], work)
+        if head and not bool(torch.isfinite(scales).all()):
+            raise CodecError(f"{self.name}: cannot encode NaN or infinite values")
+        return payload.tobytes()
+
+    def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
+        scales = self._read_scales(view, numel)
+        body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
+        out = torch.empty(numel, dtype=torch.float32)
+        for elems, rows, packed in self._chunks(numel):
+            self._decode_chunk(body[packed], scales[rows], out[elems])
+        return out
+
+    def _read_scales(self, view: memoryview, numel: int) -> torch.Tensor:
+        """Parse and validate the scale prefix; a copy, so the payload buffer is not aliased."""
+        nblocks = self.nblocks(numel)
+        scales = np.frombuffer(view, dtype="<f4", count=nblocks).astype(np.float32)
+        if not np.isfinite(scales).all():
+            raise CodecError(f"{self.name}: payload has a non-finite scale")
+        if (scales < 0).any():
+            raise CodecError(f"{self.name}: payload has a negative scale")
+        return torch.from_numpy(scales)
+
+    def _encode_chunk(
+        self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
+    ) -> None:
+        """Write this chunk's scales into ``scales`` and its packed values into ``body``."""
+        raise NotImplementedError
+
+    def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill ``out`` from this chunk's packed values and (validated) scales."""
+        raise NotImplementedError
+
+
+class _AbsmaxCodec(_BlockCodec):
+    """Symmetric absmax quantization to integers in ``[-qmax, qmax]``."""
+
+    qmax: int
+
+    def error_bound(self, x: torch.Tensor) -> float:
+        # Per block the error is at most scale / 2 = absmax_b / (2 qmax); the max over blocks is
+        # the global absmax over 2 qmax, plus float32 rounding slack.
+        amax = float(_block_absmax(x, self.block).max()) if x.numel() else 0.0
+        return amax * (1.0 / (2 * self.qmax) + _REL_SLACK) + _ABS_SLACK
+
+    def _quantize(self, x: torch.Tensor, scales: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """Write per-block scales; return ``round(x / scale)`` in ``[-qmax, qmax]`` in ``work``."""
+        torch.div(_block_absmax(x, self.block), self.qmax, out=scales)
+        # Near float32 max, scale * qmax can round up to infinity; step such scales down one ulp
+        # so the decoder never overflows (x / scale then rounds to qmax, still within the bound).
+        overflow = torch.isinf(scales * self.qmax) & torch.isfinite(scales)
+        if bool(overflow.any()):
+            lowered = torch.nextafter(scales, torch.zeros_like(scales))
+            scales.copy_(torch.where(overflow, lowered, scales))
+        divisors = torch.where(scales > 0, scales, torch.ones_like(scales))  # zero block -> q = 0
+        q = work[: x.numel()]
+        for (src, rows), (dst, _) in zip(_block_views(x, self.block), _block_views(q, self.block)):
+            torch.div(src, divisors[rows, None], out=dst)
+        q.round_()
+        # A subnormal scale is rounded coarsely, so x / scale may exceed qmax; normal scales
+        # cannot (x / scale <= qmax * (1 + 2**-23) rounds to qmax), so skip the pass then.
+        # NaN input leaves NaN here; the caller rejects it by its scale.
+        if bool(((scales > 0) & (scales < _F32_TINY)).any()):
+            q.clamp_(-self.qmax, self.qmax)
+        return q
+
+
+class Int8Codec(_AbsmaxCodec):
+    """Blockwise absmax int8: 8 bits per value plus one float32 scale per block (default 256)."""
+
+    name = "int8"
+    bits_per_value = 8.0
+    lossy = True
+    qmax = 127
+    default_block = 256
+
+    def _encode_chunk(
+        self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
+    ) -> None:
+        q = self._quantize(x, scales, work)
+        torch.from_numpy(body).view(torch.int8).copy_(q)  # exact: q is an integer in range
+
+    def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
+        np.copyto(out.numpy(), body.view(np.int8), casting="unsafe")  # int8 -> float32, exact
+        _scale_into(out, scales, self.block)
+
+
+def _int4_table() -> np.ndarray:
+    """Byte -> (low value, high value) as float32; nibble 0 (never produced) decodes to 0."""
+    nibble = np.arange(16, dtype=np.float32) - 8
+    nibble[0] = 0
+    table = np.empty((256, 2), dtype=np.float32)
+    table[:, 0] = np.tile(nibble, 16)
+    table[:, 1] = np.repeat(nibble, 16)
+    return table
+
+
+_INT4_TABLE = _int4_table()
+
+
+class Int4Codec(_AbsmaxCodec):
+    """Blockwise absmax int4 in [-7, 7], two per byte, float32 scale per block (default 128)."""
+
+    name = "int4"
+    bits_per_value = 4.0
+    lossy = True
+    qmax = 7
+    default_block = 128
+
+    def _encode_chunk(
+        self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
+    ) -> None:
+        nibbles = self._quantize(x, scales, work).add_(8).to(torch.uint8)
+        n = nibbles.numel()
+        pairs = n // 2
+        packed = torch.from_numpy(body)
+        if pairs:
+            two = nibbles[: 2 * pairs].view(pairs, 2)
+            torch.bitwise_left_shift(two[:, 1], 4, out=packed[:pairs])
+            packed[:pairs].bitwise_or_(two[:, 0])
+        if n % 2:
+            packed[pairs] = nibbles[n - 1]  # high nibble 0
+
+    def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
+        numel = out.numel()
+        pairs = numel // 2
+        out_np = out.numpy()
+        # mode="clip" skips numpy's bounds-check buffering; a byte always indexes the 256 rows.
+        target = out_np[: 2 * pairs].reshape(pairs, 2)
+        np.take(_INT4_TABLE, body[:pairs], axis=0, out=target, mode="clip")
+        if numel % 2:
+            out_np[numel - 1] = _INT4_TABLE[body[pairs], 0]
+        _scale_into(out, scales, self.block)
+
+
+class Sign1Codec(_BlockCodec):
+    """1-bit sign with a per-block float32 scale ``mean|x|`` (default block 256).
+
+    Decodes to ``+-scale``. One step's error is large (up to ``max|x|`` per block); error
+    feedback carries it into the next step instead of losing it.
+    """
+
+    name = "sign1"
+    bits_per_value = 1.0
+    lossy = True
+    default_block = 256
+
+    def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-block mean of ``|x|`` as float32; float64 only if a float32 sum overflows."""
+        parts = []
+        for view, _ in _block_views(x, self.block):
+            total = torch.linalg.vector_norm(view, 1, dim=1)
+            if not bool(torch.isfinite(total).all()):
+                total = torch.linalg.vector_norm(view, 1, dim=1, dtype=torch.float64)
+            parts.append((total / view.shape[1]).to(torch.float32))
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def error_bound(self, x: torch.Tensor) -> float:
+        if x.numel() == 0:
+            return 0.0
+        # Per element the error is ||x| - s| (sign kept) or s (x == 0): at most max(absmax - s, s).
+        amax = _block_absmax(x, self.block).double()
+        scales = self._mean_abs(x).double()
+        worst = float(torch.maximum(amax - scales, scales).max())
+        return worst + float(amax.max()) * _REL_SLACK + _ABS_SLACK
+
+    def _encode_chunk(
+        self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
+    ) -> None:
+        scales.copy_(self._mean_abs(x))
+        body[:] = np.packbits((x < 0).numpy(), bitorder="little")
+
+    def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
+        bits = np.unpackbits(body, count=out.numel(), bitorder="little")
+        negative = torch.from_numpy(bits).view(torch.bool)
+        pos, neg = scales[:, None], scales.neg()[:, None]
+        for (dst, rows), (sign, _) in zip(
+            _block_views(out, self.block), _block_views(negative, self.block)
+        ):
+            torch.where(sign, neg[rows], pos[rows], out=dst)
+
+
+__all__ = ["Int4Codec", "Int8Codec", "Sign1Codec"]

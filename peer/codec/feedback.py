@@ -1,0 +1,55 @@
+"""Error feedback (EF14): carry what the codec lost into the next message.
+
+With a residual ``r``, each step sends ``Q(x + r)`` and keeps ``r' = x + r - Q(x + r)``. Summed
+over steps, the decoded messages equal the summed inputs minus the final residual, so the
+codec's error does not accumulate, even for sign1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peer.codec.base import Codec, check_numel
+from peer.errors import CodecError
+
+
+class ErrorFeedback:
+    """Per-sender residual for one stream of same-sized tensors.
+
+    Not thread safe; keep one per (peer, parameter shard) and call it from one thread or task.
+    """
+
+    def __init__(self, codec: Codec, numel: int) -> None:
+        self._codec = codec
+        self._numel = check_numel(numel)
+        self._residual = torch.zeros(self._numel, dtype=torch.float32)
+
+    @property
+    def codec(self) -> Codec:
+        return self._codec
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """What has been fed in but not yet sent (float32, ``numel`` elements). Do not modify."""
+        return self._residual
+
+    def encode(self, x: torch.Tensor) -> bytes:
+        """Encode ``x`` plus the residual and keep the new residual.
+
+        Raises ``CodecError`` for a tensor of the wrong size (or anything ``codec.encode``
+        refuses); the residual is unchanged then.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.numel() != self._numel:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CodecError(f"error feedback expects {self._numel} elements, got {shape}")
+        if not self._codec.lossy:
+            return self._codec.encode(x)
+        corrected = x.to(torch.float32) + self._residual
+        data = self._codec.encode(corrected)
+        corrected.sub_(self._codec.decode(data, self._numel))
+        self._residual = corrected
+        return data
+
+    def reset(self) -> None:
+        """Forget the residual (after a resync, when the carried error no longer applies)."""
+        self._residual = torch.zeros(self._numel, dtype=torch.float32)
