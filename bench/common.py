@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks: timing statistics, thread pinning, JSON/table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+
+
+def pin_threads(n: int = 1) -> None:
+    """One torch thread per process: several processes share 2 cores; oversubscription costs ~20x."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def summary(seconds: Sequence[float]) -> dict[str, float]:
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+    }
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` are ``(key, header, format)``."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            line.append("-" if value is None else (format(value, fmt) if fmt else str(value)))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(r, widths)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def emit_json(obj: dict) -> None:
+    json.dump(obj, sys.stdout, indent=None, sort_keys=False, default=float)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
