@@ -152,6 +152,22 @@ class Daemon:
 
     async def run(self) -> int:
         """Run until stopped or ``rounds`` completed; return the process exit status."""
+        await self.start()
+        status = 0
+        try:
+            trainer = self._spawn(self._train_forever(), "train")
+            stop = asyncio.ensure_future(self._stop_event.wait())
+            await asyncio.wait({trainer, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
+                log.error("training stopped: %r", trainer.exception(), exc_info=trainer.exception())
+                status = 1
+            stop.cancel()
+        finally:
+            await self.stop()
+        return status
+
+    async def start(self) -> None:
+        """Listen, export metrics, start discovery and membership upkeep (no training)."""
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
@@ -162,6 +178,12 @@ class Daemon:
         self.client = GrpcPeerClient(chunk_bytes=self.chunk_bytes, chunk_idle_timeout_s=self.chunk_idle_timeout_s,
                                      on_error=lambda m, c: self.metrics.rpc_errors.labels(m, c).inc(),
                                      max_state_bytes=64 * self.numel + (1 << 20))
+        self.matchmaker = Matchmaker(peer_id=self.peer_id, numel=self.numel, codec=self.cfg.sync.codec,
+                                     live=self._live, current_round=lambda: self.state.round,
+                                     timeout_s=self.cfg.sync.matchmaking_timeout_s, deadline_s=self._reduce_deadline)
+        self.reducer = Reducer(peer_id=self.peer_id, run_id=self.cfg.run.run_id, client=self.client,
+                               registry=self.registry, executor=self.codec_pool,
+                               error_feedback=self.cfg.sync.error_feedback, faults=self.faults)
         self.exporter = Exporter(self.metrics.registry, self.cfg.net.metrics_host, self.cfg.net.metrics_port,
                                  self._sd_targets)
         self.metrics_port = self.exporter.port
@@ -188,26 +210,8 @@ class Daemon:
         log.info("peer %s listening on %s (grpc %s, metrics :%d), run %s, task %s (%d parameters), codec %s",
                  self.peer_id, self.cfg.net.listen, self.address, self.metrics_port, self.cfg.run.run_id,
                  self.cfg.run.task, self.numel, self.cfg.sync.codec)
-        self.matchmaker = Matchmaker(peer_id=self.peer_id, numel=self.numel, codec=self.cfg.sync.codec,
-                                     live=self._live, current_round=lambda: self.state.round,
-                                     timeout_s=self.cfg.sync.matchmaking_timeout_s, deadline_s=self._reduce_deadline)
-        self.reducer = Reducer(peer_id=self.peer_id, run_id=self.cfg.run.run_id, client=self.client,
-                               registry=self.registry, executor=self.codec_pool,
-                               error_feedback=self.cfg.sync.error_feedback, faults=self.faults)
-        status = 0
-        try:
-            self._spawn(self._watch_discovery(), "discovery")
-            self._spawn(self._heartbeat(), "heartbeat")
-            trainer = self._spawn(self._train_forever(), "train")
-            stop = asyncio.ensure_future(self._stop_event.wait())
-            await asyncio.wait({trainer, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if trainer.done() and trainer.exception() is not None:
-                log.error("training stopped: %s", trainer.exception())
-                status = 1
-            stop.cancel()
-        finally:
-            await self._shutdown()
-        return status
+        self._spawn(self._watch_discovery(), "discovery")
+        self._spawn(self._heartbeat(), "heartbeat")
 
     def _advertise_host(self, listen_host: str) -> str:
         if self.cfg.net.advertise:
@@ -218,7 +222,8 @@ class Daemon:
             return self.cfg.net.interfaces[0]
         return ""
 
-    async def _shutdown(self) -> None:
+    async def stop(self) -> None:
+        """Leave the run: tell the peers, checkpoint, mDNS goodbye, close everything."""
         self._stopping = True
         deadline = time.monotonic() + self.cfg.timeouts.stop_grace_s
         self._phase = "stopping"
@@ -643,7 +648,12 @@ class Daemon:
             return reply
         return JoinReply(JoinOutcome.TOO_LATE, f"no group formed for round {rnd} within {timeout:.1f} s")
 
-    async def _round(self, rnd: int, delta: torch.Tensor, weight: float) -> None:
+    async def round_once(self, delta: torch.Tensor, weight: float) -> torch.Tensor | None:
+        """One round from an already computed delta (benchmarks drive the real round code this
+        way); return the averaged delta that was applied, or None if the round failed here."""
+        return await self._round(self.state.round, delta, weight)
+
+    async def _round(self, rnd: int, delta: torch.Tensor, weight: float) -> torch.Tensor | None:
         t0 = time.monotonic()
         self._phase = "matchmaking"
         await self.faults.at("join", rnd)
@@ -655,7 +665,7 @@ class Daemon:
             target = max(formed.leader_round, rnd + 1) if formed.outcome != JoinOutcome.WRONG_ROUND else formed.leader_round
             if target > rnd:
                 await self._resync(target, self._reduce_deadline() + self.cfg.sync.matchmaking_timeout_s)
-            return
+            return None
         group = formed
         self.metrics.group_size.set(len(group.members))
         self._phase = "reduce"
@@ -664,7 +674,7 @@ class Daemon:
         except RoundError as exc:
             self._fail(rnd, exc.reason, str(exc))
             await self._resync(rnd + 1, group.reduce_deadline_s + self.cfg.sync.matchmaking_timeout_s)
-            return
+            return None
         t2 = time.monotonic()
         reduce_s = t2 - t1
         self.metrics.round_phase_seconds.labels("reduce").observe(reduce_s)
@@ -698,6 +708,7 @@ class Daemon:
                  "%.1f s), global %s", rnd, len(group.members), codec, self._loss, self._eval.get("loss", math.nan),
                  stats.sent_bytes, self._last_round_s, reduce_s, group.reduce_deadline_s,
                  self.state.global_hash[:12])
+        return avg
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self._failed += 1

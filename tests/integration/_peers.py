@@ -1,0 +1,136 @@
+"""Real `peer run` processes for integration tests: start, read their addresses, ask, stop.
+
+Every process is started in its own session and killed on exit of the ``Swarm`` context, also
+when a test fails. Waits are bounded; a timeout fails with the process's log tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.cli import fetch_status, status_dict
+
+LISTEN_RE = re.compile(r"listening on \S+ \(grpc (?P<grpc>\S+), metrics :(?P<metrics>\d+)\)")
+PEER_RE = re.compile(r"peer (?P<id>[0-9a-f]+) listening")
+
+# Small, fast settings for tests on a 2-core machine.
+FAST = ["--inner-steps", "10", "--matchmaking-timeout-s", "3", "--startup-grace-s", "1.5",
+        "--eval-every-rounds", "1", "--log-level", "INFO"]
+
+
+@dataclass
+class PeerProc:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    argv_prefix: list[str] = field(default_factory=list)
+    grpc: str = ""
+    metrics_port: int = 0
+    peer_id: str = ""
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def wait_listening(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = LISTEN_RE.search(self.log())
+            if m:
+                self.grpc, self.metrics_port = m["grpc"], int(m["metrics"])
+                self.peer_id = PEER_RE.search(self.log())["id"]
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} did not listen within {timeout_s} s:\n{self.tail()}")
+
+    def status(self, timeout_s: float = 5.0) -> dict:
+        return status_dict(asyncio.run(fetch_status(self.grpc, timeout_s)))
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Swarm:
+    """A set of peer processes sharing a tmp directory; a context manager that kills them all."""
+
+    def __init__(self, tmp: Path, run_id: str, base_args: Sequence[str] = ()) -> None:
+        self.tmp = tmp
+        self.run_id = run_id
+        self.base_args = list(base_args)
+        self.peers: list[PeerProc] = []
+
+    def start(self, name: str, *args: str, run_id: str | None = None, netns_argv: Sequence[str] = (),
+              listen: str = "127.0.0.1:0", interface: str | None = "127.0.0.1", env: dict | None = None,
+              wait: bool = True) -> PeerProc:
+        state = self.tmp / name
+        state.mkdir(parents=True, exist_ok=True)
+        log_path = self.tmp / f"{name}.log"
+        argv = [*netns_argv, sys.executable, "-m", "peer", "run", "--run-id", run_id or self.run_id,
+                "--listen", listen, "--metrics-port", "0", "--state-dir", str(state),
+                *(["--interface", interface] if interface else []), *FAST, *self.base_args, *args]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                    start_new_session=True)
+        peer = PeerProc(name, proc, log_path)
+        self.peers.append(peer)
+        if wait:
+            peer.wait_listening()
+        return peer
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        for p in self.peers:
+            p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.peers:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.peers:
+            if p.proc.poll() is None:
+                os.killpg(p.proc.pid, signal.SIGKILL)
+                p.proc.wait(5)
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, logs: Callable[[], str] = lambda: ""):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` and logs on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # a peer not answering yet is part of waiting
+            last_exc = exc
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})\n{logs()}")
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)
