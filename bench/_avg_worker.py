@@ -1,0 +1,177 @@
+"""One process of ``bench.averaging`` for the ``peer`` and ``gloo`` systems (see bench/_proto.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from bench.common import pin_threads
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", choices=["peer", "gloo"], required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--peers", type=int, required=True)
+    p.add_argument("--params", type=int, required=True)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--addresses", default="[]", help="JSON list of host:port of every rank (peer/gloo)")
+    p.add_argument("--iface", default=None, help="interface whose tx_bytes to count (netns runs)")
+    p.add_argument("--run-id", default="bench")
+    return p.parse_args(argv)
+
+
+class PeerWorker:
+    """A real Daemon; each round is ``round_once`` with this rank's deterministic delta."""
+
+    def __init__(self, a) -> None:
+        self.a = a
+        self.addresses = json.loads(a.addresses)
+        self.tmp = tempfile.mkdtemp(prefix=f"bench-peer-{a.rank}-")
+
+    async def setup(self) -> dict:
+        from peer.config import load_config
+        from peer.daemon import Daemon
+
+        a = self.a
+        cfg = load_config({
+            "run_id": a.run_id, "peer_id": f"p{a.rank:03d}", "listen": self.addresses[a.rank],
+            "metrics_host": "127.0.0.1", "metrics_port": 0, "mdns": False,
+            "peers": [x for i, x in enumerate(self.addresses) if i != a.rank],
+            "codec": a.codec, "task": "bench.tasks:synthetic", "data": str(a.params), "state_dir": self.tmp,
+            "threads": 1, "error_feedback": False, "eval_every_rounds": 0, "checkpoint_every_rounds": 1 << 30,
+            "matchmaking_timeout_s": 30.0, "reduce_deadline_s": 120.0, "chunk_idle_timeout_s": 60.0,
+            "startup_grace_s": 0.1,
+        }, env={})
+        self.d = Daemon(cfg)
+        await self.d.start()
+        deadline = time.monotonic() + 60
+        while len(self.d.known) < a.peers - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"knows {len(self.d.known)} of {a.peers - 1} peers after 60 s")
+            await asyncio.sleep(0.05)
+        from peer.codec import get_codec
+
+        self.codec = get_codec(a.codec)
+        return {"peer_id": self.d.peer_id}
+
+    def _phase(self, phase: str) -> float:
+        v = self.d.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
+        return v or 0.0
+
+    async def do_round(self, r: int) -> dict:
+        import torch
+
+        from bench.deltas import delta, read_tx_bytes
+
+        a = self.a
+        mine = delta(a.seed, a.rank, r, a.params)
+        exact, bound_in = _exact_and_bound(a.seed, a.peers, r, a.params, self.codec)
+        tx0, b0 = read_tx_bytes(a.iface), self.d._bytes_sent
+        phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
+        t0 = time.perf_counter()
+        avg = await self.d.round_once(mine, 1.0)
+        seconds = time.perf_counter() - t0
+        tx1 = read_tx_bytes(a.iface)
+        out = {"seconds": seconds, "bytes_sent": self.d._bytes_sent - b0,
+               "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
+        out.update({f"{p}_s": self._phase(p) - v for p, v in phases0.items()})
+        if avg is not None:
+            out["max_abs_err"] = float((avg.double() - exact).abs().max())
+            out["err_bound"] = 2 * bound_in + (self.codec.error_bound(exact.float()) if self.codec.lossy else 0.0)
+        del torch
+        return out
+
+    async def teardown(self) -> None:
+        try:
+            if hasattr(self, "d"):
+                await self.d.stop()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _exact_and_bound(seed: int, k: int, r: int, n: int, codec) -> tuple:
+    """Exact float64 mean of the round's K deltas, and the mean of the codec's bound over them.
+
+    The all-reduce error is at most: each sender's codec error (averaged over senders) plus the
+    owner's re-encoding error of that average; the bench's bound is 2 * mean_i bound(d_i) +
+    bound(mean), which covers the owner input being off the exact mean by the first term.
+    """
+    import torch
+
+    from bench.deltas import delta
+
+    acc = torch.zeros(n, dtype=torch.float64)
+    bound = 0.0
+    for rank in range(k):
+        d = delta(seed, rank, r, n)
+        if codec is not None and codec.lossy:
+            bound += codec.error_bound(d) / k
+        acc.add_(d.double())
+    return acc.div_(k), bound
+
+
+class GlooWorker:
+    """torch.distributed gloo all_reduce of fp32 (sum, then / K)."""
+
+    def __init__(self, a) -> None:
+        self.a = a
+
+    async def setup(self) -> dict:
+        import datetime
+
+        import torch.distributed as dist
+
+        a = self.a
+        master = json.loads(a.addresses)[0]
+        dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=a.rank, world_size=a.peers,
+                                timeout=datetime.timedelta(seconds=120))
+        dist.barrier()
+        return {}
+
+    async def do_round(self, r: int) -> dict:
+        import torch.distributed as dist
+
+        from bench.deltas import delta, read_tx_bytes
+
+        a = self.a
+        t = delta(a.seed, a.rank, r, a.params)
+        exact, _ = _exact_and_bound(a.seed, a.peers, r, a.params, None)
+        tx0 = read_tx_bytes(a.iface)
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        t.div_(a.peers)
+        seconds = time.perf_counter() - t0
+        tx1 = read_tx_bytes(a.iface)
+        return {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
+                "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
+
+    async def teardown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    pin_threads(1)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s rank{os.environ.get('BENCH_RANK', '?')} %(name)s %(message)s")
+    a = _args(argv)
+    worker = PeerWorker(a) if a.system == "peer" else GlooWorker(a)
+    from bench._proto import serve
+
+    return asyncio.run(serve(worker.setup, worker.do_round, worker.teardown))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The line protocol between ``bench.averaging`` and its worker processes (stdlib only).
+
+Parent -> worker (stdin): ``round R`` (run round R now), ``stop``.
+Worker -> parent (stdout, one JSON object a line): ``{"event": "ready", ...}`` once set up,
+``{"event": "round", "r": R, ...}`` after each round, ``{"event": "done"}`` before exiting,
+``{"event": "error", "message": ...}`` on failure. Logs go to stderr, never stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import traceback
+
+
+def say(**obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=float) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(setup, do_round, teardown) -> int:
+    """Run the worker side: ``await setup()`` -> dict, ``await do_round(r)`` -> dict, ``await teardown()``."""
+    loop = asyncio.get_running_loop()
+    status = 0
+    try:
+        info = await setup()
+        say(event="ready", **(info or {}))
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line or line.strip() == "stop":
+                break
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "round":
+                say(event="round", r=int(arg), **(await do_round(int(arg))))
+    except Exception as exc:  # report, then exit non-zero; the parent kills the others
+        traceback.print_exc()
+        say(event="error", message=f"{type(exc).__name__}: {exc}")
+        status = 1
+    finally:
+        try:
+            await teardown()
+        except Exception:
+            traceback.print_exc()
+    say(event="done")
+    return status
