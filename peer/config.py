@@ -41,6 +41,8 @@ class RunConfig:
     # Stop after this many completed rounds (0: run until stopped).
     rounds: int = 0
     log_level: str = "INFO"
+    # Diagnostics: write every round's own delta and the applied average here (.npy files).
+    dump_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -558,6 +558,8 @@ class Daemon:
     async def _train_forever(self) -> None:
         await self._startup_wait()
         loop = asyncio.get_running_loop()
+        await self._evaluate()
+        log.info("initial eval loss %.4f at round %d", self._eval.get("loss", math.nan), self.state.round)
         while not self._stopping:
             if self.cfg.run.rounds and self._completed >= self.cfg.run.rounds:
                 log.info("completed %d rounds; stopping", self._completed)
@@ -591,6 +593,13 @@ class Daemon:
                 self._loss = result.mean_loss
                 self.metrics.train_loss.set(result.mean_loss)
             await self._round(rnd, delta, weight)
+
+    async def _evaluate(self) -> None:
+        params = self.state.params
+        self._eval = await asyncio.get_running_loop().run_in_executor(self.train_pool, self.trainer.evaluate, params)
+        self.metrics.eval_loss.set(self._eval.get("loss", math.nan))
+        if "accuracy" in self._eval:
+            self.metrics.eval_accuracy.set(self._eval["accuracy"])
 
     def _on_step(self, step: int, loss: float) -> None:
         # Called on the trainer thread: only plain assignments and thread-safe metrics here.
@@ -673,24 +682,29 @@ class Daemon:
             avg, stats = await self.reducer.run(group, delta, weight)
         except RoundError as exc:
             self._fail(rnd, exc.reason, str(exc))
-            await self._resync(rnd + 1, group.reduce_deadline_s + self.cfg.sync.matchmaking_timeout_s)
+            # Peers that completed the round show round rnd+1 at the next heartbeat; if nobody
+            # did (a vanished owner fails the round for all), everyone keeps round rnd and goes on.
+            if not await self._resync(rnd + 1, 3 * HEARTBEAT_S + 1.0):
+                log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
             return None
         t2 = time.monotonic()
         reduce_s = t2 - t1
         self.metrics.round_phase_seconds.labels("reduce").observe(reduce_s)
         self._reduce_ewma_s = reduce_s if self._reduce_ewma_s is None else 0.7 * self._reduce_ewma_s + 0.3 * reduce_s
         codec = group.codec
+        loop = asyncio.get_running_loop()
         self.metrics.sent_bytes.labels(codec).inc(stats.sent_bytes)
         self.metrics.received_bytes.labels(codec).inc(stats.received_bytes)
         self._bytes_sent += stats.sent_bytes
         self._bytes_received += stats.received_bytes
         if stats.encoded_bytes:
             self.metrics.compression_ratio.set(4 * self.numel / stats.encoded_bytes)
+        if self.cfg.run.dump_dir:
+            await loop.run_in_executor(self.codec_pool, self._dump, rnd, delta, weight, avg)
         await self.faults.at("outer", rnd)
         self._phase = "outer"
         params, buf = outer_step(self.state.params, avg, self.state.momentum, lr=self.settings.outer_lr,
                                  momentum=self.settings.outer_momentum)
-        loop = asyncio.get_running_loop()
         new_state = GlobalState(rnd + 1, params, buf)
         await loop.run_in_executor(self.codec_pool, self._adopt, new_state)
         self._completed += 1
@@ -700,15 +714,24 @@ class Daemon:
         if self._completed % self.cfg.sync.checkpoint_every_rounds == 0:
             await loop.run_in_executor(self.codec_pool, self._write_checkpoint)
         if self.cfg.train.eval_every_rounds and self._completed % self.cfg.train.eval_every_rounds == 0:
-            self._eval = await loop.run_in_executor(self.train_pool, self.trainer.evaluate, params)
-            self.metrics.eval_loss.set(self._eval.get("loss", math.nan))
-            if "accuracy" in self._eval:
-                self.metrics.eval_accuracy.set(self._eval["accuracy"])
+            await self._evaluate()
         log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "
                  "%.1f s), global %s", rnd, len(group.members), codec, self._loss, self._eval.get("loss", math.nan),
                  stats.sent_bytes, self._last_round_s, reduce_s, group.reduce_deadline_s,
                  self.state.global_hash[:12])
         return avg
+
+    def _dump(self, rnd: int, delta: torch.Tensor, weight: float, avg: torch.Tensor) -> None:
+        import json
+
+        import numpy as np
+
+        out = Path(self.cfg.run.dump_dir) / self.peer_id
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / f"round{rnd:05d}-delta.npy", delta.numpy())
+        np.save(out / f"round{rnd:05d}-avg.npy", avg.numpy())
+        (out / f"round{rnd:05d}.json").write_text(json.dumps({"round": rnd, "weight": weight,
+                                                              "codec": self.cfg.sync.codec}))
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self._failed += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,6 +70,10 @@ class Metrics:
                                    registry=r)
         for outcome in ("completed", "failed"):
             self.rounds.labels(outcome)
+        # Not measured yet: NaN (a gap on a graph), not 0, which would read as a perfect loss and
+        # pull min_over_time() down in the loss alerts.
+        for gauge in (self.train_loss, self.eval_loss, self.eval_accuracy):
+            gauge.set(math.nan)
         for direction in ("served", "received"):
             self.state_transfers.labels(direction, "ok")
 

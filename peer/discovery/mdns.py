@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import ifaddr
-from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, InterfaceChoice, IPVersion, NonUniqueNameException, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peer.discovery.base import (
@@ -133,7 +133,14 @@ class _Browser:
     def start(self, azc: AsyncZeroconf) -> None:
         self._zc = azc.zeroconf
         self._running = True
-        self._browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        # QM (multicast-response) questions only: a unicast reply to a QU question goes to
+        # 127.0.0.1:5353 or host:5353, which the kernel hands to just one of the several mDNS
+        # sockets that share the port (SO_REUSEPORT) when more than one peer runs on a machine.
+        # Multicast replies also fill the cache in time for zeroconf's probe to notice a peer id
+        # that is already taken (its probes are QU and suffer from the same lottery).
+        self._browser = AsyncServiceBrowser(
+            azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change], question_type=DNSQuestionType.QM
+        )
 
     async def stop(self) -> None:
         self._running = False
@@ -179,7 +186,7 @@ class _Browser:
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         timeout_ms = self._resolve_timeout_s * 1000 / self._resolve_attempts
         for _ in range(self._resolve_attempts):
-            if await info.async_request(self._zc, timeout_ms):
+            if await info.async_request(self._zc, timeout_ms, question_type=DNSQuestionType.QM):
                 break
         else:
             log.debug("could not resolve %s within %.1f s", name, self._resolve_timeout_s)

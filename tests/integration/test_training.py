@@ -1,0 +1,106 @@
+"""Training together: real peers on 127.0.0.1 run DiLoCo rounds with quantized deltas."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peer.codec import get_codec
+from tests.integration._peers import Swarm, wait_until
+
+
+def _logs(swarm: Swarm) -> str:
+    return "\n".join(f"--- {p.name}\n{p.tail(30)}" for p in swarm.peers)
+
+
+def _round_hashes(log: str) -> dict[int, str]:
+    return {int(m[1]): m[2] for m in re.finditer(r"round (\d+) done: .* global ([0-9a-f]{12})", log)}
+
+
+def test_three_peers_five_int8_rounds_stay_identical_and_learn(tmp_path):
+    dump = tmp_path / "dump"
+    args = ["--codec", "int8", "--error-feedback", "off", "--rounds", "5", "--dump-dir", str(dump)]
+    with Swarm(tmp_path, f"train-{os.getpid()}", args) as swarm:
+        # Prepare
+        peers = [swarm.start(f"p{i}", wait=False) for i in range(3)]
+        for p in peers:
+            p.wait_listening(60)
+        # Execute: they stop by themselves after 5 completed rounds
+        for p in peers:
+            code = p.proc.wait(120)
+            assert code == 0, _logs(swarm)
+        logs = [p.log() for p in peers]
+
+    # Assert 1: after every round, the three global hashes are equal
+    hashes = [_round_hashes(log) for log in logs]
+    assert sorted(hashes[0]) == [0, 1, 2, 3, 4], logs[0]
+    for r in range(5):
+        assert hashes[0][r] == hashes[1][r] == hashes[2][r], f"round {r}: {[h[r] for h in hashes]}"
+    # ... with all three peers in every group
+    assert all(len(re.findall(r"round \d+ done: 3 peers", log)) == 5 for log in logs)
+
+    # Assert 2: the applied average equals the weighted mean of the three deltas within int8's bound
+    codec = get_codec("int8")
+    ids = [p.peer_id for p in peers]
+    for r in range(5):
+        deltas = [torch.from_numpy(np.load(dump / i / f"round{r:05d}-delta.npy", allow_pickle=False)) for i in ids]
+        weights = [json.loads((dump / i / f"round{r:05d}.json").read_text())["weight"] for i in ids]
+        avgs = [torch.from_numpy(np.load(dump / i / f"round{r:05d}-avg.npy", allow_pickle=False)) for i in ids]
+        assert all(torch.equal(avgs[0], a) for a in avgs[1:])
+        ref = sum(d * w for d, w in zip(deltas, weights)) / sum(weights)
+        # each part is quantized once by its sender, the average once more by its owner
+        bound = sum(codec.error_bound(d) * w for d, w in zip(deltas, weights)) / sum(weights)
+        bound += codec.error_bound(ref) + 1e-6
+        err = (avgs[0] - ref).abs().max().item()
+        assert err <= bound, f"round {r}: error {err} > bound {bound}"
+        assert err > 0  # int8 is lossy: an exact match would mean the codec was bypassed
+
+    # Assert 3: evaluation loss after five rounds is lower than at the start
+    evals = [float(x) for x in re.findall(r"round \d+ done: .* eval ([0-9.]+)", logs[0])]
+    first_loss = float(re.search(r"initial eval loss ([0-9.]+)", logs[0])[1])
+    assert evals[-1] < first_loss - 0.2, (first_loss, evals)
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("fault, reason", [("wrong_size", "bad_size"), ("corrupt", "corrupt")])
+def test_a_bad_part_is_left_out_and_the_others_complete_the_round(tmp_path, fault, reason):
+    with Swarm(tmp_path, f"bad-{fault}-{os.getpid()}", ["--codec", "int8", "--rounds", "0"]) as swarm:
+        good = [swarm.start(f"good{i}", wait=False) for i in range(2)]
+        bad = swarm.start("bad", "--faults", f"{fault}@2", wait=False)
+        for p in [*good, bad]:
+            p.wait_listening(60)
+        peers = [*good, bad]
+
+        # the round after the faulty one completes on the good peers
+        wait_until(lambda: all(3 in _round_hashes(p.log()) for p in good), 90, "round 3 on the good peers",
+                   lambda: _logs(swarm))
+        for p in good:
+            assert re.search(rf"left out the part from {bad.peer_id}: .*\({reason}\)", p.log()), p.log()
+            assert _metric(p.metrics_port, f'peer_sync_rejected_contributions_total{{reason="{reason}"}}') >= 1
+        h = [_round_hashes(p.log()) for p in good]
+        assert h[0][2] == h[1][2]
+        assert "round 2 failed" in bad.log()
+        # the bad peer catches up from a donor and is identical again at a later round
+        wait_until(lambda: "resynced to round 3" in bad.log(), 30, "the bad peer to resync", lambda: _logs(swarm))
+
+        def same_round_same_hash():
+            s = [p.status() for p in peers]
+            return len({x["round"] for x in s}) == 1 and len({x["global_sha256"] for x in s}) == 1
+
+        wait_until(same_round_same_hash, 60, "all three at the same round and hash", lambda: _logs(swarm))
+        assert all(p.alive() for p in peers)

@@ -1,0 +1,161 @@
+"""Round logic (matchmaking, butterfly all-reduce) with an in-memory PeerClient: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+import torch
+
+from peer.codec import get_codec
+from peer.errors import PeerUnavailable, RoundError
+from peer.sync.round import Matchmaker, Reducer, ShardRegistry, crc32
+from peer.types import JoinOutcome, JoinRequest
+
+POOL = ThreadPoolExecutor(2)
+
+
+class Node:
+    def __init__(self, pid: str, net: dict, numel: int, codec: str, round_: int = 0, timeout_s: float = 1.0):
+        self.pid, self.net, self.round = pid, net, round_
+        self.registry = ShardRegistry()
+        self.down = False
+        self.matchmaker = Matchmaker(peer_id=pid, numel=numel, codec=codec, live=self.live,
+                                     current_round=lambda: self.round, timeout_s=timeout_s, deadline_s=lambda: 3.0)
+        self.reducer = Reducer(peer_id=pid, run_id="r", client=Client(net), registry=self.registry, executor=POOL,
+                               error_feedback=False)
+
+    def live(self):
+        return {p: p for p, n in self.net.items() if p != self.pid and not n.down}
+
+    def req(self, global_hash="h", weight=1.0) -> JoinRequest:
+        return JoinRequest(run_id="r", peer_id=self.pid, round=self.round, global_hash=global_hash, weight=weight,
+                           address=self.pid)
+
+
+class Client:
+    """Routes calls straight to the target node's objects (what the gRPC server would do)."""
+
+    def __init__(self, net: dict) -> None:
+        self.net = net
+
+    def _node(self, address: str) -> Node:
+        node = self.net[address]
+        if node.down:
+            raise PeerUnavailable(f"{address} is down")
+        return node
+
+    async def join_round(self, address, req, timeout_s):
+        return await asyncio.wait_for(self._node(address).matchmaker.join(req), timeout_s)
+
+    async def reduce(self, address, header, payload, timeout_s):
+        node = self._node(address)
+        owned = await node.registry.get(header.group_id, timeout_s)
+        assert crc32(payload) == header.crc32
+        try:
+            await owned.add(header.peer_id, header.weight, payload)
+        except RoundError:
+            pass
+        result, contributors = await asyncio.wait_for(asyncio.shield(owned.result), timeout_s)
+        return replace(header, total_bytes=len(result), crc32=crc32(result), contributors=contributors), result
+
+    async def get_state(self, *a, **k):  # pragma: no cover (not used here)
+        raise NotImplementedError
+
+
+def _swarm(k: int, numel: int, codec: str = "int8", **kw) -> dict[str, Node]:
+    net: dict[str, Node] = {}
+    for i in range(k):
+        pid = f"p{i}"
+        net[pid] = Node(pid, net, numel, codec, **kw)
+    return net
+
+
+async def _form(node: Node, global_hash="h", weight=1.0):
+    leader = min([node.pid, *node.live()])
+    if leader == node.pid:
+        return await node.matchmaker.join(node.req(global_hash, weight))
+    return await Client(node.net).join_round(leader, node.req(global_hash, weight), 5)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "sign1"])
+async def test_butterfly_gives_every_member_the_same_weighted_mean(codec):
+    # Prepare: 3 peers with different deltas and sample weights
+    numel = 1001
+    net = _swarm(3, numel, codec)
+    gen = torch.Generator().manual_seed(1)
+    deltas = {p: torch.randn(numel, generator=gen) for p in net}
+    weights = {"p0": 1.0, "p1": 2.0, "p2": 3.0}
+    # Execute
+    replies = await asyncio.gather(*(_form(n, weight=weights[p]) for p, n in net.items()))
+    groups = [r.group for r in replies]
+    assert all(r.outcome == JoinOutcome.GROUP for r in replies)
+    results = await asyncio.gather(*(n.reducer.run(g, deltas[p], weights[p])
+                                     for (p, n), g in zip(net.items(), groups)))
+    # Assert: bit-identical results, close to the reference weighted mean within the codec bound
+    avgs = [avg for avg, _ in results]
+    assert all(torch.equal(avgs[0], a) for a in avgs[1:])
+    ref = sum(deltas[p] * weights[p] for p in net) / 6.0
+    c = get_codec(codec)
+    bound = sum(c.error_bound(deltas[p]) * weights[p] for p in net) / 6.0 + c.error_bound(ref) + 1e-5
+    assert (avgs[0] - ref).abs().max().item() <= bound
+    # every member sent (K-1) shards and got (K-1) answers
+    for _, stats in results:
+        assert stats.contributors == [3, 3, 3]
+        assert stats.sent_bytes > 0 and stats.received_bytes > 0
+
+
+async def test_group_forms_without_a_peer_that_never_joins():
+    net = _swarm(3, 100, timeout_s=0.5)
+    # p2 is live (known to the leader) but never joins: the leader forms after its timeout.
+    replies = await asyncio.gather(_form(net["p0"]), _form(net["p1"]))
+    assert [r.outcome for r in replies] == [JoinOutcome.GROUP] * 2
+    assert [m.peer_id for m in replies[0].group.members] == ["p0", "p1"]
+    late = await _form(net["p2"])
+    assert late.outcome == JoinOutcome.TOO_LATE
+
+
+async def test_minority_hash_is_told_to_resync():
+    net = _swarm(3, 100)
+    replies = await asyncio.gather(_form(net["p0"], "good"), _form(net["p1"], "good"), _form(net["p2"], "bad"))
+    assert [r.outcome for r in replies] == [JoinOutcome.GROUP, JoinOutcome.GROUP, JoinOutcome.HASH_MISMATCH]
+    assert replies[0].group.global_hash == "good"
+    assert len(replies[0].group.members) == 2
+
+
+async def test_wrong_round_and_not_leader():
+    net = _swarm(2, 100)
+    net["p0"].round = 5
+    stale = JoinRequest(run_id="r", peer_id="p1", round=4, global_hash="h", weight=1.0, address="p1")
+    reply = await net["p0"].matchmaker.join(stale)
+    assert reply.outcome == JoinOutcome.WRONG_ROUND and reply.leader_round == 5
+    redirect = await net["p1"].matchmaker.join(net["p0"].req())
+    assert redirect.outcome == JoinOutcome.NOT_LEADER and redirect.leader_hint == "p0@p0"
+
+
+async def test_a_vanished_owner_fails_the_round_for_the_others_within_the_deadline():
+    net = _swarm(3, 300)
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replace(replies[0].group, reduce_deadline_s=1.0)
+    net["p2"].down = True  # p2 owns the last shard and never answers
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(RoundError) as err:
+        await net["p0"].reducer.run(group, torch.ones(300), 1.0)
+    assert err.value.reason == "shard_missing" and "p2" in str(err.value)
+    assert loop.time() - t0 < 2.5
+
+
+async def test_a_withheld_delta_weight_zero_is_left_out_but_its_peer_stays_in_sync():
+    net = _swarm(3, 300, "fp32")
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replies[0].group
+    # p2's inner phase went NaN: it joins with a zero delta of weight 0 (as the daemon does).
+    results = await asyncio.gather(net["p0"].reducer.run(group, torch.full((300,), 1.0), 10.0),
+                                   net["p1"].reducer.run(group, torch.full((300,), 3.0), 30.0),
+                                   net["p2"].reducer.run(group, torch.zeros(300), 0.0))
+    avgs = [a for a, _ in results]
+    assert all(torch.equal(avgs[0], a) for a in avgs)
+    assert torch.allclose(avgs[0], torch.full((300,), 2.5))

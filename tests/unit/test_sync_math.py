@@ -1,0 +1,118 @@
+"""Outer step, aggregation, shard bounds and the state format: pure math against references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer.errors import StateError
+from peer.sync.aggregate import weighted_mean
+from peer.sync.outer import outer_step, tensor_sha256
+from peer.sync.round import shard_bounds
+from peer.sync.state import GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
+
+
+def test_outer_step_against_hand_computed_values():
+    # Prepare: lr 0.5, momentum 0.9, two steps
+    theta = torch.tensor([1.0, -2.0])
+    g1, g2 = torch.tensor([0.2, 0.4]), torch.tensor([-0.1, 0.0])
+    buf = torch.zeros(2)
+    # Execute
+    theta1, buf1 = outer_step(theta, g1, buf, lr=0.5, momentum=0.9)
+    theta2, buf2 = outer_step(theta1, g2, buf1, lr=0.5, momentum=0.9)
+    # Assert: buf1 = g1; theta1 = theta - 0.5 * (g1 + 0.9 * g1) = theta - 0.95 g1
+    assert torch.allclose(buf1, g1)
+    assert torch.allclose(theta1, torch.tensor([1.0 - 0.19, -2.0 - 0.38]))
+    # buf2 = 0.9 * g1 + g2 = [0.08, 0.36]; update = g2 + 0.9 buf2 = [-0.028, 0.324]
+    assert torch.allclose(buf2, torch.tensor([0.08, 0.36]))
+    assert torch.allclose(theta2, theta1 - 0.5 * torch.tensor([-0.028, 0.324]))
+
+
+def test_outer_step_matches_torch_sgd_nesterov():
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(1000, generator=gen)
+    param = torch.nn.Parameter(theta.clone())
+    opt = torch.optim.SGD([param], lr=0.7, momentum=0.9, nesterov=True)
+    buf = torch.zeros_like(theta)
+    for _ in range(5):
+        g = torch.randn(1000, generator=gen)
+        theta, buf = outer_step(theta, g, buf, lr=0.7, momentum=0.9)
+        param.grad = g.clone()
+        opt.step()
+    assert torch.allclose(theta, param.detach(), atol=1e-6)
+
+
+def test_outer_step_leaves_inputs_alone_and_is_deterministic():
+    theta, g, buf = torch.ones(4), torch.full((4,), 0.5), torch.full((4,), 0.1)
+    a = outer_step(theta, g, buf, lr=0.3, momentum=0.9)
+    b = outer_step(theta, g, buf, lr=0.3, momentum=0.9)
+    assert torch.equal(theta, torch.ones(4)) and torch.equal(buf, torch.full((4,), 0.1))
+    assert tensor_sha256(*a) == tensor_sha256(*b)
+    with pytest.raises(ValueError, match="shape"):
+        outer_step(theta, torch.ones(3), buf, lr=0.3, momentum=0.9)
+
+
+def test_weighted_mean_weights_by_samples_and_skips_zero_weight():
+    parts = [torch.tensor([1.0, 1.0]), torch.tensor([4.0, 0.0]), torch.tensor([float("nan"), 5.0])]
+    # The third part has weight 0: its values (even NaN) must not matter.
+    out = weighted_mean(parts, [3.0, 1.0, 0.0])
+    assert torch.allclose(out, torch.tensor([1.75, 0.75]))
+    assert torch.equal(weighted_mean(parts[:1], [0.0]), torch.zeros(2))
+    with pytest.raises(ValueError):
+        weighted_mean(parts[:2], [1.0, -1.0])
+
+
+@pytest.mark.parametrize("numel, k", [(10, 3), (3, 4), (1_000_003, 7), (0, 2), (5, 1)])
+def test_shard_bounds_cover_everything_once(numel, k):
+    bounds = shard_bounds(numel, k)
+    assert len(bounds) == k and bounds[0][0] == 0 and bounds[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [e - s for s, e in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _state(n=100, rnd=3) -> GlobalState:
+    gen = torch.Generator().manual_seed(rnd)
+    return GlobalState(rnd, torch.randn(n, generator=gen), torch.randn(n, generator=gen))
+
+
+def test_state_roundtrip_is_exact():
+    state = _state()
+    back, extra = decode_state(encode_state(state, {"inner": torch.arange(6.0).reshape(2, 3)}), 100)
+    assert back.round == 3 and torch.equal(back.params, state.params) and torch.equal(back.momentum, state.momentum)
+    assert torch.equal(extra["inner"], torch.arange(6.0).reshape(2, 3))
+    assert back.global_hash == state.global_hash
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda b: b[:20], "header length"),
+    (lambda b: b"X" + b[1:], "magic"),
+    (lambda b: b[:-4], "does not fit"),
+])
+def test_state_blob_damage_is_detected(mutate, needle):
+    with pytest.raises(StateError, match=needle):
+        decode_state(mutate(encode_state(_state())), 100)
+
+
+def test_state_for_another_model_is_refused():
+    with pytest.raises(StateError, match="this model has 99"):
+        decode_state(encode_state(_state()), 99)
+
+
+def test_state_with_flipped_parameter_bytes_fails_the_hash():
+    blob = bytearray(encode_state(_state()))
+    blob[-500] ^= 0x01  # inside params, behind the header
+    with pytest.raises(StateError, match="hash|NaN"):
+        decode_state(bytes(blob), 100)
+
+
+def test_checkpoint_is_atomic_and_torn_files_are_refused(tmp_path):
+    path = tmp_path / "ckpt" / "checkpoint.bin"
+    blob = encode_state(_state())
+    write_checkpoint(path, blob)
+    assert read_checkpoint(path) == blob
+    assert not (path.parent / "checkpoint.bin.tmp").exists()
+    # Torn: the tail is missing.
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(StateError, match="torn or corrupt"):
+        read_checkpoint(path)
