@@ -19,8 +19,12 @@ def say(**obj) -> None:
     sys.stdout.flush()
 
 
-async def serve(setup, do_round, teardown) -> int:
-    """Run the worker side: ``await setup()`` -> dict, ``await do_round(r)`` -> dict, ``await teardown()``."""
+async def serve(setup, do_round, teardown, commands=None) -> int:
+    """Run the worker side: ``await setup()`` -> dict, ``await do_round(r)`` -> dict, ``await teardown()``.
+
+    ``commands`` maps other command words to ``async f(arg: str) -> dict``, answered as
+    ``{"event": <word>, ...}``.
+    """
     loop = asyncio.get_running_loop()
     status = 0
     try:
@@ -33,6 +37,10 @@ async def serve(setup, do_round, teardown) -> int:
             cmd, _, arg = line.strip().partition(" ")
             if cmd == "round":
                 say(event="round", r=int(arg), **(await do_round(int(arg))))
+            elif commands and cmd in commands:
+                say(event=cmd, **(await commands[cmd](arg)))
+            else:
+                raise ValueError(f"unknown command {line.strip()!r}")
     except Exception as exc:  # report, then exit non-zero; the parent kills the others
         traceback.print_exc()
         say(event="error", message=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,102 @@
+"""One process of ``bench.overhead``: a real Daemon whose inner phases the worker drives.
+
+Commands (see bench/_proto.py): ``plain H S`` runs S inner steps in phases of H with the same
+``InnerTrainer`` and no networking (each phase starts from the previous phase's local
+parameters); ``sync H S`` runs S steps as H-step inner phases each followed by a real round
+(``Daemon.round_once``: matchmaking, all-reduce, outer step, snapshot, checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+
+from bench.common import pin_threads
+
+
+def main(argv=None) -> int:
+    pin_threads(1)
+    p = argparse.ArgumentParser()
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--peers", type=int, required=True)
+    p.add_argument("--task", default="digits")
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--addresses", required=True)
+    p.add_argument("--run-id", default="bench-overhead")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from bench._proto import serve
+    from peer.config import load_config
+    from peer.daemon import Daemon
+
+    addresses = json.loads(a.addresses)
+    tmp = tempfile.mkdtemp(prefix=f"bench-overhead-{a.rank}-")
+    st: dict = {}
+
+    async def setup() -> dict:
+        cfg = load_config({
+            "run_id": a.run_id, "peer_id": f"p{a.rank:03d}", "listen": addresses[a.rank], "metrics_host": "127.0.0.1",
+            "metrics_port": 0, "mdns": False, "peers": [x for i, x in enumerate(addresses) if i != a.rank],
+            "codec": a.codec, "task": a.task, "state_dir": tmp, "threads": 1, "eval_every_rounds": 0,
+            "matchmaking_timeout_s": 30.0, "startup_grace_s": 0.1,
+        }, env={})
+        d = st["d"] = Daemon(cfg)
+        await d.start()
+        deadline = time.monotonic() + 60
+        while len(d.known) < a.peers - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError("peers did not show up in 60 s")
+            await asyncio.sleep(0.05)
+        return {"numel": d.numel}
+
+    async def phases(arg: str, sync: bool) -> dict:
+        d = st["d"]
+        h, total = (int(x) for x in arg.split())
+        loop = asyncio.get_running_loop()
+        params = d.state.params
+        steps = rounds = failed = 0
+        round_s = 0.0
+        t0 = time.perf_counter()
+        while steps < total:
+            start = d.state.params if sync else params
+            res = await loop.run_in_executor(d.train_pool, d.trainer.run_inner, start, h)
+            steps += res.steps
+            if sync:
+                t1 = time.perf_counter()
+                avg = await d.round_once(res.delta, float(res.samples))
+                round_s += time.perf_counter() - t1
+                rounds += 1
+                failed += avg is None
+            else:
+                params = start - res.delta
+        seconds = time.perf_counter() - t0
+        return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "rounds": rounds,
+                "rounds_failed": failed, "round_s_total": round_s}
+
+    async def plain(arg: str) -> dict:
+        return await phases(arg, sync=False)
+
+    async def sync_(arg: str) -> dict:
+        return await phases(arg, sync=True)
+
+    async def nothing(r: int) -> dict:
+        return {}
+
+    async def teardown() -> None:
+        try:
+            if "d" in st:
+                await st["d"].stop()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return asyncio.run(serve(setup, nothing, teardown, commands={"plain": plain, "sync": sync_}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Training overhead of the sync: steps/s with a round every H inner steps against the same loop
+with no networking.
+
+    python -m bench.overhead [--tasks digits,fashion] [--H 10,50,200] [--peers 2] [--json]
+
+Each of ``--peers`` worker processes (one torch thread each) builds a real ``Daemon`` for the
+task and drives its ``InnerTrainer``: first ``plain`` (H-step inner phases back to back, no
+round), then ``sync`` (each H-step phase followed by ``Daemon.round_once``: matchmaking,
+butterfly all-reduce over gRPC, codec, outer step, state snapshot and checkpoint). All workers
+run both variants at the same time, so CPU contention is the same in both; eval is off in both.
+With 2 peers the round includes the slower peer's wait (a straggler costs its partner); with
+``--peers 1`` the round has no network transfer but every local cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from bench.averaging import REPO, BenchError, Worker, _free_ports
+from bench.common import emit_json, machine, table
+
+
+def available_tasks(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        if name == "fashion" and not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+            continue
+        out.append(name)
+    return out
+
+
+def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int, timeout_s: float) -> dict:
+    import time
+
+    rows = []
+    deadline = time.monotonic() + timeout_s
+    for task in available_tasks(tasks):
+        ports = _free_ports(peers)
+        addresses = [f"127.0.0.1:{p}" for p in ports]
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        workers: list[Worker] = []
+        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as log_dir:
+            try:
+                for rank in range(peers):
+                    argv = [sys.executable, "-m", "bench._overhead_worker", "--rank", str(rank), "--peers",
+                            str(peers), "--task", task, "--codec", codec, "--addresses", json.dumps(addresses),
+                            "--run-id", f"bench-ovh-{os.getpid()}-{task}"]
+                    workers.append(Worker(rank, argv, log_dir, env))
+                numel = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers][0]["numel"]
+                for h in hs:
+                    total = max(min_steps, 4 * h) // h * h
+                    res = {}
+                    for variant in ("plain", "sync"):
+                        for w in workers:
+                            w.send(f"{variant} {h} {total}")
+                        res[variant] = [w.expect(variant, deadline) for w in workers]
+                    plain = min(r["steps_per_s"] for r in res["plain"])
+                    sync = min(r["steps_per_s"] for r in res["sync"])
+                    rows.append({
+                        "task": task, "params": numel, "H": h, "steps": total, "peers": peers,
+                        "plain_steps_per_s": plain, "sync_steps_per_s": sync, "ratio": sync / plain,
+                        "rounds": res["sync"][0]["rounds"],
+                        "rounds_failed": sum(r["rounds_failed"] for r in res["sync"]),
+                        "round_s_mean": max(r["round_s_total"] / max(1, r["rounds"]) for r in res["sync"]),
+                    })
+                for w in workers:
+                    w.send("stop")
+                for w in workers:
+                    try:
+                        w.expect("done", time.monotonic() + 15)
+                    except BenchError:
+                        pass
+            finally:
+                for w in workers:
+                    w.kill()
+    return {"bench": "overhead", "codec": codec, "peers": peers, "machine": machine(), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="digits,fashion")
+    p.add_argument("--H", default="10,50,200")
+    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--min-steps", type=int, default=600, help="inner steps per variant (at least 4 rounds)")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        res = run(a.tasks.split(","), [int(x) for x in a.H.split(",")], a.peers, a.codec, a.min_steps, a.timeout)
+    except BenchError as exc:
+        print(f"overhead bench failed: {exc}", file=sys.stderr)
+        return 1
+    if a.json:
+        emit_json(res)
+        return 0
+    print(f"overhead: {a.peers} peer(s) on loopback, codec {a.codec}, one torch thread each; {res['machine']}")
+    print("steps/s = slowest peer's; ratio = sync / plain (target >= 0.95 at H=50)")
+    print(table(res["rows"], [("task", "task", ""), ("params", "params", ","), ("H", "H", "d"), ("steps", "steps", "d"),
+                              ("plain_steps_per_s", "plain steps/s", ".0f"), ("sync_steps_per_s", "sync steps/s", ".0f"),
+                              ("ratio", "ratio", ".3f"), ("round_s_mean", "s/round", ".4f"),
+                              ("rounds_failed", "failed", "d")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
