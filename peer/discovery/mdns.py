@@ -318,7 +318,10 @@ class MdnsDiscovery:
     async def start(self) -> None:
         """Open the mDNS sockets, start browsing, and register (probing takes ~1.5 s).
 
-        Raises PeerError if another peer already announces our peer id.
+        Raises PeerError if zeroconf's probe finds our peer id already announced. That check is
+        best effort: the probes are QU questions, and a unicast defence sent to a machine running
+        several mDNS sockets on port 5353 can reach the wrong one, so a duplicate on the same
+        machine may go unnoticed (peer ids are random, so this needs a copied id).
         """
         if self._start_called or self._stopped:
             raise RuntimeError("MdnsDiscovery.start() may be called once")
