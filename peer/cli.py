@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start several local peers training together and show progress")
     demo.add_argument("--peers", type=int, default=3)
     demo.add_argument("--task", default="digits")
-    demo.add_argument("--rounds", type=int, default=20)
+    demo.add_argument("--rounds", type=int, default=30, help="stop when every peer reached this round")
     demo.add_argument("--codec", default="int8")
     demo.add_argument("--run-id", default="demo")
     demo.add_argument("--base-port", type=int, default=0, help="first gRPC port (default: free ports)")

@@ -677,6 +677,7 @@ class Daemon:
             return None
         group = formed
         self.metrics.group_size.set(len(group.members))
+        self.metrics.round_deadline_seconds.set(group.reduce_deadline_s)
         self._phase = "reduce"
         try:
             avg, stats = await self.reducer.run(group, delta, weight)
@@ -716,8 +717,8 @@ class Daemon:
         if self.cfg.train.eval_every_rounds and self._completed % self.cfg.train.eval_every_rounds == 0:
             await self._evaluate()
         log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "
-                 "%.1f s), global %s", rnd, len(group.members), codec, self._loss, self._eval.get("loss", math.nan),
-                 stats.sent_bytes, self._last_round_s, reduce_s, group.reduce_deadline_s,
+                 "%.1f s), group %s, global %s", rnd, len(group.members), codec, self._loss, self._eval.get("loss", math.nan),
+                 stats.sent_bytes, self._last_round_s, reduce_s, group.reduce_deadline_s, group.group_id,
                  self.state.global_hash[:12])
         return avg
 

@@ -24,7 +24,7 @@ LISTEN_RE = re.compile(r"listening on \S+ \(grpc (?P<grpc>\S+), metrics :(?P<met
 PEER_RE = re.compile(r"peer (?P<id>[0-9a-f]+) listening")
 
 # Small, fast settings for tests on a 2-core machine.
-FAST = ["--inner-steps", "10", "--matchmaking-timeout-s", "3", "--startup-grace-s", "1.5",
+FAST = ["--inner-steps", "10", "--matchmaking-timeout-s", "3", "--startup-grace-s", "4",
         "--eval-every-rounds", "1", "--log-level", "INFO"]
 
 
@@ -134,3 +134,39 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, log
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+ROUND_DONE_RE = re.compile(r"round (\d+) done: .* group ([0-9a-f]+), global ([0-9a-f]{12})")
+
+
+def round_hashes(log: str) -> dict[int, str]:
+    """{round: global hash prefix after that round} from a peer's log."""
+    return {int(m[1]): m[3] for m in ROUND_DONE_RE.finditer(log)}
+
+
+def round_groups(log: str) -> dict[int, tuple[str, str]]:
+    """{round: (group id, global hash prefix after that round)} from a peer's log."""
+    return {int(m[1]): (m[2], m[3]) for m in ROUND_DONE_RE.finditer(log)}
+
+
+def check_invariant(peers: Sequence[PeerProc]) -> int:
+    """The core invariant over every log: members of one group that completed a round hold the
+    same global parameters afterwards. Returns how many (round, group) pairs had 2+ members;
+    raises AssertionError naming the round and group where members disagree."""
+    seen: dict[tuple[int, str], dict[str, str]] = {}
+    for p in peers:
+        for r, (group, digest) in round_groups(p.log()).items():
+            seen.setdefault((r, group), {})[p.name] = digest
+    for (r, group), digests in seen.items():
+        if len(set(digests.values())) != 1:
+            raise AssertionError(f"round {r} group {group}: members disagree: {digests}")
+    return sum(1 for d in seen.values() if len(d) > 1)
+
+
+def consistent_rounds(peers: Sequence[PeerProc]) -> list[int]:
+    """Rounds that every peer in ``peers`` completed in one group; raises AssertionError if
+    members of a group disagree on the global hash after a round (the core invariant)."""
+    check_invariant(peers)
+    tables = [round_groups(p.log()) for p in peers]
+    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
+    return [r for r in common if len({t[r] for t in tables}) == 1]

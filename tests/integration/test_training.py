@@ -13,15 +13,11 @@ import pytest
 import torch
 
 from peer.codec import get_codec
-from tests.integration._peers import Swarm, wait_until
+from tests.integration._peers import Swarm, consistent_rounds, round_hashes, wait_until
 
 
 def _logs(swarm: Swarm) -> str:
     return "\n".join(f"--- {p.name}\n{p.tail(30)}" for p in swarm.peers)
-
-
-def _round_hashes(log: str) -> dict[int, str]:
-    return {int(m[1]): m[2] for m in re.finditer(r"round (\d+) done: .* global ([0-9a-f]{12})", log)}
 
 
 def test_three_peers_five_int8_rounds_stay_identical_and_learn(tmp_path):
@@ -39,7 +35,7 @@ def test_three_peers_five_int8_rounds_stay_identical_and_learn(tmp_path):
         logs = [p.log() for p in peers]
 
     # Assert 1: after every round, the three global hashes are equal
-    hashes = [_round_hashes(log) for log in logs]
+    hashes = [round_hashes(log) for log in logs]
     assert sorted(hashes[0]) == [0, 1, 2, 3, 4], logs[0]
     for r in range(5):
         assert hashes[0][r] == hashes[1][r] == hashes[2][r], f"round {r}: {[h[r] for h in hashes]}"
@@ -87,20 +83,17 @@ def test_a_bad_part_is_left_out_and_the_others_complete_the_round(tmp_path, faul
         peers = [*good, bad]
 
         # the round after the faulty one completes on the good peers
-        wait_until(lambda: all(3 in _round_hashes(p.log()) for p in good), 90, "round 3 on the good peers",
+        wait_until(lambda: all(3 in round_hashes(p.log()) for p in good), 90, "round 3 on the good peers",
                    lambda: _logs(swarm))
         for p in good:
             assert re.search(rf"left out the part from {bad.peer_id}: .*\({reason}\)", p.log()), p.log()
             assert _metric(p.metrics_port, f'peer_sync_rejected_contributions_total{{reason="{reason}"}}') >= 1
-        h = [_round_hashes(p.log()) for p in good]
+        h = [round_hashes(p.log()) for p in good]
         assert h[0][2] == h[1][2]
         assert "round 2 failed" in bad.log()
         # the bad peer catches up from a donor and is identical again at a later round
         wait_until(lambda: "resynced to round 3" in bad.log(), 30, "the bad peer to resync", lambda: _logs(swarm))
-
-        def same_round_same_hash():
-            s = [p.status() for p in peers]
-            return len({x["round"] for x in s}) == 1 and len({x["global_sha256"] for x in s}) == 1
-
-        wait_until(same_round_same_hash, 60, "all three at the same round and hash", lambda: _logs(swarm))
+        # ... and completes later rounds with the same hash as the others
+        wait_until(lambda: [r for r in consistent_rounds(peers) if r > 3], 60,
+                   "a round after 3 completed by all three with equal hashes", lambda: _logs(swarm))
         assert all(p.alive() for p in peers)
