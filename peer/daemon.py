@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 HEARTBEAT_MISSES = 3
+# A peer that refused our handshake is not asked again for this long.
+REFUSAL_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._snapshot: tuple[StateHeader, bytes] | None = None
         self._reduce_ewma_s: float | None = None
+        self._formation_ewma_s: float | None = None
         self._inner_step = 0
         self._loss = float("nan")
         self._eval: dict[str, float] = {}
@@ -139,6 +142,7 @@ class Daemon:
         self.address = ""
         self.metrics_port = 0
         self._pending_handshakes: set[str] = set()
+        self._refused_until: dict[str, float] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -180,7 +184,8 @@ class Daemon:
                                      max_state_bytes=64 * self.numel + (1 << 20))
         self.matchmaker = Matchmaker(peer_id=self.peer_id, numel=self.numel, codec=self.cfg.sync.codec,
                                      live=self._live, current_round=lambda: self.state.round,
-                                     timeout_s=self.cfg.sync.matchmaking_timeout_s, deadline_s=self._reduce_deadline)
+                                     timeout_s=self._matchmaking_timeout, deadline_s=self._reduce_deadline,
+                                     on_formed=self._observe_formation)
         self.reducer = Reducer(peer_id=self.peer_id, run_id=self.cfg.run.run_id, client=self.client,
                                registry=self.registry, executor=self.codec_pool,
                                error_feedback=self.cfg.sync.error_feedback, faults=self.faults)
@@ -333,13 +338,16 @@ class Daemon:
                     await asyncio.sleep(min(2.0, 0.25 * 2 ** attempt))
                     continue
                 if not reply.accepted:
-                    self._refused(HandshakeRefused(reply.reason, reply.message), f"{hint} at {address}")
+                    self._refused_until[address] = time.monotonic() + REFUSAL_BACKOFF_S
+                    if reply.reason != "self":
+                        self._refused(HandshakeRefused(reply.reason, reply.message), f"{hint} at {address}")
                     return
                 if reply.peer is None:
                     return
                 try:
                     self._check_compatible(reply.peer)
                 except HandshakeRefused as exc:
+                    self._refused_until[address] = time.monotonic() + REFUSAL_BACKOFF_S
                     self._refused(exc, f"{hint} at {address}")
                     return
                 self._admit(reply.peer, address)
@@ -355,10 +363,18 @@ class Daemon:
             await asyncio.sleep(HEARTBEAT_S)
             for pid, k in list(self.known.items()):
                 self._spawn(self._ping(pid, k), f"ping-{pid}")
-            static = {a for a in self.cfg.net.peers}
+            # Peers we should know but do not: static ones that were down, and mDNS records whose
+            # handshake failed (a partition that healed sends no new mDNS event).
+            wanted = {a: "static peer" for a in self.cfg.net.peers}
+            wanted.update({r.address: r.peer_id for r in self.discovery.current()
+                           if r.peer_id != self.peer_id and r.peer_id not in self.known})
             connected = {k.address for k in self.known.values()}
-            for address in static - connected - self._pending_handshakes:
-                self._spawn(self._handshake(address, "static peer", attempts=1), f"handshake-{address}")
+            now = time.monotonic()
+            for address, hint in wanted.items():
+                if self._refused_until.get(address, 0.0) > now:
+                    continue  # refused recently: do not spam the log and the refusal counter
+                if address not in connected and address not in self._pending_handshakes:
+                    self._spawn(self._handshake(address, hint, attempts=1), f"handshake-{address}")
 
     async def _ping(self, pid: str, k: Known) -> None:
         try:
@@ -450,6 +466,9 @@ class Daemon:
             raise StateError("no completed state to serve yet")
         return self._snapshot
 
+    async def serving_state(self, sent_bytes: int) -> None:
+        await self.faults.at("serve_state", self.state.round)
+
     def state_served(self, ok: bool) -> None:
         self.metrics.state_transfers.labels("served", "ok" if ok else "failed").inc()
 
@@ -512,6 +531,7 @@ class Daemon:
     async def _resync(self, min_round: int, wait_s: float) -> bool:
         """Fetch the state of a peer at round >= ``min_round``; wait up to ``wait_s`` for one."""
         deadline = time.monotonic() + wait_s
+        previous = self.state.round
         self._phase = "resync"
         started = time.monotonic()
         while time.monotonic() < deadline and not self._stopping:
@@ -533,8 +553,11 @@ class Daemon:
                 self.metrics.state_transfers.labels("received", "ok").inc()
                 self._adopt(state)
                 self.metrics.round_phase_seconds.labels("resync").observe(time.monotonic() - started)
-                log.info("resynced to round %d (%s) from %s: %d bytes in %.2f s", state.round,
-                         state.global_hash[:12], donor.info.peer_id, len(blob), time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                log.info("resynced to round %d (%s) from %s: %d bytes in %.2f s (%.1f MB/s); was at round %d "
+                         "(rule: the most advanced round wins; at equal rounds, the group's majority)",
+                         state.round, state.global_hash[:12], donor.info.peer_id, len(blob), elapsed,
+                         len(blob) / max(elapsed, 1e-9) / 1e6, previous)
                 return True
             await asyncio.sleep(0.2)
         return False
@@ -543,6 +566,20 @@ class Daemon:
         return max((k.info.round for k in self.known.values()), default=-1)
 
     # ----------------------------------------------------------------- training
+
+    def _observe_formation(self, wait_s: float, complete: bool) -> None:
+        # Only complete formations say how long peers take to arrive; a timeout says nothing new.
+        if complete:
+            self._formation_ewma_s = wait_s if self._formation_ewma_s is None else (
+                0.7 * self._formation_ewma_s + 0.3 * wait_s)
+
+    def _matchmaking_timeout(self) -> float:
+        """Adaptive: the leader waits 4x the smoothed spread of the members' arrival (+1 s) for
+        the known peers to join, capped by ``matchmaking_timeout_s``."""
+        cap = self.cfg.sync.matchmaking_timeout_s
+        if self._formation_ewma_s is None:
+            return cap
+        return min(cap, 4 * self._formation_ewma_s + 1.0)
 
     def _reduce_deadline(self) -> float:
         """Adaptive: 4x the smoothed observed all-reduce time (+1 s), capped by the configured
@@ -642,14 +679,20 @@ class Daemon:
                 except (PeerUnavailable, RoundError) as exc:
                     log.warning("round %d: leader %s did not answer (%s); trying the next", rnd, leader, exc)
                     unreachable.add(leader)
+                    if isinstance(exc, PeerUnavailable) and exc.code == "UNAVAILABLE":
+                        # Nothing listens there: it is gone. Discovery re-admits it if it returns.
+                        self._drop(leader, "its address refuses connections")
                     continue
             if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
                 return reply.group
             if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
                 pid, _, addr = reply.leader_hint.partition("@")
-                if pid != leader:
+                if pid != leader and pid not in unreachable:
                     hint = (pid, addr)
                     continue
+                # It still believes in a leader we found gone; its heartbeat will notice soon.
+                await asyncio.sleep(0.2)
+                continue
             if reply.outcome == JoinOutcome.REFUSED:
                 await asyncio.sleep(0.2)
                 unreachable.add(leader)

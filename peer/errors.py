@@ -50,4 +50,12 @@ class StateError(PeerError):
 
 
 class PeerUnavailable(PeerError):
-    """A remote peer did not answer (connection refused, deadline exceeded, stream broken)."""
+    """A remote peer did not answer (connection refused, deadline exceeded, stream broken).
+
+    ``code`` is the gRPC status name when there was one ("UNAVAILABLE" means nothing listens:
+    the peer is gone, not slow).
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code

@@ -82,6 +82,7 @@ class _Match:
     formed: asyncio.Future | None = None
     timer: asyncio.Task | None = None
     first_join: float = 0.0
+    formed_at: float = 0.0
 
 
 class Matchmaker:
@@ -99,8 +100,9 @@ class Matchmaker:
         codec: str,
         live: Callable[[], Mapping[str, str]],
         current_round: Callable[[], int],
-        timeout_s: float,
+        timeout_s: Callable[[], float],
         deadline_s: Callable[[], float],
+        on_formed: Callable[[float, bool], None] | None = None,
     ) -> None:
         self._me = peer_id
         self._numel = numel
@@ -109,6 +111,7 @@ class Matchmaker:
         self._current_round = current_round
         self._timeout_s = timeout_s
         self._deadline_s = deadline_s
+        self._on_formed = on_formed or (lambda wait_s, complete: None)
         self._matches: dict[int, _Match] = {}
 
     def close(self) -> None:
@@ -137,6 +140,13 @@ class Matchmaker:
         for old in [r for r in self._matches if r < current]:
             self._drop(old)
         m = self._matches.get(req.round)
+        if m is not None and m.formed is not None and m.formed.done() and not m.formed.cancelled():
+            # A group of this round formed, and its deadline has long passed, yet peers still ask
+            # for this round: nobody completed it (an owner vanished). Form it again.
+            if time.monotonic() > m.formed_at + m.formed.result().reduce_deadline_s + 2.0:
+                log.info("round %d: the previous group did not complete it; forming a new one", req.round)
+                self._drop(req.round)
+                m = None
         if m is None:
             m = self._matches[req.round] = _Match(round=req.round)
             m.formed = asyncio.get_running_loop().create_future()
@@ -145,7 +155,7 @@ class Matchmaker:
         m.joins[req.peer_id] = req
         if m.timer is None:
             m.first_join = time.monotonic()
-            m.timer = asyncio.create_task(self._form_after(m, self._timeout_s), name=f"matchmaking-{req.round}")
+            m.timer = asyncio.create_task(self._form_after(m, self._timeout_s()), name=f"matchmaking-{req.round}")
         self._maybe_form(m)
         group: Group = await asyncio.shield(m.formed)
         if group.member(req.peer_id) is not None:
@@ -163,6 +173,7 @@ class Matchmaker:
 
     async def _form_after(self, m: _Match, delay: float) -> None:
         await asyncio.sleep(delay)
+        m.timer = None
         self._form(m)
 
     def _maybe_form(self, m: _Match) -> None:
@@ -170,11 +181,13 @@ class Matchmaker:
             return
         expected = {self._me, *self._live()}
         if expected <= set(m.joins):
-            self._form(m)
+            self._form(m, complete=True)
 
-    def _form(self, m: _Match) -> None:
+    def _form(self, m: _Match, complete: bool = False) -> None:
         if m.formed is None or m.formed.done() or not m.joins:
             return
+        if complete and m.timer is not None:
+            m.timer.cancel()
         tally = Tally(j.global_hash for j in m.joins.values())
         best = max(tally.values())
         winners = sorted(h for h, n in tally.items() if n == best)
@@ -192,9 +205,13 @@ class Matchmaker:
             reduce_deadline_s=self._deadline_s(),
         )
         left_out = sorted(set(m.joins) - {x.peer_id for x in members})
-        log.info("round %d: group %s formed with %d peers after %.2f s%s", m.round, group.group_id,
-                 len(members), time.monotonic() - m.first_join,
+        m.formed_at = time.monotonic()
+        wait = m.formed_at - m.first_join
+        missing = sorted({self._me, *self._live()} - set(m.joins))
+        log.info("round %d: group %s formed with %d peers after %.2f s%s%s", m.round, group.group_id,
+                 len(members), wait, "" if complete else f" (matchmaking timeout; missing: {', '.join(missing)})",
                  f" (left out for hash mismatch: {', '.join(left_out)})" if left_out else "")
+        self._on_formed(wait, complete)
         m.formed.set_result(group)
 
 

@@ -68,7 +68,7 @@ class GrpcPeerClient:
         self._on_error(method, code.name)
         text = f"{method} to {address}: {code.name}: {exc.details()}"
         if code in _UNAVAILABLE:
-            return PeerUnavailable(text)
+            return PeerUnavailable(text, code.name)
         return RoundError(code.name.lower(), text)
 
     async def handshake(self, address: str, me: PeerInfo, timeout_s: float) -> HandshakeReply:

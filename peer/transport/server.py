@@ -49,6 +49,8 @@ class Handler(Protocol):
     def reduce_rejected(self, header: ReduceHeader | None, error: RoundError) -> None: ...
     def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]: ...
     def state_served(self, ok: bool) -> None: ...
+    async def serving_state(self, sent_bytes: int) -> None:
+        """Called between the chunks of a GetState stream (a seam for fault injection)."""
     def leave(self, run_id: str, peer_id: str) -> None: ...
 
 
@@ -102,6 +104,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         try:
             yield pb.StateMessage(header=convert.state_header_to_pb(header))
             for chunk in split(blob, self._h.chunk_bytes):
+                await self._h.serving_state(chunk.offset)
                 yield pb.StateMessage(chunk=chunk)
             ok = True
         finally:

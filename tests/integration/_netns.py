@@ -34,6 +34,8 @@ class NetnsHost:
     name: str  # namespace name
     ip: str  # IPv4 address of eth0
     iface: str  # "eth0"
+    bridge_ns: str = ""  # namespace of the bridge this host's veth is plugged into
+    port: str = ""  # this host's veth end in bridge_ns
 
     def exec_argv(self, cmd: Sequence[str]) -> list[str]:
         """argv that runs ``cmd`` inside this namespace (``ip netns exec`` execs it in place, so
@@ -110,7 +112,26 @@ def bridged_namespaces(n: int, prefix: str, subnet: str = "10.77.1.0/24") -> Ite
             _ip("-n", name, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0")
             _ip("-n", name, "link", "set", "lo", "up")
             _ip("-n", name, "link", "set", "eth0", "up", "multicast", "on")
-            hosts.append(NetnsHost(name=name, ip=ip, iface="eth0"))
+            hosts.append(NetnsHost(name=name, ip=ip, iface="eth0", bridge_ns=bridge, port=f"vh{i}"))
         yield hosts
     finally:
         _delete(created)
+
+
+def partition(hosts: Sequence[NetnsHost], side_b: Sequence[int]) -> None:
+    """Cut the hosts ``side_b`` off the others: their ports move to a second bridge ``br1``, so
+    each side still reaches its own members (multicast included) and nothing of the other side."""
+    bridge_ns = hosts[0].bridge_ns
+    result = subprocess.run(["ip", "-n", bridge_ns, "link", "show", "br1"], capture_output=True, timeout=10)
+    if result.returncode != 0:
+        _ip("-n", bridge_ns, "link", "add", "br1", "type", "bridge")
+        _ip("-n", bridge_ns, "link", "set", "br1", "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", bridge_ns, "link", "set", "br1", "up")
+    for i in side_b:
+        _ip("-n", bridge_ns, "link", "set", hosts[i].port, "master", "br1")
+
+
+def heal(hosts: Sequence[NetnsHost]) -> None:
+    """Plug every host back into ``br0``."""
+    for h in hosts:
+        _ip("-n", h.bridge_ns, "link", "set", h.port, "master", "br0")

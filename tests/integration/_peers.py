@@ -21,7 +21,7 @@ from pathlib import Path
 from peer.cli import fetch_status, status_dict
 
 LISTEN_RE = re.compile(r"listening on \S+ \(grpc (?P<grpc>\S+), metrics :(?P<metrics>\d+)\)")
-PEER_RE = re.compile(r"peer (?P<id>[0-9a-f]+) listening")
+PEER_RE = re.compile(r"peer (?P<id>[\w-]+) listening")
 
 # Small, fast settings for tests on a 2-core machine.
 FAST = ["--inner-steps", "10", "--matchmaking-timeout-s", "3", "--startup-grace-s", "4",

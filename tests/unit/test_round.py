@@ -23,7 +23,7 @@ class Node:
         self.registry = ShardRegistry()
         self.down = False
         self.matchmaker = Matchmaker(peer_id=pid, numel=numel, codec=codec, live=self.live,
-                                     current_round=lambda: self.round, timeout_s=timeout_s, deadline_s=lambda: 3.0)
+                                     current_round=lambda: self.round, timeout_s=lambda: timeout_s, deadline_s=lambda: 3.0)
         self.reducer = Reducer(peer_id=pid, run_id="r", client=Client(net), registry=self.registry, executor=POOL,
                                error_feedback=False)
 
