@@ -659,7 +659,8 @@ class Daemon:
         """Join round ``rnd`` through its leader; return the group, or the leader's refusal."""
         req = JoinRequest(run_id=self.cfg.run.run_id, peer_id=self.peer_id, round=rnd,
                           global_hash=self.state.global_hash, weight=weight, address=self.address)
-        timeout = self.cfg.sync.matchmaking_timeout_s + 5.0
+        # The leader answers within its own matchmaking timeout; allow a margin for the network.
+        timeout = self._matchmaking_timeout() + 2.0
         deadline = time.monotonic() + timeout
         unreachable: set[str] = set()
         hint: tuple[str, str] | None = None
@@ -693,9 +694,12 @@ class Daemon:
                 # It still believes in a leader we found gone; its heartbeat will notice soon.
                 await asyncio.sleep(0.2)
                 continue
-            if reply.outcome == JoinOutcome.REFUSED:
-                await asyncio.sleep(0.2)
-                unreachable.add(leader)
+            if reply.outcome == JoinOutcome.REFUSED and leader != self.peer_id and not self._stopping:
+                # It does not know us yet (we just met, or a partition healed): introduce
+                # ourselves, then ask again. The loop's deadline bounds this.
+                if address not in self._pending_handshakes:
+                    self._spawn(self._handshake(address, leader, attempts=1), f"handshake-{address}")
+                await asyncio.sleep(0.3)
                 continue
             return reply
         return JoinReply(JoinOutcome.TOO_LATE, f"no group formed for round {rnd} within {timeout:.1f} s")

@@ -1,0 +1,67 @@
+"""A partition: four peers in network namespaces split 2|2 keep training on each side; when the
+link returns they converge to one state by the documented rule (the most advanced round wins;
+at equal rounds the group's majority hash, ties broken by the leader's own hash, then the
+smallest) and say so in their logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from tests.integration._netns import NetnsUnavailable, bridged_namespaces, heal, partition
+from tests.integration._peers import Swarm, check_invariant, round_groups, wait_until
+
+pytestmark = pytest.mark.netns
+
+
+def _rounds_since(p, t0: float, size: int) -> list[int]:
+    from tests.fault.test_faults import _done_times
+
+    return [r for t, r, k in _done_times(p.log()) if t > t0 and k == size]
+
+
+def test_split_sides_keep_training_and_converge_when_the_link_returns(tmp_path):
+    try:
+        ctx = bridged_namespaces(4, "part")
+        hosts = ctx.__enter__()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable here: {exc}")
+    try:
+        args = ["--rounds", "0", "--rpc-timeout-s", "1", "--handshake-timeout-s", "1"]
+        with Swarm(tmp_path, f"part-{os.getpid()}", args) as swarm:
+            peers = [swarm.start(f"h{i}", "--peer-id", f"h{i}", netns_argv=h.exec_argv([]), listen="0.0.0.0:7070",
+                                 interface=None, wait=False) for i, h in enumerate(hosts)]
+            for p in peers:
+                p.wait_listening(60)
+            logs = lambda: "\n".join(p.tail(25) for p in peers)  # noqa: E731
+            wait_until(lambda: all(re.search(r"round \d+ done: 4 peers", p.log()) for p in peers), 60,
+                       "a round of all four", logs)
+
+            # Execute 1: cut h2, h3 off h0, h1
+            partition(hosts, side_b=[2, 3])
+            cut = time.time()
+            # Assert 1: each side completes rounds as a group of two
+            wait_until(lambda: all(len(_rounds_since(p, cut, 2)) >= 3 for p in peers), 60,
+                       "three 2-peer rounds on both sides", logs)
+            side_a = {r: g for r, g in round_groups(peers[0].log()).items() if r in _rounds_since(peers[0], cut, 2)}
+            side_b = {r: g for r, g in round_groups(peers[2].log()).items() if r in _rounds_since(peers[2], cut, 2)}
+            common = set(side_a) & set(side_b)
+            assert any(side_a[r][1] != side_b[r][1] for r in common) or not common  # the histories diverged
+
+            # Execute 2: the link returns
+            heal(hosts)
+            healed = time.time()
+            # Assert 2: all four complete a round together again, with identical parameters
+            wait_until(lambda: all(_rounds_since(p, healed, 4) for p in peers), 60, "a 4-peer round after healing",
+                       logs)
+            check_invariant(peers)
+            # The losing side said which state it adopted and by which rule
+            adopted = [p for p in peers if re.search(r"resynced to round \d+ .*rule: the most advanced round wins",
+                                                    p.log().split("\n", 1)[-1][-200000:])]
+            assert adopted, logs()
+            print(f"\nPARTITION healed: converged {time.time() - healed:.1f} s after the link returned")
+    finally:
+        ctx.__exit__(None, None, None)
