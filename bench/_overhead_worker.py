@@ -53,6 +53,9 @@ def main(argv=None) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("peers did not show up in 60 s")
             await asyncio.sleep(0.05)
+        from bench.common import wait_channels
+
+        await wait_channels(d)
         return {"numel": d.numel}
 
     async def phases(arg: str, sync: bool) -> dict:

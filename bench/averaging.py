@@ -181,12 +181,18 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
     workers: list[Worker] = []
     result: dict = {"bench": "averaging", "system": system, "peers": peers, "params": params, "codec": codec,
                     "rounds": rounds, "warmup": warmup, "link": link or "loopback", "machine": machine()}
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-avg-") as log_dir:
+    keep = os.environ.get("BENCH_KEEP_LOGS")
+    with contextlib.ExitStack() as stack, (contextlib.nullcontext(tempfile.mkdtemp(prefix="bench-avg-")) if keep
+                                          else tempfile.TemporaryDirectory(prefix="bench-avg-")) as log_dir:
+        result["log_dir"] = log_dir if keep else None
         if link:
             sys.path.insert(0, str(REPO / "tests" / "integration"))
-            from _netns import bridged_namespaces
+            from _netns import NetnsUnavailable, bridged_namespaces
 
-            hosts = stack.enter_context(bridged_namespaces(peers, "bavg", subnet="10.78.0.0/24"))
+            try:
+                hosts = stack.enter_context(bridged_namespaces(peers, "bavg", subnet="10.78.0.0/24"))
+            except NetnsUnavailable as exc:
+                raise BenchError(f"netns unavailable: {exc}") from exc
             result["link_emulation"] = shape_links(hosts, link)
             ips = [h.ip for h in hosts]
             ports = [7070] * peers
@@ -197,6 +203,7 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
             ports = _free_ports(peers)
             iface = None
         addresses = [f"{ip}:{port}" for ip, port in zip(ips, ports)]
+        result["addresses"] = addresses
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    PYTHONUNBUFFERED="1")
         if system == "gloo":

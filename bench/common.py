@@ -53,3 +53,24 @@ def emit_json(obj: dict) -> None:
     json.dump(obj, sys.stdout, indent=None, sort_keys=False, default=float)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+async def wait_channels(d, timeout_s: float = 30.0) -> None:
+    """Until a Status RPC to every known peer succeeds. A peer that dialled a static peer before
+    it listened holds a gRPC channel in reconnect backoff; a JoinRound on it fails at once and
+    the round splits (see bench/README.md, findings). Rounds start only on healthy channels."""
+    import asyncio
+    import time
+
+    from peer.errors import PeerError
+
+    deadline = time.monotonic() + timeout_s
+    for k in list(d.known.values()):
+        while True:
+            try:
+                await d.client.status(k.address, 2.0)
+                break
+            except PeerError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
