@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import socket
 import statistics
 import subprocess
@@ -76,6 +77,14 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the bench process dies (even by SIGKILL, where no finally runs)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Worker:
     """A worker process and a thread that turns its stdout lines into a queue."""
 
@@ -84,7 +93,8 @@ class Worker:
         self.log_path = os.path.join(log_dir, f"worker{rank}.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, cwd=REPO, env=env, start_new_session=True)
+                                     text=True, cwd=REPO, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -124,6 +134,10 @@ class Worker:
             return ""
 
     def kill(self) -> None:
+        # The worker leads its own process group: kill the group, so that helper processes it
+        # started (hivemind's DHT and averager) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
         try:
