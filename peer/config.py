@@ -83,7 +83,8 @@ class SyncConfig:
     reduce_deadline_s: float = 30.0
     # How long a peer waits for others to show up before training alone at start-up.
     startup_grace_s: float = 3.0
-    checkpoint_every_rounds: int = 1
+    # Write a checkpoint at most this often, in the background (0: only when stopping).
+    checkpoint_interval_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ def validate(cfg: Config) -> None:
         (4096 <= cfg.sync.chunk_bytes <= (1 << 20), "chunk_bytes must be in [4096, 1048576]"),
         (0 <= cfg.net.metrics_port <= 65535, "metrics_port must be in [0, 65535]"),
         (cfg.run.rounds >= 0, "rounds must be >= 0"),
+        (cfg.sync.checkpoint_interval_s >= 0, "checkpoint_interval_s must be >= 0"),
         (cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
          "device must be auto, cpu or cuda[:N]"),
     ]

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import math
 import os
+import hashlib
 import secrets
+import threading
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -125,7 +127,13 @@ class Daemon:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._snapshot: tuple[StateHeader, bytes] | None = None
+        self._snapshot: tuple[GlobalState, tuple[StateHeader, bytes]] | None = None
+        self._snapshot_lock = threading.Lock()
+        # Snapshots and checkpoints: their own thread, so that serving a joiner never waits for
+        # a round's encode/decode work, and a round never waits for the disk.
+        self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="state-io")
+        self._checkpointing: asyncio.Future | None = None
+        self._last_checkpoint = time.monotonic()
         self._reduce_ewma_s: float | None = None
         self._formation_ewma_s: float | None = None
         self._inner_step = 0
@@ -240,7 +248,8 @@ class Daemon:
         remaining = max(0.5, deadline - time.monotonic() - 3)
         await asyncio.gather(*(self._say_leave(k.address, min(1.0, remaining)) for k in list(self.known.values())),
                              return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(self.codec_pool, self._write_checkpoint)
+        if self.state.round > 0:
+            await asyncio.get_running_loop().run_in_executor(self.io_pool, self._write_checkpoint, self.state)
         try:
             await asyncio.wait_for(self.discovery.stop(), max(0.5, deadline - time.monotonic() - 1.5))
         except TimeoutError:
@@ -250,6 +259,7 @@ class Daemon:
         self.exporter.stop()
         self.train_pool.shutdown(wait=False, cancel_futures=True)
         self.codec_pool.shutdown(wait=False, cancel_futures=True)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
         log.info("peer %s stopped at round %d", self.peer_id, self.state.round)
 
     async def _say_leave(self, address: str, timeout_s: float) -> None:
@@ -457,14 +467,13 @@ class Daemon:
         rnd = header.round if header else -1
         log.warning("round %d: left out the part from %s: %s (%s)", rnd, who, error, error.reason)
 
-    def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]:
+    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]:
         if run_id != self.cfg.run.run_id:
             raise HandshakeRefused("run_mismatch", f"run {run_id!r} != {self.cfg.run.run_id!r}")
         if schema_hash != self.schema_hash:
             raise HandshakeRefused("schema_mismatch", "model schema differs")
-        if self._snapshot is None:
-            raise StateError("no completed state to serve yet")
-        return self._snapshot
+        state = self.state  # the last completed round; later rounds do not touch this object
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, self._snapshot_of, state)
 
     async def serving_state(self, sent_bytes: int) -> None:
         await self.faults.at("serve_state", self.state.round)
@@ -489,14 +498,29 @@ class Daemon:
     # ----------------------------------------------------------------- state
 
     def _adopt(self, state: GlobalState) -> None:
+        """Make ``state`` the current global state. Its snapshot for donors and checkpoints is
+        built lazily (``_snapshot_of``), off the round's critical path."""
         self.state = state
-        self._snapshot = None
-        blob = encode_state(state)
-        import hashlib
-
-        self._snapshot = (StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
-                                      sha256=hashlib.sha256(blob).hexdigest(), format=STATE_FORMAT), blob)
         self._publish_state_metrics()
+
+    def _snapshot_of(self, state: GlobalState) -> tuple[StateHeader, bytes]:
+        """The serialized snapshot of ``state``, built once per state (any thread)."""
+        with self._snapshot_lock:
+            if self._snapshot is not None and self._snapshot[0] is state:
+                return self._snapshot[1]
+            blob = encode_state(state)
+            header = StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
+                                 sha256=hashlib.sha256(blob).hexdigest(), format=STATE_FORMAT)
+            self._snapshot = (state, (header, blob))
+            return header, blob
+
+    def _apply_outer(self, rnd: int, avg: torch.Tensor) -> None:
+        """The outer step and the new snapshot (codec thread: keeps the loop free)."""
+        params, buf = outer_step(self.state.params, avg, self.state.momentum, lr=self.settings.outer_lr,
+                                 momentum=self.settings.outer_momentum)
+        state = GlobalState(rnd + 1, params, buf)
+        state.global_hash  # noqa: B018 (computed here, off the loop, then cached)
+        self._adopt(state)
 
     def _publish_state_metrics(self) -> None:
         self.metrics.round_current.set(self.state.round)
@@ -504,15 +528,25 @@ class Daemon:
     def _checkpoint_path(self) -> Path:
         return self.state_dir / "checkpoint.bin"
 
-    def _write_checkpoint(self) -> None:
-        if self._snapshot is None:
-            return
+    def _write_checkpoint(self, state: GlobalState) -> None:
+        """Write ``state`` atomically to the checkpoint file (io thread)."""
         try:
-            write_checkpoint(self._checkpoint_path(), self._snapshot[1])
+            write_checkpoint(self._checkpoint_path(), self._snapshot_of(state)[1])
             self.metrics.checkpoints.labels("ok").inc()
         except OSError as exc:
             self.metrics.checkpoints.labels("failed").inc()
             log.error("checkpoint to %s failed: %s", self._checkpoint_path(), exc)
+
+    def _maybe_checkpoint(self) -> None:
+        """Start a background checkpoint when ``checkpoint_interval_s`` passed and none runs."""
+        interval = self.cfg.sync.checkpoint_interval_s
+        if interval <= 0 or time.monotonic() - self._last_checkpoint < interval:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(self.io_pool, self._write_checkpoint,
+                                                                         self.state)
 
     def _load_checkpoint(self) -> None:
         path = self._checkpoint_path()
@@ -751,16 +785,12 @@ class Daemon:
             await loop.run_in_executor(self.codec_pool, self._dump, rnd, delta, weight, avg)
         await self.faults.at("outer", rnd)
         self._phase = "outer"
-        params, buf = outer_step(self.state.params, avg, self.state.momentum, lr=self.settings.outer_lr,
-                                 momentum=self.settings.outer_momentum)
-        new_state = GlobalState(rnd + 1, params, buf)
-        await loop.run_in_executor(self.codec_pool, self._adopt, new_state)
+        await loop.run_in_executor(self.codec_pool, self._apply_outer, rnd, avg)
         self._completed += 1
         self.metrics.rounds.labels("completed").inc()
         self._last_round_s = time.monotonic() - t0
         self.metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
-        if self._completed % self.cfg.sync.checkpoint_every_rounds == 0:
-            await loop.run_in_executor(self.codec_pool, self._write_checkpoint)
+        self._maybe_checkpoint()
         if self.cfg.train.eval_every_rounds and self._completed % self.cfg.train.eval_every_rounds == 0:
             await self._evaluate()
         log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "

@@ -173,6 +173,15 @@ class Matchmaker:
 
     async def _form_after(self, m: _Match, delay: float) -> None:
         await asyncio.sleep(delay)
+        # A group of one while other live peers are known would fork the run (each side applies
+        # only its own delta): give them up to two more timeouts to arrive. Peers that died are
+        # dropped from the live set by the daemon's heartbeat in the meantime.
+        for _ in range(2):
+            if len(m.joins) > 1 or not self._live():
+                break
+            log.info("round %d: only this peer joined so far; waiting %.1f s more for %s", m.round, delay,
+                     ", ".join(sorted(self._live())))
+            await asyncio.sleep(delay)
         m.timer = None
         self._form(m)
 

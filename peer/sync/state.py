@@ -8,6 +8,7 @@ Every size is validated against the header and the expected numel before anythin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,8 +32,10 @@ class GlobalState:
     params: torch.Tensor      # 1-D float32 CPU
     momentum: torch.Tensor    # 1-D float32 CPU, same length
 
-    @property
+    @functools.cached_property
     def global_hash(self) -> str:
+        # Cached: the tensors of a GlobalState are never modified in place (outer_step and
+        # decode_state build new ones), and peers ask for the hash on every status and join.
         return tensor_sha256(self.params)
 
 

@@ -29,6 +29,9 @@ _UNAVAILABLE = {
 
 ErrorHook = Callable[[str, str], None]
 
+# How long a call that found no connection waits for one before the peer counts as gone.
+RECONNECT_WAIT_S = 2.0
+
 
 class GrpcPeerClient:
     """Channels are cached per address and closed by ``close()``. Loop-only."""
@@ -93,8 +96,21 @@ class GrpcPeerClient:
             raise self._fail("Leave", exc, address) from None
 
     async def join_round(self, address: str, req: JoinRequest, timeout_s: float) -> JoinReply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        request = convert.join_request_to_pb(req)
         try:
-            reply = await self._stub(address).JoinRound(convert.join_request_to_pb(req), timeout=timeout_s)
+            try:
+                reply = await self._stub(address).JoinRound(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # The channel may still be in reconnect backoff from before the peer listened
+                # (or restarted): wait for it to connect, briefly, before calling the peer gone.
+                retry_s = min(RECONNECT_WAIT_S, deadline - loop.time())
+                if retry_s <= 0:
+                    raise
+                reply = await self._stub(address).JoinRound(request, timeout=retry_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise self._fail("JoinRound", exc, address) from None
         return convert.join_reply_from_pb(reply)
@@ -102,7 +118,9 @@ class GrpcPeerClient:
     async def reduce(
         self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
     ) -> tuple[ReduceHeader, bytes]:
-        call = self._stub(address).Reduce(timeout=timeout_s)
+        # wait_for_ready: an owner whose channel is in reconnect backoff is not gone; the
+        # deadline still bounds the wait for one that is.
+        call = self._stub(address).Reduce(timeout=timeout_s, wait_for_ready=True)
 
         async def send() -> None:
             await call.write(pb.ReduceMessage(header=convert.reduce_header_to_pb(header)))

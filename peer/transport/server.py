@@ -47,7 +47,7 @@ class Handler(Protocol):
     async def reduce_part(self, header: ReduceHeader, payload: bytes) -> tuple[ReduceHeader, bytes]:
         """Owner side: add the part, return the averaged shard's header and payload."""
     def reduce_rejected(self, header: ReduceHeader | None, error: RoundError) -> None: ...
-    def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]: ...
+    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]: ...
     def state_served(self, ok: bool) -> None: ...
     async def serving_state(self, sent_bytes: int) -> None:
         """Called between the chunks of a GetState stream (a seam for fault injection)."""
@@ -95,7 +95,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[pb.StateMessage]:  # noqa: N802
         try:
-            header, blob = self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
+            header, blob = await self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
         except (HandshakeRefused, StateError) as exc:
             self._h.state_served(False)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

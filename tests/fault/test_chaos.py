@@ -23,7 +23,7 @@ SEED = int(os.environ.get("PEER_CHAOS_SEED", "1234"))
 
 def test_random_kills_and_starts_never_stop_the_run(tmp_path):
     rng = random.Random(SEED)
-    with Swarm(tmp_path, f"chaos-{os.getpid()}", ["--rounds", "0"]) as swarm:
+    with Swarm(tmp_path, f"chaos-{os.getpid()}", ["--rounds", "0", "--checkpoint-interval-s", "1"]) as swarm:
         counter = 0
 
         def start(state: str | None = None):

@@ -108,7 +108,8 @@ def test_a_donor_killed_while_serving_state_does_not_stop_the_joiner(tmp_path):
 
 def test_a_restarted_peer_resumes_from_its_checkpoint_then_catches_up(tmp_path):
     with Swarm(tmp_path, f"restart-{os.getpid()}", ["--rounds", "0"]) as swarm:
-        peers = [swarm.start(f"p{i}", "--peer-id", f"p{i}", wait=False) for i in range(3)]
+        peers = [swarm.start(f"p{i}", "--peer-id", f"p{i}", "--checkpoint-interval-s", "0.2", wait=False)
+                 for i in range(3)]
         for p in peers:
             p.wait_listening(60)
         wait_until(lambda: len(consistent_rounds(peers)) >= 4, 60, "four rounds together", lambda: _logs(swarm))
