@@ -48,7 +48,7 @@ class PeerWorker:
             "metrics_host": "127.0.0.1", "metrics_port": 0, "mdns": False,
             "peers": [x for i, x in enumerate(self.addresses) if i != a.rank],
             "codec": a.codec, "task": "bench.tasks:synthetic", "data": str(a.params), "state_dir": self.tmp,
-            "threads": 1, "error_feedback": False, "eval_every_rounds": 0, "checkpoint_every_rounds": 1 << 30,
+            "threads": 1, "error_feedback": False, "eval_every_rounds": 0, "checkpoint_interval_s": 0,
             "matchmaking_timeout_s": 30.0, "reduce_deadline_s": 120.0, "chunk_idle_timeout_s": 60.0,
             "startup_grace_s": 0.1,
         }, env={})
