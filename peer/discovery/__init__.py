@@ -71,6 +71,8 @@ class CombinedDiscovery:
             self._started.append(source)
 
         tasks = [asyncio.create_task(start_one(source)) for source in self._sources]
+        if not tasks:
+            return  # no source (mDNS off, no static peers): a peer on its own
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failed = [t.exception() for t in done if t.exception() is not None]

@@ -27,7 +27,7 @@ async def next_message(it: AsyncIterator, idle_s: float, what: str):
         raise RoundError("stalled", f"{what}: no message for {idle_s:.1f} s") from None
 
 
-async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str, field: str = "chunk") -> bytes:
+async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str, field: str = "chunk") -> bytearray:
     """Read chunks from ``it`` until ``total_bytes`` arrived, in order, each at most 1 MiB.
 
     ``total_bytes`` must already be validated by the caller (it is allocated up front).
@@ -50,4 +50,4 @@ async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str
             raise RoundError("oversized", f"{what}: {received + n} bytes exceed the announced {total_bytes}")
         buf[received : received + n] = chunk.data
         received += n
-    return bytes(buf)
+    return buf  # not bytes(buf): that would copy the whole payload once more

@@ -120,3 +120,10 @@ def test_convergence_bench():
         assert r["eval_loss"] > 0 and 0 <= r["accuracy"] <= 1
     ddp_bytes = out["rows"][0]["total_bytes"]
     assert 0 < out["rows"][2]["total_bytes"] < ddp_bytes
+
+
+def test_state_transfer_bench():
+    out = bench("state_transfer", "--params", "100000", "--reps", "2")
+    # A state of N params is the params and the momentum in float32 plus a small header.
+    assert 8 * 100000 < out["peer"]["bytes"] < 8 * 100000 + 4096
+    assert out["peer"]["mb_per_s"] > 0 and out["raw"]["mb_per_s"] > 0 and out["ratio"] > 0
