@@ -111,9 +111,9 @@ def _peers(args: argparse.Namespace) -> int:
 
 def _table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip())
 
 
 def status_dict(s) -> dict:
@@ -153,6 +153,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  codec {s['codec']}, sent {_human(s['bytes_sent'])}, received {_human(s['bytes_received'])}")
     print(f"  peers ({len(s['peers'])}): {', '.join(s['peers']) or '-'}")
     print(f"  global sha256 {s['global_sha256']}")
+    host = s["address"].rsplit(":", 1)[0] or "HOST"
+    print(f"  metrics http://{host}:{s['metrics_port']}/metrics  (swarm targets: /sd)")
     return 0
 
 

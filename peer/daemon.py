@@ -33,7 +33,7 @@ from peer.errors import ConfigError, HandshakeRefused, PeerError, PeerUnavailabl
 from peer.faults import FaultPlan
 from peer.metrics import Exporter, Metrics, sd_group
 from peer.sync.outer import outer_step
-from peer.sync.round import Matchmaker, Reducer, ShardRegistry
+from peer.sync.round import Matchmaker, Reducer, ShardRegistry, crc32
 from peer.sync.state import GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
 from peer.trainer import InnerTrainer, load_task
 from peer.transport import GrpcPeerClient, PeerServer
@@ -455,8 +455,6 @@ class Daemon:
         result, contributors = await asyncio.shield(owned.result)
         self.metrics.sent_bytes.labels(header.codec).inc(len(result))
         self._bytes_sent += len(result)
-        from peer.sync.round import crc32
-
         reply = replace(header, peer_id=self.peer_id, total_bytes=len(result), crc32=crc32(result),
                         contributors=contributors, weight=0.0)
         return reply, result

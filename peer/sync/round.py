@@ -369,9 +369,8 @@ class Reducer:
     def _feedback(self, codec: Codec, numel: int) -> ErrorFeedback | None:
         if not (self._use_ef and codec.lossy):
             return None
-        if self._ef is None or self._ef.residual.numel() != numel or getattr(self._ef, "_codec_name", "") != codec.name:
+        if self._ef is None or self._ef.residual.numel() != numel or self._ef.codec.name != codec.name:
             self._ef = ErrorFeedback(codec, numel)
-            self._ef._codec_name = codec.name  # type: ignore[attr-defined]
         return self._ef
 
     async def run(self, group: Group, delta: torch.Tensor, weight: float) -> tuple[torch.Tensor, ReduceStats]:
