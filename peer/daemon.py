@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 HEARTBEAT_MISSES = 3
+# On SIGTERM in the middle of a round, wait at most this long for the round to end.
+FINISH_ROUND_S = 4.0
 # A peer that refused our handshake is not asked again for this long.
 REFUSAL_BACKOFF_S = 30.0
 
@@ -125,6 +127,7 @@ class Daemon:
         self.chunk_bytes = cfg.sync.chunk_bytes
         self.chunk_idle_timeout_s = cfg.timeouts.chunk_idle_timeout_s
         self._stopping = False
+        self._train_task: asyncio.Task | None = None
         self._stop_event: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._snapshot: tuple[GlobalState, tuple[StateHeader, bytes]] | None = None
@@ -167,7 +170,7 @@ class Daemon:
         await self.start()
         status = 0
         try:
-            trainer = self._spawn(self._train_forever(), "train")
+            trainer = self._train_task = self._spawn(self._train_forever(), "train")
             stop = asyncio.ensure_future(self._stop_event.wait())
             await asyncio.wait({trainer, stop}, return_when=asyncio.FIRST_COMPLETED)
             if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
@@ -239,6 +242,11 @@ class Daemon:
         """Leave the run: tell the peers, checkpoint, mDNS goodbye, close everything."""
         self._stopping = True
         deadline = time.monotonic() + self.cfg.timeouts.stop_grace_s
+        if self._phase in ("matchmaking", "reduce", "outer") and self._train_task is not None:
+            # Mid-round, the others may already count on our shard: finishing the round (it is
+            # bounded by its deadline) costs them less than a failed round. The inner phase
+            # checks the stop flag after every step, so it ends by itself.
+            await asyncio.wait({self._train_task}, timeout=min(FINISH_ROUND_S, self.cfg.timeouts.stop_grace_s / 2))
         self._phase = "stopping"
         for task in list(self._tasks):
             task.cancel()
@@ -725,6 +733,9 @@ class Daemon:
                     continue
                 # It still believes in a leader we found gone; its heartbeat will notice soon.
                 await asyncio.sleep(0.2)
+                continue
+            if reply.outcome == JoinOutcome.REFUSED and reply.message.startswith("leaving"):
+                self._drop(leader, "it is leaving")
                 continue
             if reply.outcome == JoinOutcome.REFUSED and leader != self.peer_id and not self._stopping:
                 # It does not know us yet (we just met, or a partition healed): introduce

@@ -146,3 +146,32 @@ def test_a_torn_checkpoint_is_detected_and_not_loaded(tmp_path):
         assert re.search(r"not resuming from .*checkpoint.bin: .*torn or corrupt", again.log())
         assert "resumed from checkpoint" not in again.log()
         assert "initial eval loss" in again.log() and "at round 0" in again.log()
+
+
+def test_sigterm_mid_training_leaves_cleanly_and_nobody_waits(tmp_path):
+    with Swarm(tmp_path, f"leave-{os.getpid()}", ["--rounds", "0"]) as swarm:
+        peers = [swarm.start(f"p{i}", "--peer-id", f"p{i}", wait=False) for i in range(3)]
+        for p in peers:
+            p.wait_listening(60)
+        wait_until(lambda: len(consistent_rounds(peers)) >= 5, 60, "five rounds together", lambda: _logs(swarm))
+
+        # Execute: stop the leader while rounds are running
+        leaver, others = peers[0], peers[1:]
+        t0 = time.time()
+        leaver.signal(signal.SIGTERM)
+        assert leaver.proc.wait(10) == 0, leaver.tail()
+        stopped_s = time.time() - t0
+
+        # Assert: it said goodbye, checkpointed, and the others went on at once without it
+        assert stopped_s < 10
+        assert (tmp_path / "p0" / "checkpoint.bin").exists()
+        for p in others:
+            # Either its Leave RPC or its "leaving" answer to a JoinRound told them first.
+            wait_until(lambda p=p: re.search(r"peer left: p0 \((said goodbye|it is leaving)\)", p.log()), 10,
+                       "the goodbye", lambda: _logs(swarm))
+            assert "p0" not in p.status()["peers"]
+        after = wait_until(lambda: [t for t, r, k in _done_times(others[0].log()) if t > t0 and k == 2], 20,
+                           "a 2-peer round after the leave", lambda: _logs(swarm))
+        _report("SIGTERM of the leader", after[0] - t0)
+        assert after[0] - t0 < 10
+        check_invariant(swarm.peers)
