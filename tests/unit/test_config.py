@@ -91,3 +91,13 @@ def test_config_is_frozen():
     cfg = load_config({}, env={})
     with pytest.raises(AttributeError):
         cfg.sync.codec = "fp32"  # type: ignore[misc]
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    from peer.config import FIELDS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in FIELDS if name not in readme]
+    assert not missing, f"settings missing from README.md: {missing}"
