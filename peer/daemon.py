@@ -154,6 +154,7 @@ class Daemon:
         self.metrics_port = 0
         self._pending_handshakes: set[str] = set()
         self._refused_until: dict[str, float] = {}
+        self._ignored_seen: dict[str, int] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -379,6 +380,7 @@ class Daemon:
         not connected are retried here too."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
+            self._export_discovery_counts()
             for pid, k in list(self.known.items()):
                 self._spawn(self._ping(pid, k), f"ping-{pid}")
             # Peers we should know but do not: static ones that were down, and mDNS records whose
@@ -393,6 +395,16 @@ class Daemon:
                     continue  # refused recently: do not spam the log and the refusal counter
                 if address not in connected and address not in self._pending_handshakes:
                     self._spawn(self._handshake(address, hint, attempts=1), f"handshake-{address}")
+
+    def _export_discovery_counts(self) -> None:
+        """mDNS counts what it ignores; export the increase since the last heartbeat."""
+        if not self.cfg.net.mdns:
+            return
+        for reason, total in (("other_run", self.mdns.ignored_other_run), ("malformed", self.mdns.malformed)):
+            increase = total - self._ignored_seen.get(reason, 0)
+            if increase > 0:
+                self.metrics.discovery_ignored.labels(reason).inc(increase)
+                self._ignored_seen[reason] = total
 
     async def _ping(self, pid: str, k: Known) -> None:
         try:

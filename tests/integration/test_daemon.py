@@ -51,6 +51,9 @@ def test_three_peers_find_each_other_and_strangers_stay_out(tmp_path):
         assert {r["peer_id"] for r in listed} == ids
         assert other.peer_id not in {r["peer_id"] for r in listed}
         assert other.status()["peers"] == []
+        # ... and counted as ignored by the peers' discovery
+        wait_until(lambda: 'peer_discovery_ignored_total{reason="other_run"}' in _metrics(peers[0].metrics_port), 5,
+                   "the ignored run in the metrics")
         for p in peers:
             assert other.peer_id not in p.status()["peers"]
             assert f"peer joined: " in p.log()
