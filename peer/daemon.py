@@ -174,7 +174,10 @@ class Daemon:
             trainer = self._train_task = self._spawn(self._train_forever(), "train")
             stop = asyncio.ensure_future(self._stop_event.wait())
             await asyncio.wait({trainer, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
+            if trainer.done() and trainer.cancelled() and not self._stopping:
+                log.error("training was cancelled unexpectedly; stopping")
+                status = 1
+            elif trainer.done() and not trainer.cancelled() and trainer.exception() is not None:
                 log.error("training stopped: %r", trainer.exception(), exc_info=trainer.exception())
                 status = 1
             stop.cancel()
@@ -325,6 +328,16 @@ class Daemon:
         self.metrics.live_peers.set(len(self.known))
         log.info("peer left: %s (%s); %d peers", peer_id, why, len(self.known))
         self.matchmaker.peer_left(peer_id)
+        # Close its channel later, not now: closing a channel cancels the calls still in flight
+        # on it (a JoinRound or GetState of ours), which would surface as our own cancellation.
+        # Later, every call has met its deadline; with churn, channels to dead addresses would
+        # otherwise pile up.
+        self._spawn(self._forget_later(known.address), f"forget-{known.address}")
+
+    async def _forget_later(self, address: str) -> None:
+        await asyncio.sleep(self.cfg.timeouts.state_transfer_timeout_s + self.cfg.sync.reduce_deadline_s)
+        if address not in {k.address for k in self.known.values()}:
+            await self.client.forget(address)
 
     def _refused(self, exc: HandshakeRefused, who: str) -> None:
         self.metrics.handshake_refusals.labels(exc.reason).inc()
