@@ -83,6 +83,8 @@ class SyncConfig:
     reduce_deadline_s: float = 30.0
     # How long a peer waits for others to show up before training alone at start-up.
     startup_grace_s: float = 3.0
+    # Run each round while the next inner phase trains (one-step-delayed outer update).
+    overlap: bool = False
     # Write a checkpoint at most this often, in the background (0: only when stopping).
     checkpoint_interval_s: float = 30.0
 

@@ -658,43 +658,74 @@ class Daemon:
         return deadline
 
     async def _train_forever(self) -> None:
+        """Inner phase, round, inner phase, round, ... until stopped.
+
+        With ``overlap`` on, the round of one inner phase's delta runs while the next inner phase
+        trains (a one-step-delayed outer update, as in Streaming DiLoCo's overlapping
+        communication): each phase starts from the newest global parameters plus this peer's
+        own progress of the previous phase, and sends its own progress as its delta. The global
+        parameters are still changed only by averaged deltas, identically on every member.
+        """
         await self._startup_wait()
-        loop = asyncio.get_running_loop()
         await self._evaluate()
-        log.info("initial eval loss %.4f at round %d", self._eval.get("loss", math.nan), self.state.round)
-        while not self._stopping:
-            if self.cfg.run.rounds and self._completed >= self.cfg.run.rounds:
-                log.info("completed %d rounds; stopping", self._completed)
-                self.request_stop()
-                return
-            if self._ahead() > self.state.round:
-                await self._resync(self._ahead(), self.cfg.timeouts.state_transfer_timeout_s)
-                continue
-            rnd = self.state.round
-            await self.faults.at("inner", rnd)
-            self._phase = "inner"
-            t0 = time.monotonic()
-            start_params = self.state.params
-            result = await loop.run_in_executor(
-                self.train_pool, lambda: self.trainer.run_inner(
-                    start_params, self.settings.inner_steps, should_stop=lambda: self._stopping,
-                    on_step=self._on_step))
-            self.metrics.round_phase_seconds.labels("inner").observe(time.monotonic() - t0)
-            if self._stopping:
-                return
-            self._samples += result.samples
-            self.metrics.samples.inc(result.samples)
-            delta, weight = result.delta, float(result.samples)
-            if self.faults.nan(rnd):
-                delta = torch.full_like(delta, float("nan"))
-            if result.nonfinite or not torch.isfinite(delta).all():
-                self.metrics.nonfinite.inc()
-                log.error("round %d: inner phase produced NaN/Inf; withholding this peer's delta", rnd)
-                delta, weight = torch.zeros_like(delta), 0.0
-            else:
-                self._loss = result.mean_loss
-                self.metrics.train_loss.set(result.mean_loss)
-            await self._round(rnd, delta, weight)
+        log.info("initial eval loss %.4f at round %d%s", self._eval.get("loss", math.nan), self.state.round,
+                 " (overlapping rounds with inner phases)" if self.cfg.sync.overlap else "")
+        start = self.state.params
+        pending: asyncio.Task | None = None
+        try:
+            while not self._stopping:
+                if self.cfg.run.rounds and self._completed >= self.cfg.run.rounds:
+                    log.info("completed %d rounds; stopping", self._completed)
+                    self.request_stop()
+                    return
+                if pending is None and self._ahead() > self.state.round:
+                    await self._resync(self._ahead(), self.cfg.timeouts.state_transfer_timeout_s)
+                    start = self.state.params
+                    continue
+                rnd = self.state.round
+                await self.faults.at("inner", rnd)
+                inner = await self._inner_phase(rnd, start)
+                if inner is None:
+                    return
+                delta, weight = inner
+                if pending is not None:
+                    await pending  # the previous delta's round, which ran while this phase trained
+                    pending = None
+                if not self.cfg.sync.overlap:
+                    await self._round(self.state.round, delta, weight)
+                    start = self.state.params
+                    continue
+                # Re-base this phase's progress onto the newest global parameters.
+                start = self.state.params - delta
+                pending = self._spawn(self._round(self.state.round, delta, weight), "round")
+        finally:
+            if pending is not None and not pending.done():
+                # Stopping: give the round in flight its bounded time (see stop()).
+                await asyncio.wait({pending}, timeout=FINISH_ROUND_S)
+
+    async def _inner_phase(self, rnd: int, start: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """H inner steps from ``start`` on the trainer thread; return (delta, weight), or None when
+        stopping. A NaN/Inf phase yields a zero delta of weight 0 (withheld, counted, logged)."""
+        self._phase = "inner"
+        t0 = time.monotonic()
+        result = await asyncio.get_running_loop().run_in_executor(
+            self.train_pool, lambda: self.trainer.run_inner(
+                start, self.settings.inner_steps, should_stop=lambda: self._stopping, on_step=self._on_step))
+        self.metrics.round_phase_seconds.labels("inner").observe(time.monotonic() - t0)
+        if self._stopping:
+            return None
+        self._samples += result.samples
+        self.metrics.samples.inc(result.samples)
+        delta, weight = result.delta, float(result.samples)
+        if self.faults.nan(rnd):
+            delta = torch.full_like(delta, float("nan"))
+        if result.nonfinite or not torch.isfinite(delta).all():
+            self.metrics.nonfinite.inc()
+            log.error("round %d: inner phase produced NaN/Inf; withholding this peer's delta", rnd)
+            return torch.zeros_like(delta), 0.0
+        self._loss = result.mean_loss
+        self.metrics.train_loss.set(result.mean_loss)
+        return delta, weight
 
     async def _evaluate(self) -> None:
         params = self.state.params

@@ -127,3 +127,9 @@ def test_state_transfer_bench():
     # A state of N params is the params and the momentum in float32 plus a small header.
     assert 8 * 100000 < out["peer"]["bytes"] < 8 * 100000 + 4096
     assert out["peer"]["mb_per_s"] > 0 and out["raw"]["mb_per_s"] > 0 and out["ratio"] > 0
+
+
+def test_overlap_bench():
+    out = bench("overlap", "--task", "digits", "--peers", "2", "--H", "5", "--rounds", "3", timeout=240)
+    for key in ("plain_steps_s", "sequential_steps_s", "overlap_steps_s"):
+        assert out[key] > 0

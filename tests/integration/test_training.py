@@ -97,3 +97,19 @@ def test_a_bad_part_is_left_out_and_the_others_complete_the_round(tmp_path, faul
         wait_until(lambda: [r for r in consistent_rounds(peers) if r > 3], 60,
                    "a round after 3 completed by all three with equal hashes", lambda: _logs(swarm))
         assert all(p.alive() for p in peers)
+
+
+def test_overlapped_rounds_keep_the_invariant_and_learn(tmp_path):
+    with Swarm(tmp_path, f"overlap-{os.getpid()}", ["--overlap", "on", "--rounds", "8"]) as swarm:
+        peers = [swarm.start(f"p{i}", wait=False) for i in range(3)]
+        for p in peers:
+            p.wait_listening(60)
+        for p in peers:
+            assert p.proc.wait(120) == 0, _logs(swarm)
+        logs = [p.log() for p in peers]
+    assert all("overlapping rounds with inner phases" in log for log in logs)
+    # Every round completed by all three in one group, with the same parameters afterwards.
+    assert len(consistent_rounds(peers)) >= 6, _logs(swarm)
+    first_loss = float(re.search(r"initial eval loss ([0-9.]+)", logs[0])[1])
+    evals = [float(x) for x in re.findall(r"round \d+ done: .* eval ([0-9.]+)", logs[0])]
+    assert evals[-1] < first_loss - 0.2, (first_loss, evals)
