@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from peer.codec import CODEC_NAMES, get_codec
+from peer.codec import CODEC_NAMES, all_finite, get_codec
 from peer.config import Config
 from peer.discovery import CombinedDiscovery, MdnsDiscovery, StaticDiscovery
 from peer.discovery.base import PROTOCOL_VERSION, PeerEvent, parse_hostport
@@ -719,7 +719,7 @@ class Daemon:
         delta, weight = result.delta, float(result.samples)
         if self.faults.nan(rnd):
             delta = torch.full_like(delta, float("nan"))
-        if result.nonfinite or not torch.isfinite(delta).all():
+        if result.nonfinite or not all_finite(delta):
             self.metrics.nonfinite.inc()
             log.error("round %d: inner phase produced NaN/Inf; withholding this peer's delta", rnd)
             return torch.zeros_like(delta), 0.0

@@ -22,7 +22,7 @@ dominated by page faults on the fresh 40 MB output, hence its spread.
 
 from __future__ import annotations
 
-from peer.codec.base import MAX_NUMEL, Codec
+from peer.codec.base import MAX_NUMEL, Codec, all_finite
 from peer.codec.blockwise import Int4Codec, Int8Codec, Sign1Codec
 from peer.codec.feedback import ErrorFeedback
 from peer.codec.floats import Bf16Codec, Fp16Codec, Fp32Codec
@@ -53,6 +53,7 @@ def get_codec(name: str) -> Codec:
 
 
 __all__ = [
+    "all_finite",
     "CODEC_NAMES",
     "MAX_NUMEL",
     "Bf16Codec",

@@ -18,16 +18,18 @@ def outer_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(new_params, new_buf)``; inputs are not modified.
 
-    buf' = momentum * buf + g;  theta' = theta - lr * (g + momentum * buf')
+    buf' = g + momentum * buf;  theta' = theta - lr * (g + momentum * buf')
     All tensors are 1-D float32 CPU of equal length. Every peer runs the same sequence of
     float32 operations on the same bytes, so the result is bit-identical across peers.
     """
     if not (params.shape == grad.shape == momentum_buf.shape):
         raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
                          f"buf {tuple(momentum_buf.shape)}")
-    buf = momentum_buf.mul(momentum).add_(grad)
-    update = grad.add(buf, alpha=momentum)
-    new_params = params.sub(update, alpha=lr)
+    # Two fresh tensors instead of three: at 10M parameters each allocation costs more page
+    # faults than its arithmetic.
+    buf = torch.add(grad, momentum_buf, alpha=momentum)
+    new_params = torch.add(grad, buf, alpha=momentum)          # the Nesterov update ...
+    new_params.mul_(-lr).add_(params)                          # ... becomes theta - lr * update
     return new_params, buf
 
 

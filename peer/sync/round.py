@@ -34,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from peer.codec import Codec, ErrorFeedback, get_codec
+from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.faults import FaultPlan, corrupt_bytes
 from peer.sync.aggregate import weighted_mean
@@ -261,7 +261,7 @@ class OwnedShard:
             raise RoundError("corrupt", f"part from {peer_id} does not decode: {exc}") from None
         finally:
             self._pending -= 1
-        if not torch.isfinite(part).all():
+        if not all_finite(part):
             raise RoundError("nonfinite", f"part from {peer_id} holds NaN or Inf")
         if self.result.done():
             raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")

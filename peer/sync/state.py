@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from peer.codec import all_finite
 from peer.errors import StateError
 from peer.sync.outer import tensor_sha256
 
@@ -92,7 +93,7 @@ def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dic
     state = GlobalState(round=rnd, params=params, momentum=momentum)
     if state.global_hash != want_hash:
         raise StateError("state parameters do not match the hash in their header")
-    if not (torch.isfinite(params).all() and torch.isfinite(momentum).all()):
+    if not (all_finite(params) and all_finite(momentum)):
         raise StateError("state holds NaN or Inf")
     return state, tensors
 
