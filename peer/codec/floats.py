@@ -47,22 +47,37 @@ class Fp32Codec(Codec):
         return torch.from_numpy(values)
 
 
-class Fp16Codec(Codec):
-    """IEEE half precision; values beyond +-65504 are clamped to it (never sent as infinity)."""
+class _HalfWidthCodec(Codec):
+    """A 16-bit float format: 2 bytes a value, clamped to ``max_value``, round to nearest.
 
-    name = "fp16"
+    Subclasses set ``max_value``, ``relative_error`` (half an ulp, relative, for normals) and
+    ``subnormal_error`` (half the smallest subnormal) and implement the conversions.
+    """
+
     bits_per_value = 16.0
     lossy = True
+    max_value: float
+    relative_error: float
+    subnormal_error: float
 
     def encoded_size(self, numel: int) -> int:
         return 2 * check_numel(numel)
 
     def error_bound(self, x: torch.Tensor) -> float:
         amax = abs_max(x)
-        clamp_error = max(amax - _FP16_MAX, 0.0)
-        # Round to nearest: relative 2**-11 for normals, half the smallest subnormal (2**-25) below.
-        rounding = min(amax, _FP16_MAX) * 2.0**-11 + 2.0**-25
+        clamp_error = max(amax - self.max_value, 0.0)
+        rounding = min(amax, self.max_value) * self.relative_error + self.subnormal_error
         return (clamp_error + rounding) * (1 + 2.0**-40)
+
+
+class Fp16Codec(_HalfWidthCodec):
+    """IEEE half precision; values beyond +-65504 are clamped to it (never sent as infinity)."""
+
+    name = "fp16"
+    max_value = _FP16_MAX
+    # Round to nearest: relative 2**-11 for normals, half the smallest subnormal (2**-25) below.
+    relative_error = 2.0**-11
+    subnormal_error = 2.0**-25
 
     def _encode(self, x: torch.Tensor) -> bytes:
         amax = _reject_non_finite(self.name, x)
@@ -77,22 +92,14 @@ class Fp16Codec(Codec):
         return torch.from_numpy(halves).view(torch.float16).to(torch.float32)
 
 
-class Bf16Codec(Codec):
+class Bf16Codec(_HalfWidthCodec):
     """bfloat16 (torch's round-to-nearest-even cast); float32 range, 8 significant bits."""
 
     name = "bf16"
-    bits_per_value = 16.0
-    lossy = True
-
-    def encoded_size(self, numel: int) -> int:
-        return 2 * check_numel(numel)
-
-    def error_bound(self, x: torch.Tensor) -> float:
-        amax = abs_max(x)
-        clamp_error = max(amax - _BF16_MAX, 0.0)
-        # Relative 2**-8 for normals; half the smallest bf16 subnormal (2**-134) below.
-        rounding = min(amax, _BF16_MAX) * 2.0**-8 + 2.0**-134
-        return (clamp_error + rounding) * (1 + 2.0**-40)
+    max_value = _BF16_MAX
+    # Relative 2**-8 for normals; half the smallest bf16 subnormal (2**-134) below.
+    relative_error = 2.0**-8
+    subnormal_error = 2.0**-134
 
     def _encode(self, x: torch.Tensor) -> bytes:
         amax = _reject_non_finite(self.name, x)
