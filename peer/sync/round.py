@@ -387,18 +387,19 @@ class Reducer:
         deadline = started + group.reduce_deadline_s
         ef = self._feedback(codec, delta.numel())
 
-        def encode_all() -> list[bytes]:
+        def encode_all() -> tuple[list[bytes], torch.Tensor | None]:
             # Error feedback runs over the whole delta, then it is cut into the members' shards.
             if ef is None:
-                return [codec.encode(delta[m.shard_start:m.shard_end]) for m in group.members]
+                return [codec.encode(delta[m.shard_start:m.shard_end]) for m in group.members], None
             compensated = delta + ef.residual
             payloads = [codec.encode(compensated[m.shard_start:m.shard_end]) for m in group.members]
             decoded = torch.cat([codec.decode(p, m.shard_end - m.shard_start)
                                  for p, m in zip(payloads, group.members)])
-            ef.residual.copy_(compensated - decoded)
-            return payloads
+            # The new residual is kept only if the round completes: a failed round applied
+            # nothing, so the error of its encoding must not be fed back either.
+            return payloads, compensated.sub_(decoded)
 
-        payloads = await loop.run_in_executor(self._executor, encode_all)
+        payloads, residual = await loop.run_in_executor(self._executor, encode_all)
         stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
         # The owner stops waiting for parts halfway to the deadline, so that its answer
         # reaches every member before their own deadline.
@@ -441,6 +442,8 @@ class Reducer:
                 return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
 
             avg = await loop.run_in_executor(self._executor, decode_all)
+            if ef is not None and residual is not None:
+                ef.residual.copy_(residual)
             return avg, stats
         finally:
             # Give streams that still want our shard's answer a moment, then drop it.

@@ -159,3 +159,28 @@ async def test_a_withheld_delta_weight_zero_is_left_out_but_its_peer_stays_in_sy
     avgs = [a for a, _ in results]
     assert all(torch.equal(avgs[0], a) for a in avgs)
     assert torch.allclose(avgs[0], torch.full((300,), 2.5))
+
+
+async def test_error_feedback_residual_is_kept_only_when_the_round_completes():
+    # Prepare: sign1 with error feedback, 3 peers
+    net = _swarm(3, 300, "sign1")
+    for n in net.values():
+        n.reducer._use_ef = True
+    gen = torch.Generator().manual_seed(3)
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replace(replies[0].group, reduce_deadline_s=1.0)
+    deltas = {p: torch.randn(300, generator=gen) for p in net}
+    # Execute 1: a completed round leaves a non-zero residual
+    await asyncio.gather(*(n.reducer.run(group, deltas[p], 1.0) for p, n in net.items()))
+    kept = net["p0"].reducer._ef.residual.clone()
+    assert kept.abs().sum() > 0
+    # Execute 2: a failed round (owner p2 gone) leaves the residual as it was
+    for n in net.values():
+        n.round = 1
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    failed = replace(replies[0].group, reduce_deadline_s=1.0)
+    net["p2"].down = True
+    with pytest.raises(RoundError):
+        await net["p0"].reducer.run(failed, torch.randn(300, generator=gen), 1.0)
+    # Assert
+    assert torch.equal(net["p0"].reducer._ef.residual, kept)
