@@ -15,13 +15,11 @@ round (read from its log timestamps); eval off, checkpoints at the default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 

@@ -82,10 +82,11 @@ def _run(args: argparse.Namespace) -> int:
         cli["faults"] = args.faults
     cfg = load_config(cli, config_file=args.config)
     _setup_logging(cfg.run.log_level)
+    # Before torch is imported, so that OpenMP starts with this many threads; InnerTrainer sets
+    # torch's own count.
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.threads))
-    from peer.daemon import run_daemon, set_torch_threads
+    from peer.daemon import run_daemon
 
-    set_torch_threads(cfg.train.threads)
     try:
         import uvloop
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import hashlib
 import secrets
 import threading
@@ -28,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from peer.codec import CODEC_NAMES, all_finite, get_codec
 from peer.config import Config
 from peer.discovery import CombinedDiscovery, MdnsDiscovery, StaticDiscovery
-from peer.discovery.base import PROTOCOL_VERSION, PeerEvent, parse_hostport
+from peer.discovery.base import PROTOCOL_VERSION, PeerEvent
 from peer.errors import ConfigError, HandshakeRefused, PeerError, PeerUnavailable, RoundError, StateError
 from peer.faults import FaultPlan
 from peer.metrics import Exporter, Metrics, sd_group
@@ -892,8 +891,3 @@ async def run_daemon(cfg: Config) -> int:
     daemon = Daemon(cfg)
     install_signal_handlers(daemon)
     return await daemon.run()
-
-
-def set_torch_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))

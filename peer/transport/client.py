@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import zlib
 from collections.abc import Callable
 
 import grpc
@@ -19,7 +18,7 @@ from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
 from peer.transport.server import MAX_MESSAGE_BYTES
-from peer.transport.streams import assemble, next_message, split
+from peer.transport.streams import assemble, crc32, next_message, split
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 _UNAVAILABLE = {
@@ -139,7 +138,7 @@ class GrpcPeerClient:
                 raise RoundError("oversized", f"{address} announced {reply.total_bytes} bytes for "
                                  f"{header.numel} elements")
             result = await assemble(it, reply.total_bytes, self._idle, f"averaged shard from {address}")
-            if zlib.crc32(result) & 0xFFFFFFFF != reply.crc32:
+            if crc32(result) != reply.crc32:
                 raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
             await writer
             return reply, result

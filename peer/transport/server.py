@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -17,7 +16,7 @@ from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.streams import assemble, next_message, split
+from peer.transport.streams import assemble, crc32, next_message, split
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
                 raise RoundError("bad_size", f"{header.peer_id} announced {header.total_bytes} bytes for shard "
                                  f"{header.shard_start}-{header.shard_end}; {header.codec} needs {expected}")
             payload = await assemble(request_iterator.__aiter__(), expected, idle, f"reduce part from {header.peer_id}")
-            if _crc32(payload) != header.crc32:
+            if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
         except RoundError as exc:
@@ -123,10 +122,6 @@ def observed_host(peer: str) -> str:
     if kind == "ipv6":
         return rest.rsplit(":", 1)[0]  # keeps the brackets, ready for host:port
     return ""
-
-
-def _crc32(data: bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 class PeerServer:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator, Iterator
 
 from peer.errors import RoundError
 from peer.transport.gen import peer_pb2 as pb
 
 MAX_CHUNK_BYTES = 1 << 20
+
+
+def crc32(data: bytes | bytearray | memoryview) -> int:
+    """Unsigned crc32, as carried in ReduceHeader.crc32."""
+    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 def split(payload: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:

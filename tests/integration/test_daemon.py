@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from tests.integration._peers import Swarm, wait_until
 
@@ -56,7 +55,7 @@ def test_three_peers_find_each_other_and_strangers_stay_out(tmp_path):
                    "the ignored run in the metrics")
         for p in peers:
             assert other.peer_id not in p.status()["peers"]
-            assert f"peer joined: " in p.log()
+            assert "peer joined: " in p.log()
 
 
 def test_a_different_model_is_refused_with_a_clear_message(tmp_path):

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
