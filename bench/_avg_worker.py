@@ -55,9 +55,9 @@ class PeerWorker:
         self.d = Daemon(cfg)
         await self.d.start()
         deadline = time.monotonic() + 60
-        while len(self.d.known) < a.peers - 1:
+        while len(self.d.membership.known) < a.peers - 1:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"knows {len(self.d.known)} of {a.peers - 1} peers after 60 s")
+                raise TimeoutError(f"knows {len(self.d.membership.known)} of {a.peers - 1} peers after 60 s")
             await asyncio.sleep(0.05)
         from bench.common import wait_channels
 
@@ -79,13 +79,13 @@ class PeerWorker:
         a = self.a
         mine = delta(a.seed, a.rank, r, a.params)
         exact, bound_in = _exact_and_bound(a.seed, a.peers, r, a.params, self.codec)
-        tx0, b0 = read_tx_bytes(a.iface), self.d._bytes_sent
+        tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
         t0 = time.perf_counter()
         avg = await self.d.round_once(mine, 1.0)
         seconds = time.perf_counter() - t0
         tx1 = read_tx_bytes(a.iface)
-        out = {"seconds": seconds, "bytes_sent": self.d._bytes_sent - b0,
+        out = {"seconds": seconds, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
                "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
         out.update({f"{p}_s": self._phase(p) - v for p, v in phases0.items()})
         if avg is not None:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         d = st["d"] = Daemon(cfg)
         await d.start()
         deadline = time.monotonic() + 60
-        while len(d.known) < a.peers - 1:
+        while len(d.membership.known) < a.peers - 1:
             if time.monotonic() > deadline:
                 raise TimeoutError("peers did not show up in 60 s")
             await asyncio.sleep(0.05)

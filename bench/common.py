@@ -65,7 +65,7 @@ async def wait_channels(d, timeout_s: float = 30.0) -> None:
     from peer.errors import PeerError
 
     deadline = time.monotonic() + timeout_s
-    for k in list(d.known.values()):
+    for k in list(d.membership.known.values()):
         while True:
             try:
                 await d.client.status(k.address, 2.0)

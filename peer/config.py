@@ -79,7 +79,8 @@ class SyncConfig:
     chunk_bytes: int = 1 << 20
     # Leader's wait for the known peers to join a round, counted from the first join.
     matchmaking_timeout_s: float = 10.0
-    # Lower bound of the all-reduce deadline; the deadline adapts to observed round times.
+    # Upper bound (cap) of the all-reduce deadline; below it the deadline adapts to observed
+    # round times (see deadline_factor).
     reduce_deadline_s: float = 30.0
     # How long a peer waits for others to show up before training alone at start-up.
     startup_grace_s: float = 3.0
@@ -87,6 +88,14 @@ class SyncConfig:
     overlap: bool = False
     # Write a checkpoint at most this often, in the background (0: only when stopping).
     checkpoint_interval_s: float = 30.0
+    # Adaptive deadlines: factor x the smoothed observed time + margin, capped by the settings
+    # above; smoothing is the weight of the newest observation.
+    deadline_factor: float = 4.0
+    deadline_margin_s: float = 1.0
+    deadline_smoothing: float = 0.3
+    # An owner stops waiting for parts at this share of the all-reduce deadline, so that its
+    # answer reaches every member before their own deadline.
+    owner_cutoff_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,17 @@ class TimeoutConfig:
     state_transfer_timeout_s: float = 120.0
     # SIGTERM to exit; must stay below systemd's TimeoutStopSec and the 10 s promise.
     stop_grace_s: float = 8.0
+    # Membership: a peer is pinged every heartbeat_interval_s and dropped after
+    # heartbeat_misses unanswered pings (kill -9 sends no goodbye).
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 3
+    # On SIGTERM in the middle of a round, wait at most this long for the round to end.
+    finish_round_grace_s: float = 4.0
+    # A peer that refused our handshake is not asked again for this long.
+    refusal_backoff_s: float = 30.0
+    # A call that found no connection waits this long for one before the peer counts as gone
+    # (its channel may be in reconnect backoff from before the peer listened).
+    reconnect_wait_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,31 @@ class Config:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     # Fault-injection plan for tests (see peer.faults); never set in production.
     faults: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The training settings in effect: the task's defaults merged with the user's overrides."""
+
+    inner_steps: int
+    batch_size: int
+    inner_lr: float
+    outer_lr: float
+    outer_momentum: float
+
+
+def resolve_settings(cfg: Config, defaults: Any) -> Settings:
+    """``defaults``: the task's own (``Task.defaults``); a setting left at None takes it."""
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return Settings(
+        inner_steps=pick(cfg.train.inner_steps, defaults.inner_steps),
+        batch_size=pick(cfg.train.batch_size, defaults.batch_size),
+        inner_lr=pick(cfg.train.inner_lr, defaults.inner_lr),
+        outer_lr=pick(cfg.sync.outer_lr, defaults.outer_lr),
+        outer_momentum=pick(cfg.sync.outer_momentum, defaults.outer_momentum),
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -271,8 +316,13 @@ def validate(cfg: Config) -> None:
         (cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
          "device must be auto, cpu or cuda[:N]"),
     ]
-    for name in ("matchmaking_timeout_s", "reduce_deadline_s"):
+    for name in ("matchmaking_timeout_s", "reduce_deadline_s", "deadline_factor"):
         checks.append((getattr(cfg.sync, name) > 0, f"{name} must be > 0"))
+    checks += [
+        (cfg.sync.deadline_margin_s >= 0, "deadline_margin_s must be >= 0"),
+        (0 < cfg.sync.deadline_smoothing <= 1, "deadline_smoothing must be in (0, 1]"),
+        (0 < cfg.sync.owner_cutoff_share < 1, "owner_cutoff_share must be in (0, 1)"),
+    ]
     for f in dataclasses.fields(TimeoutConfig):
         checks.append((getattr(cfg.timeouts, f.name) > 0, f"{f.name} must be > 0"))
     for ok, message in checks:

@@ -9,6 +9,10 @@ A plan is a comma-separated list of ``action@round[:phase]`` entries, set with `
   wrong_size   send parts of the wrong size (header and crc consistent with the wrong size)
   nan          make this peer's delta of ``round`` NaN (it must be withheld, not sent)
 
+The daemon wires a plan in through hooks, so the round code never imports this module: the
+phase hook (``FaultPlan.at``), a ``PeerClient`` wrapper (``FaultyClient``), the transport's
+tamper hook (``FaultPlan.tamper``) and an inner-phase wrapper (``FaultyInner``).
+
 Phases: ``inner`` (before the inner phase), ``join`` (before group formation), ``reduce`` (after
 the group formed, before parts are sent), ``owner`` (after this peer's owned shard was averaged,
 before answering), ``outer`` (before the outer step), ``serve_state`` (while serving GetState).
@@ -21,7 +25,10 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
 
 from peer.errors import ConfigError
 
@@ -70,14 +77,56 @@ class FaultPlan:
             log.warning("fault injection: stall at round %d phase %s", rnd, phase)
             await asyncio.Event().wait()
 
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def tamper(self, header: Any, payload: bytes) -> bytes:
+        """The transport's tamper hook: flip a byte of parts sent in a ``corrupt`` round."""
+        return corrupt_bytes(payload) if self._match("corrupt", header.round) else payload
+
     def wrong_size(self, rnd: int) -> bool:
         return self._match("wrong_size", rnd)
 
-    def corrupt(self, rnd: int) -> bool:
-        return self._match("corrupt", rnd)
-
     def nan(self, rnd: int) -> bool:
         return self._match("nan", rnd)
+
+
+class FaultyClient:
+    """A ``PeerClient`` that sends parts of the wrong size in ``wrong_size`` rounds (the
+    transport frames and checksums them consistently, so only the size is wrong)."""
+
+    def __init__(self, inner: Any, plan: FaultPlan) -> None:
+        self._inner = inner
+        self._plan = plan
+
+    async def join_round(self, address, req, timeout_s):
+        return await self._inner.join_round(address, req, timeout_s)
+
+    async def reduce(self, address, header, payload, timeout_s):
+        if self._plan.wrong_size(header.round):
+            payload = payload[: len(payload) // 2]
+            header = replace(header, total_bytes=len(payload))
+        return await self._inner.reduce(address, header, payload, timeout_s)
+
+    async def get_state(self, address, run_id, peer_id, schema_hash, timeout_s):
+        return await self._inner.get_state(address, run_id, peer_id, schema_hash, timeout_s)
+
+
+class FaultyInner:
+    """An inner phase whose delta turns NaN in ``nan`` rounds (it must be withheld)."""
+
+    def __init__(self, inner: Any, plan: FaultPlan) -> None:
+        self._inner = inner
+        self._plan = plan
+
+    async def run(self, rnd, start, should_stop):
+        result = await self._inner.run(rnd, start, should_stop)
+        if result is not None and self._plan.nan(rnd):
+            result = replace(result, delta=torch.full_like(result.delta, float("nan")))
+        return result
+
+    async def evaluate(self, params):
+        return await self._inner.evaluate(params)
 
 
 def corrupt_bytes(payload: bytes) -> bytes:

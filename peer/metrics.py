@@ -103,7 +103,9 @@ class Exporter:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Blocks until the HTTP thread ended (up to 5 s): call it off the event loop."""
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
 

@@ -7,7 +7,10 @@ sees generated code.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+"""Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class ReduceHeader:
     codec: str
     numel: int
     total_bytes: int
-    crc32: int
+    crc32: int = 0  # of the payload; filled in and checked by the transport
     weight: float = 0.0
     contributors: int = 0
 
@@ -126,12 +129,3 @@ class StateHeader:
     total_bytes: int
     sha256: str
     format: str
-
-
-@dataclass
-class Traffic:
-    """Bytes moved by one operation, for metrics (mutable accumulator)."""
-
-    sent: int = 0
-    received: int = 0
-    by_codec: dict[str, int] = field(default_factory=dict)

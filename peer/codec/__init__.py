@@ -36,11 +36,6 @@ _REGISTRY: dict[str, Codec] = {
 CODEC_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def codec_names() -> tuple[str, ...]:
-    """The wire names of every codec, in registry order."""
-    return CODEC_NAMES
-
-
 def get_codec(name: str) -> Codec:
     """The default-configured codec for a wire name.
 
@@ -64,6 +59,5 @@ __all__ = [
     "Int4Codec",
     "Int8Codec",
     "Sign1Codec",
-    "codec_names",
     "get_codec",
 ]

@@ -39,16 +39,31 @@ class ErrorFeedback:
         Raises ``CodecError`` for a tensor of the wrong size (or anything ``codec.encode``
         refuses); the residual is unchanged then.
         """
+        (data,), residual = self.encode_shards(x, [(0, self._numel)])
+        self.commit(residual)
+        return data
+
+    def encode_shards(self, x: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[list[bytes], torch.Tensor]:
+        """Encode ``x`` plus the residual, cut into the contiguous shards ``bounds``.
+
+        Returns the payloads and the residual these payloads would leave; it is kept only by
+        ``commit`` (a round that fails applied nothing, so its encoding error must not be fed
+        back). Raises ``CodecError`` for a tensor of the wrong size.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.numel() != self._numel:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise CodecError(f"error feedback expects {self._numel} elements, got {shape}")
         if not self._codec.lossy:
-            return self._codec.encode(x)
-        corrected = x.to(torch.float32) + self._residual
-        data = self._codec.encode(corrected)
-        corrected.sub_(self._codec.decode(data, self._numel))
-        self._residual = corrected
-        return data
+            return [self._codec.encode(x[s:e]) for s, e in bounds], self._residual
+        corrected = x.to(torch.float32) + self._residual  # a new tensor: x is the caller's
+        payloads = [self._codec.encode(corrected[s:e]) for s, e in bounds]
+        for (s, e), data in zip(bounds, payloads):
+            corrected[s:e].sub_(self._codec.decode(data, e - s))
+        return payloads, corrected
+
+    def commit(self, residual: torch.Tensor) -> None:
+        """Keep ``residual`` (from ``encode_shards``) for the next message."""
+        self._residual = residual
 
     def reset(self) -> None:
         """Forget the residual (after a resync, when the carried error no longer applies)."""

@@ -59,6 +59,10 @@ class CombinedDiscovery:
         self._pumps: set[asyncio.Task[None]] = set()
         self._started: list[Discovery] = []
 
+    def add(self, source: Discovery) -> None:
+        """Add a source; only before ``start``."""
+        self._sources.append(source)
+
     async def start(self) -> None:
         """Start all sources concurrently; if one fails, stop those that started and re-raise."""
         for source in self._sources:

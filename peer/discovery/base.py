@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from peer.types import PROTOCOL_VERSION
+
 SERVICE_TYPE = "_peer-train._tcp.local."
 """The DNS-SD service type every peer registers and browses."""
 
-PROTOCOL_VERSION = 1
-"""Version of the peer wire protocol; announced in TXT and checked again by the handshake."""
 
 STATIC_PREFIX = "static:"
 """Prefix of the provisional peer id of a static peer (its identity is learnt by handshake)."""

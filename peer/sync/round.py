@@ -25,18 +25,23 @@ import asyncio
 import logging
 import time
 import uuid
-import zlib
 from collections import Counter as Tally
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+PhaseHook = Callable[[str, int], Awaitable[None]]
+"""``await hook(phase, round)`` at the named points of a round (a seam for fault injection)."""
+
+
+async def no_hook(phase: str, rnd: int) -> None:
+    """The default phase hook: nothing happens."""
 
 import torch
 
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
-from peer.faults import FaultPlan, corrupt_bytes
 from peer.sync.aggregate import weighted_mean
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
@@ -45,7 +50,8 @@ log = logging.getLogger(__name__)
 
 class PeerClient(Protocol):
     """What the round logic needs from the network. Every call is bounded by ``timeout_s``;
-    failures to reach a peer raise ``PeerUnavailable``; a peer's refusal raises ``RoundError``."""
+    failures to reach a peer raise ``PeerUnavailable``; a peer's refusal raises ``RoundError``.
+    The transport frames payloads and fills in ``ReduceHeader.total_bytes`` and ``crc32``."""
 
     async def join_round(self, address: str, req: JoinRequest, timeout_s: float) -> JoinReply: ...
 
@@ -67,10 +73,6 @@ def shard_bounds(numel: int, k: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
-
-
-def crc32(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 @dataclass
@@ -355,7 +357,8 @@ class Reducer:
         registry: ShardRegistry,
         executor: Executor,
         error_feedback: bool,
-        faults: FaultPlan | None = None,
+        owner_cutoff_share: float = 0.5,
+        phase_hook: PhaseHook = no_hook,
     ) -> None:
         self._me = peer_id
         self._run_id = run_id
@@ -364,7 +367,18 @@ class Reducer:
         self._executor = executor
         self._use_ef = error_feedback
         self._ef: ErrorFeedback | None = None
-        self._faults = faults or FaultPlan()
+        self._cutoff_share = owner_cutoff_share
+        self._hook = phase_hook
+
+    @property
+    def feedback(self) -> ErrorFeedback | None:
+        """The error-feedback state (None until a lossy round ran with error feedback on)."""
+        return self._ef
+
+    def reset_feedback(self) -> None:
+        """Forget the carried error (after a resync: it belonged to parameters we left)."""
+        if self._ef is not None:
+            self._ef.reset()
 
     def _feedback(self, codec: Codec, numel: int) -> ErrorFeedback | None:
         if not (self._use_ef and codec.lossy):
@@ -386,27 +400,22 @@ class Reducer:
         started = time.monotonic()
         deadline = started + group.reduce_deadline_s
         ef = self._feedback(codec, delta.numel())
+        bounds = [(m.shard_start, m.shard_end) for m in group.members]
 
         def encode_all() -> tuple[list[bytes], torch.Tensor | None]:
             # Error feedback runs over the whole delta, then it is cut into the members' shards.
             if ef is None:
-                return [codec.encode(delta[m.shard_start:m.shard_end]) for m in group.members], None
-            compensated = delta + ef.residual
-            payloads = [codec.encode(compensated[m.shard_start:m.shard_end]) for m in group.members]
-            decoded = torch.cat([codec.decode(p, m.shard_end - m.shard_start)
-                                 for p, m in zip(payloads, group.members)])
-            # The new residual is kept only if the round completes: a failed round applied
-            # nothing, so the error of its encoding must not be fed back either.
-            return payloads, compensated.sub_(decoded)
+                return [codec.encode(delta[s:e]) for s, e in bounds], None
+            return ef.encode_shards(delta, bounds)
 
         payloads, residual = await loop.run_in_executor(self._executor, encode_all)
         stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
-        # The owner stops waiting for parts halfway to the deadline, so that its answer
+        # The owner stops waiting for parts at a share of the deadline, so that its answer
         # reaches every member before their own deadline.
-        owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s / 2)
+        owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s * self._cutoff_share)
         self._registry.put(owned)
         try:
-            await self._faults.at("reduce", group.round)
+            await self._hook("reduce", group.round)
             own_part = payloads[group.members.index(me)]
             tasks: dict[str, asyncio.Task] = {}
             async with asyncio.TaskGroup() as tg:
@@ -414,15 +423,10 @@ class Reducer:
                 for m, payload in zip(group.members, payloads):
                     if m.peer_id == self._me:
                         continue
-                    if self._faults.wrong_size(group.round):
-                        payload = payload[: len(payload) // 2]
                     header = ReduceHeader(
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
                         shard_start=m.shard_start, shard_end=m.shard_end, codec=codec.name,
-                        numel=m.shard_end - m.shard_start, total_bytes=len(payload), crc32=crc32(payload),
-                        weight=weight)
-                    if self._faults.corrupt(group.round):
-                        payload = corrupt_bytes(payload)
+                        numel=m.shard_end - m.shard_start, total_bytes=len(payload), weight=weight)
                     tasks[m.peer_id] = tg.create_task(self._send(m, header, payload, deadline, stats))
             results: list[tuple[Member, bytes]] = []
             missing = []
@@ -443,7 +447,7 @@ class Reducer:
 
             avg = await loop.run_in_executor(self._executor, decode_all)
             if ef is not None and residual is not None:
-                ef.residual.copy_(residual)
+                ef.commit(residual)
             return avg, stats
         finally:
             # Give streams that still want our shard's answer a moment, then drop it.
@@ -472,3 +476,61 @@ class Reducer:
         if (reply.shard_start, reply.shard_end, reply.codec) != (m.shard_start, m.shard_end, header.codec):
             return RoundError("bad_reply", f"owner {m.peer_id} answered for another shard")
         return result, reply.contributors
+
+
+Traffic = Callable[[str, int, int], None]
+"""``traffic(codec, sent_bytes, received_bytes)``: payload bytes moved, for metrics."""
+
+
+class ReduceOwner:
+    """The owner side of Reduce as the service sees it: accept a header (and learn the exact
+    payload size to expect), then contribute the part and get the averaged shard to answer
+    with. Loop-only. Framing and checksums are the transport's; this checks the claims."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        peer_id: str,
+        registry: ShardRegistry,
+        group_wait_s: float,
+        on_rejected: Callable[[ReduceHeader | None, RoundError], None],
+        traffic: Traffic,
+        phase_hook: PhaseHook = no_hook,
+    ) -> None:
+        self._run_id = run_id
+        self._me = peer_id
+        self._registry = registry
+        self._wait_s = group_wait_s
+        self._on_rejected = on_rejected
+        self._traffic = traffic
+        self._hook = phase_hook
+
+    async def expect(self, header: ReduceHeader) -> int:
+        """Validate ``header`` against the group this peer owns a shard of; return the exact
+        payload size. Raises RoundError (with a metric reason)."""
+        if header.run_id != self._run_id:
+            raise RoundError("not_member", f"run {header.run_id!r} is not this run")
+        owned = await self._registry.get(header.group_id, self._wait_s)
+        if (header.shard_start, header.shard_end) != (owned.me.shard_start, owned.me.shard_end):
+            raise RoundError("bad_shard", f"{header.peer_id} sent shard {header.shard_start}-{header.shard_end}; "
+                             f"this peer owns {owned.me.shard_start}-{owned.me.shard_end}")
+        if header.codec != owned.group.codec or header.numel != owned.numel or header.round != owned.group.round:
+            raise RoundError("malformed", f"{header.peer_id}: codec/size/round do not match group "
+                             f"{owned.group.group_id}")
+        return get_codec(header.codec).encoded_size(owned.numel)
+
+    async def contribute(self, header: ReduceHeader, payload: bytes) -> tuple[ReduceHeader, bytes]:
+        """Add a member's part (a refused part is left out, reported to ``on_rejected``; its
+        sender still gets the average and stays in sync); return the averaged shard."""
+        owned = await self._registry.get(header.group_id, self._wait_s)
+        self._traffic(header.codec, 0, len(payload))
+        try:
+            await owned.add(header.peer_id, header.weight, payload)
+        except RoundError as exc:
+            self._on_rejected(header, exc)
+        await self._hook("owner", header.round)
+        result, contributors = await asyncio.shield(owned.result)
+        self._traffic(header.codec, len(result), 0)
+        reply = replace(header, peer_id=self._me, total_bytes=len(result), contributors=contributors, weight=0.0)
+        return reply, result

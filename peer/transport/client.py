@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 
@@ -27,20 +28,25 @@ _UNAVAILABLE = {
 }
 
 ErrorHook = Callable[[str, str], None]
-
-# How long a call that found no connection waits for one before the peer counts as gone.
-RECONNECT_WAIT_S = 2.0
+Tamper = Callable[[ReduceHeader, bytes], bytes]
 
 
 class GrpcPeerClient:
-    """Channels are cached per address and closed by ``close()``. Loop-only."""
+    """Channels are cached per address and closed by ``close()``. Loop-only.
+
+    ``reconnect_wait_s``: how long a call that found no connection waits for one before the
+    peer counts as gone. ``tamper`` (fault injection, tests only) may change each outgoing
+    Reduce payload after its checksum was computed, as a broken link would.
+    """
 
     def __init__(self, *, chunk_bytes: int, chunk_idle_timeout_s: float, on_error: ErrorHook | None = None,
-                 max_state_bytes: int = 1 << 34) -> None:
+                 max_state_bytes: int = 1 << 34, reconnect_wait_s: float = 2.0, tamper: Tamper | None = None) -> None:
         self._chunk_bytes = chunk_bytes
         self._idle = chunk_idle_timeout_s
         self._on_error = on_error or (lambda method, code: None)
         self._max_state_bytes = max_state_bytes
+        self._reconnect_wait_s = reconnect_wait_s
+        self._tamper = tamper
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
@@ -106,7 +112,7 @@ class GrpcPeerClient:
                     raise
                 # The channel may still be in reconnect backoff from before the peer listened
                 # (or restarted): wait for it to connect, briefly, before calling the peer gone.
-                retry_s = min(RECONNECT_WAIT_S, deadline - loop.time())
+                retry_s = min(self._reconnect_wait_s, deadline - loop.time())
                 if retry_s <= 0:
                     raise
                 reply = await self._stub(address).JoinRound(request, timeout=retry_s, wait_for_ready=True)
@@ -119,6 +125,9 @@ class GrpcPeerClient:
     ) -> tuple[ReduceHeader, bytes]:
         # wait_for_ready: an owner whose channel is in reconnect backoff is not gone; the
         # deadline still bounds the wait for one that is.
+        header = replace(header, total_bytes=len(payload), crc32=crc32(payload))
+        if self._tamper is not None:
+            payload = self._tamper(header, payload)
         call = self._stub(address).Reduce(timeout=timeout_s, wait_for_ready=True)
 
         async def send() -> None:

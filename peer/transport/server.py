@@ -5,9 +5,9 @@ Domain errors (``PeerError`` children) are mapped to gRPC status codes here and 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Protocol
 
 import grpc
@@ -16,7 +16,7 @@ from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.streams import assemble, crc32, next_message, split
+from peer.transport.streams import MAX_CHUNK_BYTES, assemble, crc32, next_message, split
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,8 @@ _CODES = {
 
 
 class Handler(Protocol):
-    """What the server needs from the daemon. Called on the event loop."""
-
-    chunk_bytes: int
-    chunk_idle_timeout_s: float
+    """What the server needs from the daemon (``peer.service`` implements it). Called on the
+    event loop. Framing, chunking and checksums stay in the transport."""
 
     def handshake(self, info: PeerInfo, observed_host: str) -> HandshakeReply:
         """``observed_host``: the caller's address as this server sees the connection."""
@@ -54,8 +52,10 @@ class Handler(Protocol):
 
 
 class _Servicer(pb_grpc.PeerServiceServicer):
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, chunk_bytes: int, chunk_idle_timeout_s: float) -> None:
         self._h = handler
+        self._chunk_bytes = chunk_bytes
+        self._idle = chunk_idle_timeout_s
 
     async def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:  # noqa: N802
         reply = self._h.handshake(convert.info_from_pb(request.peer), observed_host(context.peer()))
@@ -70,7 +70,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
 
     async def Reduce(self, request_iterator: AsyncIterator[pb.ReduceMessage], context) -> AsyncIterator[pb.ReduceMessage]:  # noqa: N802
         header: ReduceHeader | None = None
-        idle = self._h.chunk_idle_timeout_s
+        idle = self._idle
         try:
             first = await next_message(request_iterator.__aiter__(), idle, "reduce header")
             if first.WhichOneof("kind") != "header":
@@ -84,12 +84,13 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
+            reply = replace(reply, total_bytes=len(result), crc32=crc32(result))
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
             await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
             return
         yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
-        for chunk in split(result, self._h.chunk_bytes):
+        for chunk in split(result, self._chunk_bytes):
             yield pb.ReduceMessage(chunk=chunk)
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[pb.StateMessage]:  # noqa: N802
@@ -102,7 +103,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         ok = False
         try:
             yield pb.StateMessage(header=convert.state_header_to_pb(header))
-            for chunk in split(blob, self._h.chunk_bytes):
+            for chunk in split(blob, self._chunk_bytes):
                 await self._h.serving_state(chunk.offset)
                 yield pb.StateMessage(chunk=chunk)
             ok = True
@@ -125,15 +126,21 @@ def observed_host(peer: str) -> str:
 
 
 class PeerServer:
-    """grpc.aio server bound to ``listen`` (host:port; port 0 picks a free one)."""
+    """grpc.aio server bound to ``listen`` (host:port; port 0 picks a free one).
 
-    def __init__(self, handler: Handler, listen: str) -> None:
+    ``chunk_bytes``: payload bytes per streamed chunk (at most 1 MiB); ``chunk_idle_timeout_s``:
+    how long a stream may go without a message before it is refused as stalled.
+    """
+
+    def __init__(self, handler: Handler, listen: str, *, chunk_bytes: int = MAX_CHUNK_BYTES,
+                 chunk_idle_timeout_s: float = 10.0) -> None:
         self._server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_PeerServiceServicer_to_server(_Servicer(handler), self._server)
+        pb_grpc.add_PeerServiceServicer_to_server(_Servicer(handler, chunk_bytes, chunk_idle_timeout_s),
+                                                  self._server)
         try:
             self.port = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
@@ -147,6 +154,3 @@ class PeerServer:
     async def stop(self, grace_s: float) -> None:
         await self._server.stop(grace_s)
 
-
-def sha256_hex(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()

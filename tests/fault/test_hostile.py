@@ -24,9 +24,6 @@ EXPECTED = 4096
 class RecordingHandler:
     """Accepts any group; records what the server rejected. The server and client are real."""
 
-    chunk_bytes = 1 << 20
-    chunk_idle_timeout_s = 0.5
-
     def __init__(self) -> None:
         self.rejected: list[RoundError] = []
         self.parts: list[bytes] = []
@@ -109,7 +106,7 @@ GOOD = b"\x01" * EXPECTED
 async def test_broken_reduce_streams_are_refused_with_a_reason(messages, half_close, reason, code):
     # Prepare
     handler = RecordingHandler()
-    server = PeerServer(handler, "127.0.0.1:0")
+    server = PeerServer(handler, "127.0.0.1:0", chunk_idle_timeout_s=0.5)
     await server.start()
     try:
         # Execute
@@ -134,7 +131,7 @@ async def test_a_chunk_over_one_mib_is_refused():
         return handler_expected
 
     handler.reduce_expect = expect
-    server = PeerServer(handler, "127.0.0.1:0")
+    server = PeerServer(handler, "127.0.0.1:0", chunk_idle_timeout_s=0.5)
     await server.start()
     try:
         got, details = await _reduce(server.port, [_header(payload=big), _chunk(0, big)])

@@ -11,7 +11,7 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
-from peer.sync.round import Matchmaker, Reducer, ShardRegistry, crc32
+from peer.sync.round import Matchmaker, Reducer, ShardRegistry
 from peer.types import JoinOutcome, JoinRequest
 
 POOL = ThreadPoolExecutor(2)
@@ -53,13 +53,13 @@ class Client:
     async def reduce(self, address, header, payload, timeout_s):
         node = self._node(address)
         owned = await node.registry.get(header.group_id, timeout_s)
-        assert crc32(payload) == header.crc32
+        assert header.total_bytes == len(payload)
         try:
             await owned.add(header.peer_id, header.weight, payload)
         except RoundError:
             pass
         result, contributors = await asyncio.wait_for(asyncio.shield(owned.result), timeout_s)
-        return replace(header, total_bytes=len(result), crc32=crc32(result), contributors=contributors), result
+        return replace(header, total_bytes=len(result), contributors=contributors), result
 
     async def get_state(self, *a, **k):  # pragma: no cover (not used here)
         raise NotImplementedError
@@ -172,7 +172,7 @@ async def test_error_feedback_residual_is_kept_only_when_the_round_completes():
     deltas = {p: torch.randn(300, generator=gen) for p in net}
     # Execute 1: a completed round leaves a non-zero residual
     await asyncio.gather(*(n.reducer.run(group, deltas[p], 1.0) for p, n in net.items()))
-    kept = net["p0"].reducer._ef.residual.clone()
+    kept = net["p0"].reducer.feedback.residual.clone()
     assert kept.abs().sum() > 0
     # Execute 2: a failed round (owner p2 gone) leaves the residual as it was
     for n in net.values():
@@ -183,4 +183,4 @@ async def test_error_feedback_residual_is_kept_only_when_the_round_completes():
     with pytest.raises(RoundError):
         await net["p0"].reducer.run(failed, torch.randn(300, generator=gen), 1.0)
     # Assert
-    assert torch.equal(net["p0"].reducer._ef.residual, kept)
+    assert torch.equal(net["p0"].reducer.feedback.residual, kept)

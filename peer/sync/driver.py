@@ -1,0 +1,472 @@
+"""The round as one peer sees it: inner phase, group formation (leader and follower side),
+consistency check, all-reduce, outer step, resync, adaptive deadlines and overlap.
+
+Async, loop-only. It reaches other peers only through the ``PeerClient`` protocol and the
+``Members`` view, and its own model only through ``InnerPhase``; the daemon passes the real
+ones, the unit tests in-memory ones. Fault injection comes in through the phase hook and
+wrappers the daemon builds; this module knows nothing of it.
+
+Resync rule (logged on every resync): the most advanced round wins; at equal rounds, the
+group's majority hash (the leader tells a minority member to resync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from peer.codec import all_finite
+from peer.config import Config, Settings
+from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
+from peer.metrics import Metrics
+from peer.sync.outer import outer_step
+from peer.sync.round import Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, no_hook
+from peer.sync.state import GlobalState
+from peer.sync.store import StateStore
+from peer.tasks import TaskSet
+from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, ReduceHeader
+
+log = logging.getLogger(__name__)
+
+
+class Deadlines:
+    """Adaptive waits, pure: ``factor`` x the smoothed observed time + ``margin_s``, capped by
+    the configured value; before any observation, the cap itself.
+
+    The matchmaking wait follows how long the members take to arrive (only formations where
+    everyone arrived say that; a timeout says nothing new); the all-reduce deadline follows
+    the observed all-reduce time.
+    """
+
+    def __init__(self, *, matchmaking_cap_s: float, reduce_cap_s: float, factor: float, margin_s: float,
+                 smoothing: float) -> None:
+        self._caps = {"formation": matchmaking_cap_s, "reduce": reduce_cap_s}
+        self._factor = factor
+        self._margin_s = margin_s
+        self._smoothing = smoothing
+        self._ewma: dict[str, float] = {}
+
+    def _observe(self, what: str, seconds: float) -> None:
+        old = self._ewma.get(what)
+        self._ewma[what] = seconds if old is None else (1 - self._smoothing) * old + self._smoothing * seconds
+
+    def _limit(self, what: str) -> float:
+        cap = self._caps[what]
+        ewma = self._ewma.get(what)
+        return cap if ewma is None else min(cap, self._factor * ewma + self._margin_s)
+
+    def observe_formation(self, wait_s: float, complete: bool) -> None:
+        if complete:
+            self._observe("formation", wait_s)
+
+    def observe_reduce(self, seconds: float) -> None:
+        self._observe("reduce", seconds)
+
+    def matchmaking_timeout(self) -> float:
+        return self._limit("formation")
+
+    def reduce_deadline(self) -> float:
+        return self._limit("reduce")
+
+
+class Members(Protocol):
+    """What the round needs to know about the run's members (``peer.membership``)."""
+
+    def live(self) -> dict[str, str]: ...
+    def is_member(self, peer_id: str) -> bool: ...
+    def ahead(self) -> int: ...
+    def donors(self, min_round: int) -> list[tuple[str, str]]: ...
+    def settled(self) -> bool: ...
+    def drop(self, peer_id: str, why: str) -> None: ...
+    def introduce(self, address: str, hint: str) -> None: ...
+
+
+class InnerPhase(Protocol):
+    """This peer's model: H inner steps off the loop, and evaluation."""
+
+    async def run(self, rnd: int, start: torch.Tensor, should_stop: Callable[[], bool]) -> Any | None:
+        """An ``InnerResult`` (delta, samples, mean_loss, nonfinite), or None when stopped."""
+
+    async def evaluate(self, params: torch.Tensor) -> Mapping[str, float]: ...
+
+
+@dataclass
+class Progress:
+    """What ``peer status`` shows of the rounds (mutated on the loop only)."""
+
+    phase: str = "starting"
+    inner_step: int = 0  # incremented on the trainer thread (a plain int: atomic under the GIL)
+    completed: int = 0
+    failed: int = 0
+    loss: float = math.nan
+    eval: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_round_s: float = 0.0
+
+
+class RoundDriver:
+    """Runs this peer's rounds. Build, then ``await run()``; ``request_stop()`` ends it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        settings: Settings,
+        *,
+        peer_id: str,
+        schema_hash: str,
+        members: Members,
+        client: PeerClient,
+        store: StateStore,
+        inner: InnerPhase,
+        executor: Executor,
+        metrics: Metrics,
+        address: Callable[[], str],
+        phase_hook: PhaseHook = no_hook,
+    ) -> None:
+        self._cfg = cfg
+        self._settings = settings
+        self._me = peer_id
+        self._schema_hash = schema_hash
+        self._run_id = cfg.run.run_id
+        self._members = members
+        self._client = client
+        self._store = store
+        self._inner = inner
+        self._executor = executor
+        self._metrics = metrics
+        self._address = address
+        self._hook = phase_hook
+        self._stopping = False
+        self._tasks = TaskSet()
+        self.progress = Progress()
+        s = cfg.sync
+        self.deadlines = Deadlines(matchmaking_cap_s=s.matchmaking_timeout_s, reduce_cap_s=s.reduce_deadline_s,
+                                   factor=s.deadline_factor, margin_s=s.deadline_margin_s,
+                                   smoothing=s.deadline_smoothing)
+        self.registry = ShardRegistry()
+        self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=members.live,
+                                     current_round=lambda: store.state.round,
+                                     timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
+                                     on_formed=self.deadlines.observe_formation)
+        self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
+                               executor=executor, error_feedback=s.error_feedback,
+                               owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook)
+        self.owner = ReduceOwner(run_id=self._run_id, peer_id=peer_id, registry=self.registry,
+                                 group_wait_s=cfg.timeouts.chunk_idle_timeout_s, on_rejected=self.rejected,
+                                 traffic=self._traffic, phase_hook=phase_hook)
+
+    # ----------------------------------------------------------------- for the service
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def request_stop(self) -> None:
+        self._stopping = True
+
+    def in_round(self) -> bool:
+        return self.progress.phase in ("matchmaking", "reduce", "outer")
+
+    async def join(self, req: JoinRequest) -> JoinReply:
+        """Leader side: a member asks to join round ``req.round``."""
+        if req.run_id != self._run_id or not self._members.is_member(req.peer_id) or self._stopping:
+            why = "leaving" if self._stopping else f"{req.peer_id} of run {req.run_id!r} is not a known peer here"
+            return JoinReply(JoinOutcome.REFUSED, why)
+        return await self.matchmaker.join(req)
+
+    def peer_left(self, peer_id: str) -> None:
+        self.matchmaker.peer_left(peer_id)
+
+    def rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
+        """An owner left a part out of the average (counted, logged; the round goes on)."""
+        self._metrics.rejected.labels(error.reason).inc()
+        who = header.peer_id if header else "unknown peer"
+        rnd = header.round if header else -1
+        log.warning("round %d: left out the part from %s: %s (%s)", rnd, who, error, error.reason)
+
+    def _traffic(self, codec: str, sent: int, received: int) -> None:
+        self._metrics.sent_bytes.labels(codec).inc(sent)
+        self._metrics.received_bytes.labels(codec).inc(received)
+        self.progress.bytes_sent += sent
+        self.progress.bytes_received += received
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all()
+        self.matchmaker.close()
+
+    # ----------------------------------------------------------------- the loop
+
+    async def run(self) -> None:
+        """Inner phase, round, inner phase, round, ... until stopped or ``rounds`` completed.
+
+        With ``overlap`` on, the round of one inner phase's delta runs while the next inner phase
+        trains (a one-step-delayed outer update, as in Streaming DiLoCo's overlapping
+        communication): each phase starts from the newest global parameters plus this peer's
+        own progress of the previous phase, and sends its own progress as its delta. The global
+        parameters are still changed only by averaged deltas, identically on every member.
+        """
+        await self._startup_wait()
+        await self._evaluate()
+        log.info("initial eval loss %.4f at round %d%s", self.progress.eval.get("loss", math.nan),
+                 self._store.state.round, " (overlapping rounds with inner phases)" if self._cfg.sync.overlap else "")
+        start = self._store.state.params
+        pending: asyncio.Task | None = None
+        try:
+            while not self._stopping:
+                if self._cfg.run.rounds and self.progress.completed >= self._cfg.run.rounds:
+                    log.info("completed %d rounds; stopping", self.progress.completed)
+                    return
+                if pending is None and self._members.ahead() > self._store.state.round:
+                    await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+                    start = self._store.state.params
+                    continue
+                rnd = self._store.state.round
+                await self._hook("inner", rnd)
+                inner = await self._inner_phase(rnd, start)
+                if inner is None:
+                    return
+                delta, weight = inner
+                if pending is not None:
+                    await pending  # the previous delta's round, which ran while this phase trained
+                    pending = None
+                if not self._cfg.sync.overlap:
+                    await self.round(delta, weight)
+                    start = self._store.state.params
+                    continue
+                # Re-base this phase's progress onto the newest global parameters.
+                start = self._store.state.params - delta
+                pending = self._tasks.spawn(self.round(delta, weight), "round")
+        finally:
+            if pending is not None and not pending.done():
+                # Stopping: give the round in flight its bounded time.
+                await asyncio.wait({pending}, timeout=self._cfg.timeouts.finish_round_grace_s)
+
+    async def _startup_wait(self) -> None:
+        """Give discovery a moment so that a peer joining a running swarm fetches its state
+        before it trains, instead of training alone."""
+        grace = self._cfg.sync.startup_grace_s
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not self._stopping:
+            if self._members.settled() and time.monotonic() > deadline - grace / 2:
+                break
+            await asyncio.sleep(0.1)
+        if self._members.ahead() > self._store.state.round:
+            await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+
+    async def _inner_phase(self, rnd: int, start: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """H inner steps from ``start``; return (delta, weight), or None when stopping. A NaN/Inf
+        phase yields a zero delta of weight 0 (withheld, counted, logged)."""
+        self.progress.phase = "inner"
+        t0 = time.monotonic()
+        result = await self._inner.run(rnd, start, lambda: self._stopping)
+        self._metrics.round_phase_seconds.labels("inner").observe(time.monotonic() - t0)
+        if self._stopping or result is None:
+            return None
+        self.progress.samples += result.samples
+        self._metrics.samples.inc(result.samples)
+        delta, weight = result.delta, float(result.samples)
+        if result.nonfinite or not all_finite(delta):
+            self._metrics.nonfinite.inc()
+            log.error("round %d: inner phase produced NaN/Inf; withholding this peer's delta", rnd)
+            return torch.zeros_like(delta), 0.0
+        self.progress.loss = result.mean_loss
+        self._metrics.train_loss.set(result.mean_loss)
+        return delta, weight
+
+    async def _evaluate(self) -> None:
+        self.progress.eval = dict(await self._inner.evaluate(self._store.state.params))
+        self._metrics.eval_loss.set(self.progress.eval.get("loss", math.nan))
+        if "accuracy" in self.progress.eval:
+            self._metrics.eval_accuracy.set(self.progress.eval["accuracy"])
+
+    # ----------------------------------------------------------------- one round
+
+    def _reduce_deadline(self) -> float:
+        deadline = self.deadlines.reduce_deadline()
+        self._metrics.round_deadline_seconds.set(deadline)
+        return deadline
+
+    async def form_group(self, rnd: int, weight: float) -> Group | JoinReply:
+        """Follower and leader side: join round ``rnd`` through its leader (the lowest live id;
+        the next one when it does not answer); return the group, or why there is none."""
+        req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=rnd,
+                          global_hash=self._store.state.global_hash, weight=weight, address=self._address())
+        # The leader answers within its own matchmaking timeout; allow a margin for the network.
+        timeout = self.deadlines.matchmaking_timeout() + 2.0
+        deadline = time.monotonic() + timeout
+        unreachable: set[str] = set()
+        hint: tuple[str, str] | None = None
+        while time.monotonic() < deadline and not self._stopping:
+            live = {pid: a for pid, a in self._members.live().items() if pid not in unreachable}
+            if hint is not None and hint[0] not in unreachable:
+                leader, address = hint
+            else:
+                leader = min([self._me, *live])
+                address = live.get(leader, "")
+            hint = None
+            if leader == self._me:
+                reply = await self.matchmaker.join(req)
+            else:
+                try:
+                    reply = await self._client.join_round(address, req, max(0.1, deadline - time.monotonic()))
+                except (PeerUnavailable, RoundError) as exc:
+                    log.warning("round %d: leader %s did not answer (%s); trying the next", rnd, leader, exc)
+                    unreachable.add(leader)
+                    if isinstance(exc, PeerUnavailable) and exc.code == "UNAVAILABLE":
+                        # Nothing listens there: it is gone. Discovery re-admits it if it returns.
+                        self._members.drop(leader, "its address refuses connections")
+                    continue
+            if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
+                return reply.group
+            if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
+                pid, _, addr = reply.leader_hint.partition("@")
+                if pid != leader and pid not in unreachable:
+                    hint = (pid, addr)
+                    continue
+                # It still believes in a leader we found gone; its heartbeat will notice soon.
+                await asyncio.sleep(0.2)
+                continue
+            if reply.outcome == JoinOutcome.REFUSED and reply.message.startswith("leaving"):
+                self._members.drop(leader, "it is leaving")
+                continue
+            if reply.outcome == JoinOutcome.REFUSED and leader != self._me and not self._stopping:
+                # It does not know us yet (we just met, or a partition healed): introduce
+                # ourselves, then ask again. The loop's deadline bounds this.
+                self._members.introduce(address, leader)
+                await asyncio.sleep(0.3)
+                continue
+            return reply
+        return JoinReply(JoinOutcome.TOO_LATE, f"no group formed for round {rnd} within {timeout:.1f} s")
+
+    async def round(self, delta: torch.Tensor, weight: float) -> torch.Tensor | None:
+        """One round from an already computed delta (benchmarks drive it this way too); return
+        the averaged delta that was applied, or None if the round failed here."""
+        rnd = self._store.state.round
+        t0 = time.monotonic()
+        self.progress.phase = "matchmaking"
+        await self._hook("join", rnd)
+        formed = await self.form_group(rnd, weight)
+        t1 = time.monotonic()
+        self._metrics.round_phase_seconds.labels("matchmaking").observe(t1 - t0)
+        if isinstance(formed, JoinReply):
+            self._fail(rnd, "no_group", formed.message)
+            if formed.outcome == JoinOutcome.WRONG_ROUND:
+                target = formed.leader_round
+            else:
+                target = max(formed.leader_round, rnd + 1)
+            if target > rnd:
+                await self.resync(target, self.deadlines.reduce_deadline() + self._cfg.sync.matchmaking_timeout_s)
+            return None
+        group = formed
+        self._metrics.group_size.set(len(group.members))
+        self._metrics.round_deadline_seconds.set(group.reduce_deadline_s)
+        self.progress.phase = "reduce"
+        try:
+            avg, stats = await self.reducer.run(group, delta, weight)
+        except RoundError as exc:
+            self._fail(rnd, exc.reason, str(exc))
+            # Peers that completed the round show round rnd+1 at their next heartbeat; if nobody
+            # did (a vanished owner fails the round for all), everyone keeps round rnd and goes on.
+            t = self._cfg.timeouts
+            if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
+                log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
+            return None
+        t2 = time.monotonic()
+        reduce_s = t2 - t1
+        self._metrics.round_phase_seconds.labels("reduce").observe(reduce_s)
+        self.deadlines.observe_reduce(reduce_s)
+        self._traffic(group.codec, stats.sent_bytes, stats.received_bytes)
+        if stats.encoded_bytes:
+            self._metrics.compression_ratio.set(4 * group.numel / stats.encoded_bytes)
+        loop = asyncio.get_running_loop()
+        if self._cfg.run.dump_dir:
+            await loop.run_in_executor(self._executor, dump_round, Path(self._cfg.run.dump_dir) / self._me, rnd,
+                                       delta, weight, avg, group.codec)
+        await self._hook("outer", rnd)
+        self.progress.phase = "outer"
+        state = await loop.run_in_executor(self._executor, self._outer, rnd, avg)
+        self._store.adopt(state)
+        p = self.progress
+        p.completed += 1
+        self._metrics.rounds.labels("completed").inc()
+        p.last_round_s = time.monotonic() - t0
+        self._metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
+        self._store.maybe_checkpoint()
+        every = self._cfg.train.eval_every_rounds
+        if every and p.completed % every == 0:
+            await self._evaluate()
+        log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "
+                 "%.1f s), group %s, global %s", rnd, len(group.members), group.codec, p.loss,
+                 p.eval.get("loss", math.nan), stats.sent_bytes, p.last_round_s, reduce_s,
+                 group.reduce_deadline_s, group.group_id, self._store.state.global_hash[:12])
+        return avg
+
+    def _outer(self, rnd: int, avg: torch.Tensor) -> GlobalState:
+        """The outer step (executor thread: keeps the loop free), hashed here, off the loop."""
+        s = self._store.state
+        params, buf = outer_step(s.params, avg, s.momentum, lr=self._settings.outer_lr,
+                                 momentum=self._settings.outer_momentum)
+        state = GlobalState(rnd + 1, params, buf)
+        state.global_hash  # noqa: B018 (computed here, then cached)
+        return state
+
+    def _fail(self, rnd: int, reason: str, message: str) -> None:
+        self.progress.failed += 1
+        self._metrics.rounds.labels("failed").inc()
+        log.warning("round %d failed (%s): %s", rnd, reason, message)
+
+    # ----------------------------------------------------------------- resync
+
+    async def resync(self, min_round: int, wait_s: float) -> bool:
+        """Fetch the state of a member at round >= ``min_round``; wait up to ``wait_s`` for one."""
+        deadline = time.monotonic() + wait_s
+        previous = self._store.state.round
+        self.progress.phase = "resync"
+        started = time.monotonic()
+        timeout_s = self._cfg.timeouts.state_transfer_timeout_s
+        while time.monotonic() < deadline and not self._stopping:
+            for donor, address in self._members.donors(min_round):
+                try:
+                    header, blob = await self._client.get_state(address, self._run_id, self._me,
+                                                                self._schema_hash, timeout_s)
+                    state = await self._store.async_decode(blob)
+                except (PeerError, StateError) as exc:
+                    self._metrics.state_transfers.labels("received", "failed").inc()
+                    log.warning("state transfer from %s failed: %s", donor, exc)
+                    continue
+                if state.round < min_round:
+                    continue
+                self._metrics.state_transfers.labels("received", "ok").inc()
+                self._store.adopt(state)
+                self.reducer.reset_feedback()
+                elapsed = time.monotonic() - started
+                self._metrics.round_phase_seconds.labels("resync").observe(elapsed)
+                log.info("resynced to round %d (%s) from %s: %d bytes in %.2f s (%.1f MB/s); was at round %d "
+                         "(rule: the most advanced round wins; at equal rounds, the group's majority)",
+                         state.round, state.global_hash[:12], donor, len(blob), elapsed,
+                         len(blob) / max(elapsed, 1e-9) / 1e6, previous)
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+
+def dump_round(out: Path, rnd: int, delta: torch.Tensor, weight: float, avg: torch.Tensor, codec: str) -> None:
+    """Diagnostics (``dump_dir``): this peer's delta and the applied average as .npy files."""
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / f"round{rnd:05d}-delta.npy", delta.numpy())
+    np.save(out / f"round{rnd:05d}-avg.npy", avg.numpy())
+    (out / f"round{rnd:05d}.json").write_text(json.dumps({"round": rnd, "weight": weight, "codec": codec}))

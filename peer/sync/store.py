@@ -1,0 +1,150 @@
+"""The state store: the current global state, its snapshot for donors, and checkpoints.
+
+Loop-side methods (``adopt``, ``maybe_checkpoint`` and the ``async_`` ones) run on the event
+loop; everything that touches the disk or hashes or serializes a whole state runs on the
+store's own executor, so that neither a round nor a joiner ever waits for the other, and the
+loop never waits for the disk.
+
+Copies, and why: a ``GlobalState`` is immutable once built (``outer_step`` and
+``decode_state`` make new tensors), so the current state is shared by reference with the
+round, donors and checkpoints. The one serialized snapshot (``encode_state``'s bytes) is built
+lazily, once per state, and kept until the next state is adopted: donors and the checkpoint
+writer both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from peer.errors import StateError
+from peer.sync.state import FORMAT, GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
+from peer.types import StateHeader
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.bin"
+
+
+class StateStore:
+    """Owns the current ``GlobalState`` of one peer.
+
+    ``on_adopt(state)`` runs on the loop after every change (metrics); ``on_checkpoint(ok)``
+    runs on the executor after every checkpoint write.
+    """
+
+    def __init__(
+        self,
+        initial: GlobalState,
+        state_dir: Path,
+        executor: Executor,
+        *,
+        checkpoint_interval_s: float,
+        on_adopt: Callable[[GlobalState], None] = lambda state: None,
+        on_checkpoint: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
+        self._state = initial
+        self._numel = initial.params.numel()
+        self._path = state_dir / CHECKPOINT_FILE
+        self._executor = executor
+        self._interval_s = checkpoint_interval_s
+        self._on_adopt = on_adopt
+        self._on_checkpoint = on_checkpoint
+        self._snapshot: tuple[GlobalState, tuple[StateHeader, bytes]] | None = None
+        self._snapshot_lock = threading.Lock()
+        self._checkpointing: asyncio.Future | None = None
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def state(self) -> GlobalState:
+        """The last completed round's state. Never modified in place: hold on to it freely."""
+        return self._state
+
+    @property
+    def numel(self) -> int:
+        return self._numel
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self._path
+
+    def adopt(self, state: GlobalState) -> None:
+        """Make ``state`` current (loop). Its snapshot is built lazily, off the round's path."""
+        if state.params.numel() != self._numel:
+            raise StateError(f"state has {state.params.numel()} parameters; this model has {self._numel}")
+        self._state = state
+        self._on_adopt(state)
+
+    def snapshot(self, state: GlobalState) -> tuple[StateHeader, bytes]:
+        """The serialized snapshot of ``state``, built once per state (any thread but the loop)."""
+        with self._snapshot_lock:
+            if self._snapshot is not None and self._snapshot[0] is state:
+                return self._snapshot[1]
+            blob = encode_state(state)
+            header = StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
+                                 sha256=hashlib.sha256(blob).hexdigest(), format=FORMAT)
+            self._snapshot = (state, (header, blob))
+            return header, blob
+
+    async def async_snapshot(self) -> tuple[StateHeader, bytes]:
+        """The current state's snapshot, for a donor to serve (built on the executor)."""
+        state = self._state
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.snapshot, state)
+
+    async def async_decode(self, blob: bytes | memoryview) -> GlobalState:
+        """Parse and verify a state blob from a donor (on the executor). Raises StateError."""
+        state, _ = await asyncio.get_running_loop().run_in_executor(self._executor, decode_state, blob, self._numel)
+        return state
+
+    async def async_load(self) -> bool:
+        """Resume from the checkpoint file if there is a good one (read, verified and hashed on
+        the executor); a torn or foreign file is logged and left alone. True if resumed."""
+        if not self._path.exists():
+            self._on_adopt(self._state)
+            return False
+        try:
+            state = await asyncio.get_running_loop().run_in_executor(self._executor, self._read)
+        except (StateError, OSError) as exc:
+            log.error("not resuming from %s: %s", self._path, exc)
+            self._on_adopt(self._state)
+            return False
+        log.info("resumed from checkpoint %s at round %d", self._path, state.round)
+        self.adopt(state)
+        return True
+
+    def _read(self) -> GlobalState:
+        state, _ = decode_state(read_checkpoint(self._path), self._numel)
+        state.global_hash  # noqa: B018 (hashed here, off the loop, then cached)
+        return state
+
+    def write(self, state: GlobalState) -> bool:
+        """Write ``state`` atomically to the checkpoint file (executor thread); False on failure."""
+        try:
+            write_checkpoint(self._path, self.snapshot(state)[1])
+            ok = True
+        except OSError as exc:
+            log.error("checkpoint to %s failed: %s", self._path, exc)
+            ok = False
+        self._on_checkpoint(ok)
+        return ok
+
+    def maybe_checkpoint(self) -> None:
+        """Start a background checkpoint when ``checkpoint_interval_s`` passed and none runs (loop)."""
+        if self._interval_s <= 0 or time.monotonic() - self._last_checkpoint < self._interval_s:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(self._executor, self.write, self._state)
+
+    async def async_checkpoint(self) -> bool:
+        """Write the current state now (at stop); waits for a background write first."""
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.write, self._state)

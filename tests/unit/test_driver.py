@@ -1,0 +1,320 @@
+"""The round driver, leader and follower side, with in-memory peers: no sockets, no processes.
+
+Each node has a real StateStore, Matchmaker, Reducer and owner side; the in-memory client routes
+calls straight to the target node's driver, as the gRPC service would. Peers vanish, lie about
+leadership or do not know us, and the driver must still finish, fail or resync as designed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from peer.config import Settings, load_config
+from peer.errors import PeerUnavailable, RoundError
+from peer.metrics import Metrics
+from peer.sync.driver import Deadlines, RoundDriver
+from peer.sync.state import GlobalState
+from peer.sync.store import StateStore
+from peer.types import JoinOutcome, JoinReply
+
+NUMEL = 600
+POOL = ThreadPoolExecutor(2)
+SETTINGS = Settings(inner_steps=1, batch_size=1, inner_lr=0.1, outer_lr=0.5, outer_momentum=0.9)
+
+
+@dataclass
+class Result:
+    delta: torch.Tensor
+    samples: int
+    mean_loss: float = 1.0
+    nonfinite: bool = False
+
+
+class FakeInner:
+    """A deterministic inner phase: delta = (rank + 1) * 0.01 everywhere."""
+
+    def __init__(self, rank: int, nan_rounds: tuple[int, ...] = ()) -> None:
+        self.rank = rank
+        self.nan_rounds = nan_rounds
+
+    async def run(self, rnd, start, should_stop):
+        delta = torch.full((NUMEL,), (self.rank + 1) * 0.01)
+        if rnd in self.nan_rounds:
+            return Result(torch.full((NUMEL,), math.nan), 10, nonfinite=True)
+        return Result(delta, 10)
+
+    async def evaluate(self, params):
+        return {"loss": float(params.abs().mean())}
+
+
+@dataclass
+class FakeMembers:
+    """The live set as one node sees it; ``net`` gives every node's round for donors."""
+
+    me: str
+    net: dict
+    view: set[str] = field(default_factory=set)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    introduced: list[str] = field(default_factory=list)
+
+    def live(self):
+        return {p: p for p in self.view}
+
+    def is_member(self, peer_id):
+        return peer_id in self.view
+
+    def ahead(self):
+        return max((self.net[p].store.state.round for p in self.view if not self.net[p].down), default=-1)
+
+    def donors(self, min_round):
+        found = [p for p in self.view if not self.net[p].down and self.net[p].store.state.round >= min_round]
+        return [(p, p) for p in sorted(found, key=lambda p: -self.net[p].store.state.round)]
+
+    def settled(self):
+        return bool(self.view)
+
+    def drop(self, peer_id, why):
+        self.view.discard(peer_id)
+        self.dropped.append((peer_id, why))
+
+    def introduce(self, address, hint):
+        # The leader learns about us (as a handshake would make it).
+        self.introduced.append(address)
+        self.net[address].members.view.add(self.me)
+
+
+class Client:
+    """Routes the PeerClient calls to the target node, as the gRPC service does."""
+
+    def __init__(self, net: dict) -> None:
+        self.net = net
+
+    def _node(self, address):
+        node = self.net[address]
+        if node.down:
+            raise PeerUnavailable(f"{address} is down", "UNAVAILABLE")
+        return node
+
+    async def join_round(self, address, req, timeout_s):
+        return await asyncio.wait_for(self._node(address).driver.join(req), timeout_s)
+
+    async def reduce(self, address, header, payload, timeout_s):
+        async def call():
+            owner = self._node(address).driver.owner
+            expected = await owner.expect(header)
+            if expected != len(payload):
+                raise RoundError("bad_size", "size")
+            return await owner.contribute(header, payload)
+
+        try:
+            return await asyncio.wait_for(call(), timeout_s)
+        except TimeoutError:
+            raise PeerUnavailable(f"{address} timed out", "DEADLINE_EXCEEDED") from None
+
+    async def get_state(self, address, run_id, peer_id, schema_hash, timeout_s):
+        return await self._node(address).store.async_snapshot()
+
+
+class Node:
+    def __init__(self, pid: str, rank: int, net: dict, tmp, **cfg) -> None:
+        self.pid, self.down = pid, False
+        self.cfg = load_config({"run_id": "r", "matchmaking_timeout_s": 1.0, "reduce_deadline_s": 2.0,
+                                "startup_grace_s": 0.2, "chunk_idle_timeout_s": 1.0, "heartbeat_interval_s": 0.1,
+                                "heartbeat_misses": 2, "checkpoint_interval_s": 0, "eval_every_rounds": 1,
+                                "codec": "int8", **cfg}, env={})
+        self.metrics = Metrics(CollectorRegistry())
+        params = torch.linspace(-1, 1, NUMEL)
+        self.store = StateStore(GlobalState(0, params, torch.zeros(NUMEL)), tmp / pid, POOL,
+                                checkpoint_interval_s=0)
+        self.members = FakeMembers(pid, net)
+        self.inner = FakeInner(rank)
+        self.driver = RoundDriver(self.cfg, SETTINGS, peer_id=pid, schema_hash="s", members=self.members,
+                                  client=Client(net), store=self.store, inner=self.inner, executor=POOL,
+                                  metrics=self.metrics, address=lambda: pid)
+
+    def metric(self, name, **labels) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _swarm(tmp, k: int, **cfg) -> dict[str, Node]:
+    net: dict[str, Node] = {}
+    for i in range(k):
+        net[f"p{i}"] = Node(f"p{i}", i, net, tmp, **cfg)
+    for node in net.values():
+        node.members.view = {p for p in net if p != node.pid}
+    return net
+
+
+def _delta(node: Node) -> torch.Tensor:
+    return torch.full((NUMEL,), (int(node.pid[1:]) + 1) * 0.01)
+
+
+async def _round(nodes):
+    return await asyncio.gather(*(n.driver.round(_delta(n), 1.0) for n in nodes))
+
+
+async def test_a_round_leaves_every_member_with_the_same_state(tmp_path):
+    # Prepare
+    net = _swarm(tmp_path, 3)
+    # Execute
+    avgs = await _round(net.values())
+    # Assert: same average, same new state, round advanced, counted
+    assert all(a is not None and torch.equal(a, avgs[0]) for a in avgs)
+    assert torch.allclose(avgs[0], torch.full((NUMEL,), 0.02), atol=1e-3)
+    hashes = {n.store.state.global_hash for n in net.values()}
+    assert len(hashes) == 1 and all(n.store.state.round == 1 for n in net.values())
+    assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
+
+
+async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path):
+    net = _swarm(tmp_path, 3)
+    net["p0"].down = True
+    # p0 still looks live to p1 and p2: their first JoinRound to it fails with UNAVAILABLE
+    avgs = await _round([net["p1"], net["p2"]])
+    assert all(a is not None for a in avgs)
+    assert net["p1"].store.state.global_hash == net["p2"].store.state.global_hash
+    assert ("p0", "its address refuses connections") in net["p2"].members.dropped
+    assert torch.allclose(avgs[0], torch.full((NUMEL,), 0.025), atol=1e-3)  # mean of p1 and p2
+
+
+async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path):
+    net = _swarm(tmp_path, 3)
+    net["p2"].members.view = {"p1"}  # p2 does not know p0; p1 will point it there
+    avgs = await _round(net.values())
+    assert all(a is not None for a in avgs)
+    assert len({n.store.state.global_hash for n in net.values()}) == 1
+    assert net["p0"].metric("peer_round_group_size_peers") == 3
+
+
+async def test_a_leader_that_does_not_know_us_is_introduced_to_and_asked_again(tmp_path):
+    net = _swarm(tmp_path, 3)
+    net["p0"].members.view = {"p1"}  # the leader has not met p2 yet: it refuses p2's join
+
+    async def later(node):
+        await asyncio.sleep(0.1)
+        return await node.driver.round(_delta(node), 1.0)
+
+    avgs = await asyncio.gather(net["p2"].driver.round(_delta(net["p2"]), 1.0), later(net["p0"]), later(net["p1"]))
+    assert net["p2"].members.introduced == ["p0"]
+    assert all(a is not None for a in avgs)
+    assert len({n.store.state.global_hash for n in net.values()}) == 1
+
+
+async def test_a_stopping_leader_is_dropped(tmp_path):
+    net = _swarm(tmp_path, 2)
+    net["p0"].driver.request_stop()
+    reply = await net["p0"].driver.join(_req(net["p1"]))
+    assert reply.outcome == JoinOutcome.REFUSED and reply.message.startswith("leaving")
+    group = await net["p1"].driver.form_group(0, 1.0)
+    assert ("p0", "it is leaving") in net["p1"].members.dropped
+    # alone now: it leads a group of one
+    assert not isinstance(group, JoinReply) and [m.peer_id for m in group.members] == ["p1"]
+
+
+def _req(node: Node):
+    from peer.types import JoinRequest
+
+    return JoinRequest(run_id="r", peer_id=node.pid, round=0, global_hash=node.store.state.global_hash,
+                       weight=1.0, address=node.pid)
+
+
+async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_path):
+    net = _swarm(tmp_path, 3)
+    groups = await asyncio.gather(*(n.driver.form_group(0, 1.0) for n in net.values()))
+    net["p2"].down = True  # owns the last shard; gone after the group formed
+    with pytest.raises(RoundError) as err:
+        await asyncio.gather(*(n.driver.reducer.run(g, _delta(n), 1.0)
+                               for n, g in zip([net["p0"], net["p1"]], groups)))
+    assert err.value.reason == "shard_missing"
+    # the driver's own path: counted as failed, abandoned (nobody completed it), state unchanged
+    net2 = _swarm(tmp_path / "b", 3)
+
+    async def vanish(group, delta, weight):
+        net2["p2"].down = True
+        raise RoundError("gone", "p2 died")
+
+    net2["p2"].driver.reducer.run = vanish
+    results = await _round(net2.values())
+    assert results[0] is None and results[1] is None
+    for p in ("p0", "p1"):
+        assert net2[p].store.state.round == 0
+        assert net2[p].metric("peer_rounds_total", outcome="failed") == 1
+        assert net2[p].driver.progress.failed == 1
+
+
+async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path):
+    net = _swarm(tmp_path, 3)
+    await _round([net["p0"], net["p1"], net["p2"]])
+    net["p2"].down = True  # p2 misses round 1
+    net["p0"].members.view.discard("p2")
+    net["p1"].members.view.discard("p2")
+    await _round([net["p0"], net["p1"]])
+    net["p2"].down = False
+    lagging = net["p2"]
+    assert lagging.members.ahead() == 2 and lagging.store.state.round == 1
+    # Execute
+    ok = await lagging.driver.resync(lagging.members.ahead(), 2.0)
+    # Assert: adopted the donors' state, bit for bit
+    assert ok
+    assert lagging.store.state.round == 2
+    assert lagging.store.state.global_hash == net["p0"].store.state.global_hash
+    assert torch.equal(lagging.store.state.momentum, net["p0"].store.state.momentum)
+    assert lagging.metric("peer_state_transfers_total", direction="received", outcome="ok") == 1
+
+
+async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path):
+    net = _swarm(tmp_path, 3)
+    odd = net["p2"]
+    odd.store.adopt(GlobalState(0, torch.zeros(NUMEL), torch.zeros(NUMEL)))  # diverged parameters
+    results = await _round(net.values())
+    assert results[2] is None and results[0] is not None
+    # the majority completed round 0; the odd one fetched round 1 from them
+    assert odd.store.state.round == 1
+    assert odd.store.state.global_hash == net["p0"].store.state.global_hash
+    assert odd.metric("peer_rounds_total", outcome="failed") == 1
+
+
+async def test_error_feedback_is_reset_after_a_resync(tmp_path):
+    net = _swarm(tmp_path, 2, codec="sign1")
+    await _round(net.values())
+    ef = net["p1"].driver.reducer.feedback
+    assert ef is not None and ef.residual.abs().sum() > 0
+    # p0 goes ahead alone (p1 not in its view); p1 resyncs to it
+    net["p0"].members.view = set()
+    await net["p0"].driver.round(_delta(net["p0"]), 1.0)
+    assert await net["p1"].driver.resync(2, 2.0)
+    assert ef.residual.abs().sum() == 0
+
+
+async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path):
+    net = _swarm(tmp_path, 2, rounds=3)
+    net["p1"].inner.nan_rounds = (1,)
+    # Execute: both loops end by themselves after 3 completed rounds
+    await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)
+    # Assert
+    assert all(n.driver.progress.completed == 3 for n in net.values())
+    assert net["p0"].store.state.global_hash == net["p1"].store.state.global_hash
+    assert net["p1"].metric("peer_train_nonfinite_total") == 1
+    assert net["p0"].driver.progress.eval["loss"] > 0
+
+
+def test_deadlines_adapt_between_margin_and_cap():
+    d = Deadlines(matchmaking_cap_s=10, reduce_cap_s=30, factor=4, margin_s=1, smoothing=0.5)
+    assert (d.matchmaking_timeout(), d.reduce_deadline()) == (10, 30)  # no observation: the caps
+    d.observe_reduce(1.0)
+    assert d.reduce_deadline() == 5.0
+    d.observe_reduce(3.0)
+    assert d.reduce_deadline() == 4 * 2.0 + 1  # smoothed: 0.5 * 1 + 0.5 * 3
+    d.observe_reduce(100.0)
+    assert d.reduce_deadline() == 30  # capped
+    d.observe_formation(5.0, complete=False)
+    assert d.matchmaking_timeout() == 10  # a timeout says nothing about arrival times
+    d.observe_formation(0.5, complete=True)
+    assert d.matchmaking_timeout() == 3.0

@@ -1,0 +1,164 @@
+"""Membership with an in-memory client and discovery: admit, refuse, heartbeat, drop, leave."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from peer.config import load_config
+from peer.discovery.base import EventStream, PeerEvent, PeerRecord
+from peer.errors import PeerUnavailable
+from peer.membership import Membership
+from peer.metrics import Metrics
+from peer.types import PROTOCOL_VERSION, HandshakeReply, PeerInfo, StatusInfo
+
+
+def _info(pid: str, run: str = "r", schema: str = "s", rnd: int = 0) -> PeerInfo:
+    return PeerInfo(peer_id=pid, run_id=run, protocol_version=PROTOCOL_VERSION, schema_hash=schema, round=rnd,
+                    address=f"{pid}:1")
+
+
+class Remote:
+    def __init__(self, info: PeerInfo) -> None:
+        self.info = info
+        self.up = True
+
+
+class Client:
+    def __init__(self) -> None:
+        self.remotes: dict[str, Remote] = {}
+        self.left: list[str] = []
+        self.forgotten: list[str] = []
+
+    def _get(self, address):
+        remote = self.remotes.get(address)
+        if remote is None or not remote.up:
+            raise PeerUnavailable(f"{address} down", "UNAVAILABLE")
+        return remote
+
+    async def handshake(self, address, me, timeout_s):
+        return HandshakeReply(True, "", "", self._get(address).info)
+
+    async def status(self, address, timeout_s):
+        return StatusInfo(peer=self._get(address).info)
+
+    async def leave(self, address, run_id, peer_id, timeout_s):
+        self._get(address)
+        self.left.append(address)
+
+    async def forget(self, address):
+        self.forgotten.append(address)
+
+
+class Discovery:
+    def __init__(self) -> None:
+        self.stream = EventStream()
+        self.records: list[PeerRecord] = []
+
+    def events(self):
+        return self.stream.iterate()
+
+    def current(self):
+        return list(self.records)
+
+
+def _membership(**cfg):
+    config = load_config({"run_id": "r", "heartbeat_interval_s": 0.05, "heartbeat_misses": 2,
+                          "state_transfer_timeout_s": 0.1, "reduce_deadline_s": 0.1, **cfg}, env={})
+    client, disc, metrics = Client(), Discovery(), Metrics(CollectorRegistry())
+    dropped: list[str] = []
+    m = Membership(config, lambda: _info("me"), client, disc, metrics, on_drop=dropped.append)
+    return m, client, disc, metrics, dropped
+
+
+def _metric(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_compatible_peer_is_admitted_and_an_incompatible_one_refused():
+    m, client, _, metrics, _ = _membership()
+    client.remotes["a:1"] = Remote(_info("a", rnd=3))
+    client.remotes["b:1"] = Remote(_info("b", schema="other"))
+    await m.handshake("a:1", "a")
+    await m.handshake("b:1", "b")
+    assert m.live() == {"a": "a:1"} and m.ahead() == 3 and m.is_member("a")
+    assert _metric(metrics, "peer_handshake_refusals_total", reason="schema_mismatch") == 1
+    assert _metric(metrics, "peer_swarm_live_peers") == 1
+
+
+async def test_answering_a_handshake_admits_at_the_observed_host_or_refuses():
+    m, _, _, metrics, _ = _membership()
+    ok = m.answer_handshake(_info("a"), "10.0.0.9")
+    assert ok.accepted and m.live() == {"a": "10.0.0.9:1"}
+    refused = m.answer_handshake(_info("x", run="other"), "10.0.0.8")
+    assert not refused.accepted and refused.reason == "run_mismatch" and "x" not in m.live()
+    assert _metric(metrics, "peer_handshake_refusals_total", reason="run_mismatch") == 1
+    itself = m.answer_handshake(_info("me"), "10.0.0.7")
+    assert itself.reason == "self" and _metric(metrics, "peer_handshake_refusals_total", reason="self") == 0
+
+
+async def test_heartbeat_drops_a_silent_peer_and_refreshes_rounds():
+    m, client, _, _, dropped = _membership()
+    client.remotes["a:1"] = Remote(_info("a"))
+    client.remotes["b:1"] = Remote(_info("b"))
+    await m.handshake("a:1", "a")
+    await m.handshake("b:1", "b")
+    m.start()
+    try:
+        client.remotes["a:1"].info = _info("a", rnd=9)
+        client.remotes["b:1"].up = False  # kill -9: no goodbye
+        for _ in range(100):
+            if not m.is_member("b") and m.ahead() == 9:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await m.stop()
+    assert dropped == ["b"] and m.live() == {"a": "a:1"} and m.ahead() == 9
+
+
+async def test_leave_and_discovery_goodbye_drop_and_events_handshake():
+    m, client, disc, _, dropped = _membership()
+    client.remotes["a:1"] = Remote(_info("a"))
+    client.remotes["c:1"] = Remote(_info("c"))
+    m.start()
+    try:
+        disc.stream.put(PeerEvent("join", PeerRecord("a", "r", PROTOCOL_VERSION, "a", 1, 0)))
+        for _ in range(100):
+            if m.is_member("a"):
+                break
+            await asyncio.sleep(0.02)
+        assert m.is_member("a")
+        m.said_leave("other-run", "a")  # another run's Leave names nobody here
+        assert m.is_member("a")
+        m.said_leave("r", "a")
+        assert dropped == ["a"]
+        m.admit(_info("c"), "c:1")
+        disc.stream.put(PeerEvent("leave", PeerRecord("c", "r", PROTOCOL_VERSION, "c", 1, 0)))
+        for _ in range(100):
+            if not m.is_member("c"):
+                break
+            await asyncio.sleep(0.02)
+        assert dropped == ["a", "c"]
+        await asyncio.sleep(0.3)  # channels of departed peers are closed after their calls' deadlines
+        assert sorted(client.forgotten) == ["a:1", "c:1"]
+    finally:
+        await m.stop()
+
+
+async def test_leave_all_tells_every_member_and_survives_dead_ones():
+    m, client, _, _, _ = _membership()
+    client.remotes["a:1"] = Remote(_info("a"))
+    m.admit(_info("a"), "a:1")
+    m.admit(_info("b"), "b:1")  # gone already
+    await m.leave_all(0.5)
+    assert client.left == ["a:1"]
+
+
+async def test_donors_are_the_most_advanced_first():
+    m, _, _, _, _ = _membership()
+    m.admit(_info("a", rnd=2), "a:1")
+    m.admit(_info("b", rnd=5), "b:1")
+    m.admit(_info("c", rnd=1), "c:1")
+    assert m.donors(2) == [("b", "b:1"), ("a", "a:1")]
+    assert m.donors(6) == []

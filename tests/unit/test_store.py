@@ -1,0 +1,108 @@
+"""The state store: adopt, snapshots for donors, checkpoints written and loaded off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from peer.errors import StateError
+from peer.sync.state import GlobalState, decode_state
+from peer.sync.store import StateStore
+
+
+def _state(rnd: int, n: int = 1000, seed: int = 0) -> GlobalState:
+    gen = torch.Generator().manual_seed(seed)
+    return GlobalState(rnd, torch.randn(n, generator=gen), torch.randn(n, generator=gen))
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(1, thread_name_prefix="test-io") as executor:
+        yield executor
+
+
+def _store(tmp_path, pool, **kw) -> StateStore:
+    return StateStore(_state(0), tmp_path, pool, checkpoint_interval_s=kw.pop("interval", 0), **kw)
+
+
+async def test_adopt_makes_a_state_current_and_reports_it(tmp_path, pool):
+    seen = []
+    store = _store(tmp_path, pool, on_adopt=lambda s: seen.append(s.round))
+    new = _state(5, seed=1)
+    store.adopt(new)
+    assert store.state is new and seen == [5]
+    with pytest.raises(StateError):
+        store.adopt(_state(6, n=10))  # another model's size
+    assert store.state is new
+
+
+async def test_a_snapshot_is_built_once_per_state_off_the_loop(tmp_path, pool):
+    store = _store(tmp_path, pool)
+    loop_thread = threading.get_ident()
+    threads = []
+    original = store.snapshot
+
+    def spy(state):
+        threads.append(threading.get_ident())
+        return original(state)
+
+    store.snapshot = spy
+    header, blob = await store.async_snapshot()
+    again = await store.async_snapshot()
+    assert again[1] is blob  # cached: the same bytes object
+    assert loop_thread not in threads
+    state, _ = decode_state(blob, 1000)
+    assert header.round == 0 and header.global_hash == store.state.global_hash == state.global_hash
+    store.adopt(_state(1, seed=2))
+    header2, blob2 = await store.async_snapshot()
+    assert header2.round == 1 and blob2 is not blob
+
+
+async def test_checkpoint_round_trip_and_resume(tmp_path, pool):
+    outcomes = []
+    store = _store(tmp_path, pool, on_checkpoint=outcomes.append)
+    store.adopt(_state(7, seed=3))
+    assert await store.async_checkpoint()
+    assert outcomes == [True]
+    resumed = _store(tmp_path, pool)
+    assert await resumed.async_load()
+    assert resumed.state.round == 7
+    assert torch.equal(resumed.state.params, store.state.params)
+    assert torch.equal(resumed.state.momentum, store.state.momentum)
+
+
+async def test_a_torn_checkpoint_is_not_loaded(tmp_path, pool, caplog):
+    store = _store(tmp_path, pool)
+    store.adopt(_state(3, seed=4))
+    await store.async_checkpoint()
+    path = store.checkpoint_path
+    path.write_bytes(path.read_bytes()[:-10])
+    fresh = _store(tmp_path, pool)
+    assert not await fresh.async_load()
+    assert fresh.state.round == 0
+    assert "torn or corrupt" in caplog.text
+
+
+async def test_a_failed_write_is_reported_not_raised(tmp_path, pool):
+    outcomes = []
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = StateStore(_state(0), blocker / "sub", pool, checkpoint_interval_s=0, on_checkpoint=outcomes.append)
+    assert not await store.async_checkpoint()
+    assert outcomes == [False]
+
+
+async def test_background_checkpoints_respect_the_interval(tmp_path, pool):
+    outcomes = []
+    store = _store(tmp_path, pool, interval=0.2, on_checkpoint=outcomes.append)
+    store.maybe_checkpoint()  # interval not yet passed since start
+    await asyncio.sleep(0.25)
+    store.adopt(_state(1, seed=5))
+    store.maybe_checkpoint()
+    store.maybe_checkpoint()  # one is running or just done within the interval: no second one
+    await store.async_checkpoint()
+    assert outcomes == [True, True]
