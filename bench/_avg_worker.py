@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import pin_threads
+from bench.common import pin_threads, security
 
 
 def _args(argv=None):
@@ -27,6 +27,7 @@ def _args(argv=None):
     p.add_argument("--addresses", default="[]", help="JSON list of host:port of every rank (peer/gloo)")
     p.add_argument("--iface", default=None, help="interface whose tx_bytes to count (netns runs)")
     p.add_argument("--run-id", default="bench")
+    p.add_argument("--credentials", default=None, help="run credentials (default: --insecure, no TLS)")
     return p.parse_args(argv)
 
 
@@ -44,7 +45,7 @@ class PeerWorker:
 
         a = self.a
         cfg = load_config({
-            "run_id": a.run_id, "peer_id": f"p{a.rank:03d}", "listen": self.addresses[a.rank],
+            "run_id": a.run_id, "listen": self.addresses[a.rank], **security(a.credentials),
             "metrics_host": "127.0.0.1", "metrics_port": 0, "mdns": False,
             "peers": [x for i, x in enumerate(self.addresses) if i != a.rank],
             "codec": a.codec, "task": "bench.tasks:synthetic", "data": str(a.params), "state_dir": self.tmp,

@@ -29,9 +29,11 @@ def main(argv=None) -> int:
     p.add_argument("--codec", default="int8")
     p.add_argument("--addresses", required=True)
     p.add_argument("--run-id", default="bench-overhead")
+    p.add_argument("--credentials", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from bench._proto import serve
+    from bench.common import security
     from peer.config import load_config
     from peer.daemon import Daemon
 
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
 
     async def setup() -> dict:
         cfg = load_config({
-            "run_id": a.run_id, "peer_id": f"p{a.rank:03d}", "listen": addresses[a.rank], "metrics_host": "127.0.0.1",
+            "run_id": a.run_id, **security(a.credentials), "listen": addresses[a.rank], "metrics_host": "127.0.0.1",
             "metrics_port": 0, "mdns": False, "peers": [x for i, x in enumerate(addresses) if i != a.rank],
             "codec": a.codec, "task": a.task, "state_dir": tmp, "threads": 1, "eval_every_rounds": 0,
             "matchmaking_timeout_s": 30.0, "startup_grace_s": 0.1,

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import emit_json, machine, summary
+from bench.common import emit_json, machine, summary, throwaway_credentials
 
 REPO = Path(__file__).resolve().parent.parent
 HIVEMIND_PYTHON = REPO / "bench" / ".venv-hivemind" / "bin" / "python"
@@ -181,7 +181,7 @@ def shape_links(hosts, link: str) -> str:
 
 
 def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmup: int = 1,
-        link: str | None = None, seed: int = 0, timeout_s: float = 600.0) -> dict:
+        link: str | None = None, seed: int = 0, timeout_s: float = 600.0, insecure: bool = False) -> dict:
     if peers < 2:
         raise BenchError("--peers must be >= 2")
     if system == "gloo" and codec != "fp32":
@@ -194,7 +194,8 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
     run_id = f"bench-{os.getpid()}-{int(time.time())}"
     workers: list[Worker] = []
     result: dict = {"bench": "averaging", "system": system, "peers": peers, "params": params, "codec": codec,
-                    "rounds": rounds, "warmup": warmup, "link": link or "loopback", "machine": machine()}
+                    "rounds": rounds, "warmup": warmup, "link": link or "loopback", "machine": machine(),
+                    "tls": system == "peer" and not insecure}
     keep = os.environ.get("BENCH_KEEP_LOGS")
     with contextlib.ExitStack() as stack, (contextlib.nullcontext(tempfile.mkdtemp(prefix="bench-avg-")) if keep
                                           else tempfile.TemporaryDirectory(prefix="bench-avg-")) as log_dir:
@@ -222,12 +223,15 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
                    PYTHONUNBUFFERED="1")
         if system == "gloo":
             env["GLOO_SOCKET_IFNAME"] = iface or "lo"
+        credentials = throwaway_credentials(run_id) if result["tls"] else None
 
         def argv(rank: int, extra: list[str]) -> list[str]:
             common = ["--rank", str(rank), "--peers", str(peers), "--params", str(params), "--codec", codec,
                       "--seed", str(seed), "--host", ips[rank], "--run-id", run_id]
             if iface:
                 common += ["--iface", iface]
+            if result["tls"]:
+                common += ["--credentials", credentials]
             if system == "hivemind":
                 cmd = [str(HIVEMIND_PYTHON), "-m", "bench._hm_worker", *common, *extra]
             else:
@@ -308,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", choices=sorted(LINKS), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="whole-run limit in seconds")
+    p.add_argument("--insecure", action="store_true", help="peer without TLS (default: mutual TLS, as users run)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         res = run(args.system, args.peers, args.params, args.codec, args.rounds, args.warmup, args.link,
-                  args.seed, args.timeout)
+                  args.seed, args.timeout, args.insecure)
     except BenchError as exc:
         if args.json:
             emit_json({"bench": "averaging", "system": args.system, "error": str(exc)})
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         emit_json(res)
         return 0
-    print(f"averaging: {args.system}, K={args.peers}, N={args.params:,}, codec {args.codec}, "
+    print(f"averaging: {args.system}{' (TLS)' if res['tls'] else ''}, K={args.peers}, N={args.params:,}, codec {args.codec}, "
           f"{res['link']}{' (' + res['link_emulation'] + ')' if 'link_emulation' in res else ''}; {res['machine']}")
     print(f"  round s: median {res['median_s']:.3f}  min {res['min_s']:.3f}  max {res['max_s']:.3f}  "
           f"over {args.rounds} rounds after {args.warmup} warm-up; failed {res['rounds_failed']}")

@@ -74,3 +74,23 @@ async def wait_channels(d, timeout_s: float = 30.0) -> None:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+def throwaway_credentials(run_id: str) -> str:
+    """Run credentials for one benchmark run, in a temporary directory removed at exit. Peers
+    run as users run them: mutual TLS (``--insecure`` benchmarks say so)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from peer.credentials import create_run_credentials
+
+    root = tempfile.mkdtemp(prefix="bench-creds-")
+    atexit.register(shutil.rmtree, root, True)
+    return str(create_run_credentials(run_id, Path(root) / "creds"))
+
+
+def security(credentials: str | None) -> dict:
+    """The config settings of a benchmark peer: credentials, or ``insecure`` without them."""
+    return {"credentials": credentials} if credentials else {"insecure": True}

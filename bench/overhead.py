@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from bench.averaging import REPO, BenchError, Worker, _free_ports
-from bench.common import emit_json, machine, table
+from bench.common import emit_json, machine, table, throwaway_credentials
 
 
 def available_tasks(names: list[str]) -> list[str]:
@@ -45,10 +45,12 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
         workers: list[Worker] = []
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as log_dir:
             try:
+                run_id = f"bench-ovh-{os.getpid()}-{task}"
+                credentials = throwaway_credentials(run_id)
                 for rank in range(peers):
                     argv = [sys.executable, "-m", "bench._overhead_worker", "--rank", str(rank), "--peers",
                             str(peers), "--task", task, "--codec", codec, "--addresses", json.dumps(addresses),
-                            "--run-id", f"bench-ovh-{os.getpid()}-{task}"]
+                            "--run-id", run_id, "--credentials", credentials]
                     workers.append(Worker(rank, argv, log_dir, env))
                 numel = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers][0]["numel"]
                 for h in hs:

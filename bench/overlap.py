@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import emit_json, machine
+from bench.common import emit_json, machine, throwaway_credentials
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", re.M)
 
@@ -63,11 +63,13 @@ def _plain(task: str, peers: int, h: int, rounds: int) -> float:
 def _swarm(task: str, peers: int, h: int, rounds: int, overlap: bool) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
     run_id = f"ovl-{os.getpid()}-{int(overlap)}"
+    credentials = throwaway_credentials(run_id)
     procs, logs = [], []
     try:
         for i in range(peers):
             log = tmp / f"p{i}.log"
-            argv = [sys.executable, "-m", "peer", "run", "--run-id", run_id, "--task", task, "--listen", "127.0.0.1:0",
+            argv = [sys.executable, "-m", "peer", "run", "--run-id", run_id, "--credentials", credentials,
+                    "--task", task, "--listen", "127.0.0.1:0",
                     "--metrics-port", "0", "--interface", "127.0.0.1", "--state-dir", str(tmp / f"p{i}"),
                     "--inner-steps", str(h), "--rounds", str(rounds), "--eval-every-rounds", "0",
                     "--startup-grace-s", "4", "--overlap", "on" if overlap else "off"]

@@ -35,7 +35,10 @@ def _server_main(kind: str, numel: int) -> None:
             from peer.config import load_config
             from peer.daemon import Daemon
 
-            cfg = load_config({"run_id": "bench-state", "task": "bench.tasks:synthetic", "data": str(numel),
+            # Plain TCP, like the raw gRPC stream it is compared with: this measures the transfer
+            # path itself (bench.averaging measures what TLS costs).
+            cfg = load_config({"run_id": "bench-state", "insecure": True, "task": "bench.tasks:synthetic",
+                               "data": str(numel),
                                "listen": "127.0.0.1:0", "metrics_port": 0, "mdns": False, "threads": 1,
                                "state_dir": f"/tmp/bench-state-{os.getpid()}", "checkpoint_interval_s": 0}, env={})
             d = Daemon(cfg)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 
@@ -27,8 +26,9 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if "bool" in kind:
-            p.add_argument(flag, dest=name, default=None, choices=["on", "off", "true", "false"],
-                           help=f"[{section}] on|off")
+            # `--insecure` alone means on; `--overlap off` still works.
+            p.add_argument(flag, dest=name, default=None, nargs="?", const="on",
+                           choices=["on", "off", "true", "false"], help=f"[{section}] on|off")
         else:
             p.add_argument(flag, dest=name, default=None, help=f"[{section}] {name}")
     p.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR",
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=None, help="TOML config file")
     _add_setting_flags(run)
 
+    keys = sub.add_parser("keys", help="run credentials").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="create a run CA: copying its directory to a machine admits that machine",
+                          description="Write DIR/ca.crt and DIR/ca.key (0600) for run ID. Every peer of the run "
+                                      "starts with --credentials DIR; its peer id is derived from its own key.")
+    new.add_argument("--run-id", required=True)
+    new.add_argument("--out", required=True, metavar="DIR")
+
     peers = sub.add_parser("peers", help="list the peers of a run seen by mDNS")
     peers.add_argument("--run-id", default=None, help="run to list (default: every run)")
     peers.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR")
@@ -55,17 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask one daemon what it is doing")
     status.add_argument("address", metavar="HOST:PORT")
     status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--credentials", default=None, metavar="DIR",
+                        help="the run's credentials (needed unless the daemon runs --insecure)")
     status.add_argument("--json", action="store_true")
 
-    demo = sub.add_parser("demo", help="start several local peers training together and show progress")
-    demo.add_argument("--peers", type=int, default=3)
-    demo.add_argument("--task", default="digits")
-    demo.add_argument("--rounds", type=int, default=30, help="stop when every peer reached this round")
-    demo.add_argument("--codec", default="int8")
-    demo.add_argument("--run-id", default="demo")
+    demo = sub.add_parser("demo", help="start several local peers training together and show progress",
+                          description="Start local peers on 127.0.0.1 that train one model together, plus one "
+                                      "peer training alone for comparison; show their progress live and end "
+                                      "with a summary. Defaults measured in peer/demo.py.")
+    demo.add_argument("--peers", type=int, default=3, help="peers training together (2-16, default 3)")
+    demo.add_argument("--task", default="fashion", help="task of every peer (default fashion)")
+    demo.add_argument("--data", default=None, help="the task's data (default: the task's own)")
+    demo.add_argument("--rounds", type=int, default=30, help="each peer stops after this many rounds (default 30)")
+    demo.add_argument("--inner-steps", type=int, default=50, help="inner steps per round (default 50)")
+    demo.add_argument("--inner-lr", type=float, default=5e-4, help="inner AdamW learning rate (default 5e-4)")
+    demo.add_argument("--codec", default="int8", help="codec of the averaged deltas (default int8)")
+    demo.add_argument("--run-id", default=None, help="run id of the peers (default: demo-<pid>)")
     demo.add_argument("--base-port", type=int, default=0, help="first gRPC port (default: free ports)")
-    demo.add_argument("--state-dir", default=None, help="default: a temporary directory")
-    demo.add_argument("--inner-steps", type=int, default=None)
+    demo.add_argument("--state-dir", default=None,
+                      help="logs and state (default: a new temporary directory; an earlier demo's directory "
+                           "resumes from its checkpoints)")
     return parser
 
 
@@ -117,31 +133,30 @@ def _table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip())
 
 
-def status_dict(s) -> dict:
-    nan = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
-    return {
-        "peer_id": s.peer.peer_id, "run_id": s.peer.run_id, "task": s.peer.task, "address": s.peer.address,
-        "round": s.peer.round, "inner_step": s.inner_step, "loss": nan(s.loss), "eval_loss": nan(s.eval_loss),
-        "eval_accuracy": nan(s.eval_accuracy), "global_sha256": s.peer.global_hash, "peers": list(s.peers),
-        "phase": s.phase, "codec": s.codec, "samples": s.samples, "bytes_sent": s.bytes_sent,
-        "bytes_received": s.bytes_received, "last_round_s": s.last_round_s,
-        "rounds_completed": s.rounds_completed, "rounds_failed": s.rounds_failed,
-        "metrics_port": s.peer.metrics_port,
-    }
+def _keys(args: argparse.Namespace) -> int:
+    from peer.config import validate_run_id
+    from peer.credentials import CA_CERT, CA_KEY, create_run_credentials
 
-
-async def fetch_status(address: str, timeout_s: float):
-    from peer.transport import GrpcPeerClient
-
-    client = GrpcPeerClient(chunk_bytes=1 << 20, chunk_idle_timeout_s=timeout_s)
-    try:
-        return await client.status(address, timeout_s)
-    finally:
-        await client.close()
+    validate_run_id(args.run_id)
+    out = create_run_credentials(args.run_id, args.out)
+    print(f"run credentials for {args.run_id!r} in {out}: {CA_CERT}, {CA_KEY} (0600)")
+    print(f"copy {out} to every machine of the run (it admits them), then: peer run --run-id {args.run_id} "
+          f"--credentials {out}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    s = status_dict(asyncio.run(fetch_status(args.address, args.timeout)))
+    from peer.client import get_status, human_bytes
+
+    from peer.errors import PeerUnavailable
+
+    try:
+        s = get_status(args.address, args.timeout, args.credentials)
+    except PeerUnavailable as exc:
+        if args.credentials:
+            raise
+        raise PeerUnavailable(f"{exc} (a daemon that runs with run credentials answers only to their holders: "
+                              f"pass --credentials DIR)") from None
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -151,20 +166,14 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  loss {fmt(s['loss'])}  eval loss {fmt(s['eval_loss'])}  eval accuracy {fmt(s['eval_accuracy'])}")
     print(f"  rounds completed {s['rounds_completed']}, failed {s['rounds_failed']}, last round "
           f"{s['last_round_s']:.2f} s")
-    print(f"  codec {s['codec']}, sent {_human(s['bytes_sent'])}, received {_human(s['bytes_received'])}")
+    print(f"  codec {s['codec']}, sent {human_bytes(s['bytes_sent'])}, received {human_bytes(s['bytes_received'])}")
     print(f"  peers ({len(s['peers'])}): {', '.join(s['peers']) or '-'}")
     print(f"  global sha256 {s['global_sha256']}")
+    print("  connection: mutual TLS with the run's credentials" if args.credentials else
+          "  connection: plain TCP: this daemon runs --insecure (anyone on its network can join the run)")
     host = s["address"].rsplit(":", 1)[0] or "HOST"
     print(f"  metrics http://{host}:{s['metrics_port']}/metrics  (swarm targets: /sd)")
     return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             code = _run(args)
+        elif args.command == "keys":
+            code = _keys(args)
         elif args.command == "peers":
             code = _peers(args)
         elif args.command == "status":

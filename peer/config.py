@@ -57,6 +57,14 @@ class NetConfig:
     # Static peers (host:port) for networks that multicast does not reach.
     peers: tuple[str, ...] = ()
     mdns: bool = True
+    # Run credentials (a directory made by `peer keys new`): mutual TLS, ids from keys.
+    credentials: str | None = None
+    # Run without TLS and without credentials: anyone on the network can join (a warning).
+    insecure: bool = False
+    # The most members a peer admits; the most RPCs (and streams per connection) it serves at once.
+    max_peers: int = 64
+    max_concurrent_rpcs: int = 1024
+    max_streams_per_connection: int = 128
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,12 @@ def validate(cfg: Config) -> None:
         (cfg.sync.outer_momentum is None or 0 <= cfg.sync.outer_momentum < 1, "outer_momentum must be in [0, 1)"),
         (4096 <= cfg.sync.chunk_bytes <= (1 << 20), "chunk_bytes must be in [4096, 1048576]"),
         (0 <= cfg.net.metrics_port <= 65535, "metrics_port must be in [0, 65535]"),
+        (cfg.net.max_peers >= 1, "max_peers must be >= 1"),
+        (cfg.net.max_concurrent_rpcs >= 16, "max_concurrent_rpcs must be >= 16"),
+        (cfg.net.max_streams_per_connection >= 8, "max_streams_per_connection must be >= 8"),
+        (not (cfg.net.credentials and cfg.net.insecure), "credentials and insecure exclude each other"),
+        (not (cfg.net.credentials and cfg.run.peer_id),
+         "peer_id cannot be set with credentials: a peer's id is derived from its key"),
         (cfg.run.rounds >= 0, "rounds must be >= 0"),
         (cfg.sync.checkpoint_interval_s >= 0, "checkpoint_interval_s must be >= 0"),
         (cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
@@ -328,7 +342,13 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.run.run_id and not all(c.isalnum() or c in "-_." for c in cfg.run.run_id):
-        raise ConfigError(f"run_id {cfg.run.run_id!r} may only hold letters, digits, '-', '_' and '.'")
-    if len(cfg.run.run_id) > 48:
+    if cfg.run.run_id:
+        validate_run_id(cfg.run.run_id)
+
+
+def validate_run_id(run_id: str) -> None:
+    """Raise ConfigError unless ``run_id`` is 1-48 letters, digits, '-', '_' or '.'."""
+    if not run_id or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in run_id):
+        raise ConfigError(f"run_id {run_id!r} may only hold letters, digits, '-', '_' and '.'")
+    if len(run_id) > 48:
         raise ConfigError("run_id is longer than 48 characters")

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from peer.codec import CODEC_NAMES, get_codec
 from peer.config import Config, resolve_settings
 from peer.discovery import CombinedDiscovery, MdnsDiscovery, StaticDiscovery
+from peer.credentials import Identity, load_run_ca, node_identity
 from peer.endpoint import write_endpoint
 from peer.errors import ConfigError
 from peer.faults import FaultPlan, FaultyClient, FaultyInner
@@ -43,6 +44,9 @@ from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
 
 log = logging.getLogger(__name__)
+
+NO_CREDENTIALS = ("no run credentials: create them once with `peer keys new --run-id {run} --out DIR`, copy DIR "
+                  "to every machine of the run and pass --credentials DIR (or --insecure to run without TLS)")
 
 
 def load_peer_id(state_dir: Path, configured: str | None) -> str:
@@ -73,7 +77,15 @@ class Daemon:
         faults = FaultPlan.parse(cfg.faults)
         hook = faults.at if faults else None
         self.state_dir = Path(cfg.run.state_dir or Path("peer-state") / cfg.run.run_id)
-        self.peer_id = load_peer_id(self.state_dir, cfg.run.peer_id)
+        if cfg.net.credentials:
+            self.identity: Identity | None = node_identity(load_run_ca(Path(cfg.net.credentials), cfg.run.run_id),
+                                                           self.state_dir)
+            self.peer_id = self.identity.peer_id
+        elif cfg.net.insecure:
+            self.identity = None
+            self.peer_id = load_peer_id(self.state_dir, cfg.run.peer_id)
+        else:
+            raise ConfigError(NO_CREDENTIALS.format(run=cfg.run.run_id))
         self.task = load_task(cfg.run.task, cfg.run.data)
         self.settings = resolve_settings(cfg, self.task.defaults)
         self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=cfg.train.device,
@@ -97,7 +109,7 @@ class Daemon:
         self.client = GrpcPeerClient(chunk_bytes=cfg.sync.chunk_bytes, chunk_idle_timeout_s=t.chunk_idle_timeout_s,
                                      on_error=lambda m, c: self.metrics.rpc_errors.labels(m, c).inc(),
                                      max_state_bytes=64 * self.numel + (1 << 20), reconnect_wait_s=t.reconnect_wait_s,
-                                     tamper=faults.tamper if faults else None)
+                                     tamper=faults.tamper if faults else None, identity=self.identity)
         self.mdns: MdnsDiscovery | None = None
         self.discovery = CombinedDiscovery([])
         self.membership = Membership(cfg, self.info, self.client, self.discovery, self.metrics,
@@ -186,8 +198,10 @@ class Daemon:
             self._stop_event.set()
         cfg = self.cfg
         await self.store.async_load()
-        self.server = PeerServer(self.service, cfg.net.listen, chunk_bytes=cfg.sync.chunk_bytes,
-                                 chunk_idle_timeout_s=cfg.timeouts.chunk_idle_timeout_s)
+        self.server = PeerServer(self.service, cfg.net.listen, identity=self.identity, chunk_bytes=cfg.sync.chunk_bytes,
+                                 chunk_idle_timeout_s=cfg.timeouts.chunk_idle_timeout_s,
+                                 max_concurrent_rpcs=cfg.net.max_concurrent_rpcs,
+                                 max_streams_per_connection=cfg.net.max_streams_per_connection)
         port = self.server.port
         self.exporter = Exporter(self.metrics.registry, cfg.net.metrics_host, cfg.net.metrics_port,
                                  lambda: self.membership.sd_targets(self.address, self.metrics_port))
@@ -196,7 +210,13 @@ class Daemon:
         self.address = f"{advertise_host}:{port}" if advertise_host else ""
         await self.server.start()
         self.exporter.start()
-        self.metrics.info.labels(self.peer_id, cfg.run.run_id, cfg.run.task, cfg.sync.codec).set(1)
+        secure = self.identity is not None
+        self.metrics.info.labels(self.peer_id, cfg.run.run_id, cfg.run.task, cfg.sync.codec,
+                                 "true" if secure else "false").set(1)
+        if not secure:
+            log.warning("running WITHOUT TLS (--insecure): anyone who reaches %s can join run %s, read its model "
+                        "and change it; use run credentials (peer keys new) on a shared network",
+                        cfg.net.listen, cfg.run.run_id)
         if cfg.net.mdns:
             self.mdns = MdnsDiscovery(run_id=cfg.run.run_id, peer_id=self.peer_id, grpc_port=port,
                                       metrics_port=self.metrics_port, advertise_host=advertise_host,

@@ -36,6 +36,7 @@ def write_endpoint(state_dir: Path, *, peer_id: str, grpc: str, metrics_port: in
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an address is no secret (other users' tools)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 
 class MembershipClient(Protocol):
-    async def handshake(self, address: str, me: PeerInfo, timeout_s: float) -> HandshakeReply: ...
+    async def handshake(self, address: str, me: PeerInfo, timeout_s: float, expect_id: str = "") -> HandshakeReply: ...
     async def status(self, address: str, timeout_s: float) -> StatusInfo: ...
     async def leave(self, address: str, run_id: str, peer_id: str, timeout_s: float) -> None: ...
     async def forget(self, address: str) -> None: ...
+    def bind(self, address: str, peer_id: str) -> None: ...
 
 
 @dataclass
@@ -132,13 +133,20 @@ class Membership:
 
     # ----------------------------------------------------------------- admit and drop
 
-    def admit(self, info: PeerInfo, address: str) -> None:
+    def admit(self, info: PeerInfo, address: str) -> bool:
+        """Make ``info`` a member at ``address``; False (not admitted) when ``max_peers`` are."""
         is_new = info.peer_id not in self._known
+        if is_new and len(self._known) >= self._cfg.net.max_peers:
+            self._refused(HandshakeRefused("full", f"this peer admits at most {self._cfg.net.max_peers} members"),
+                          f"{info.peer_id} at {address}")
+            return False
         self._known[info.peer_id] = Known(info=info, address=address)
+        self._client.bind(address, info.peer_id)
         self._metrics.live_peers.set(len(self._known))
         if is_new:
             log.info("peer joined: %s at %s (round %d); %d peers", info.peer_id, address, info.round,
                      len(self._known))
+        return True
 
     def drop(self, peer_id: str, why: str) -> None:
         known = self._known.pop(peer_id, None)
@@ -177,7 +185,8 @@ class Membership:
             # Dial back where the connection came from: the caller may not know which of its
             # addresses we can reach (it listens on 0.0.0.0 with several interfaces).
             port = info.address.rsplit(":", 1)[1]
-            self.admit(info, f"{observed_host}:{port}" if observed_host else info.address)
+            if not self.admit(info, f"{observed_host}:{port}" if observed_host else info.address):
+                return HandshakeReply(False, "full", f"this peer admits at most {self._cfg.net.max_peers} members", me)
         return HandshakeReply(True, "", "", me)
 
     def said_leave(self, run_id: str, peer_id: str) -> None:
@@ -189,15 +198,17 @@ class Membership:
     def introduce(self, address: str, hint: str) -> None:
         """Handshake ``address`` once, in the background, unless a handshake with it runs."""
         if address not in self._pending:
-            self._tasks.spawn(self.handshake(address, hint, attempts=1), f"handshake-{address}")
+            self._tasks.spawn(self.handshake(address, hint, attempts=1, expect_id=hint), f"handshake-{address}")
 
-    async def handshake(self, address: str, hint: str, attempts: int = 5) -> None:
-        """Introduce ourselves to ``address``; admit it if it accepts and is compatible."""
+    async def handshake(self, address: str, hint: str, attempts: int = 5, expect_id: str = "") -> None:
+        """Introduce ourselves to ``address``; admit it if it accepts and is compatible.
+        ``expect_id``: whom discovery says listens there; with TLS, the handshake fails unless
+        that peer's certificate answers (a discovery record is a hint, never trusted)."""
         self._pending.add(address)
         try:
             for attempt in range(attempts):
                 try:
-                    reply = await self._client.handshake(address, self._me(), self._t.handshake_timeout_s)
+                    reply = await self._client.handshake(address, self._me(), self._t.handshake_timeout_s, expect_id)
                 except PeerUnavailable as exc:
                     log.debug("handshake with %s failed (attempt %d): %s", address, attempt + 1, exc)
                     await asyncio.sleep(min(self._t.reconnect_wait_s, 0.25 * 2 ** attempt))
@@ -209,6 +220,8 @@ class Membership:
                     return
                 if reply.peer is None:
                     return
+                if expect_id and reply.peer.peer_id != expect_id:
+                    return  # with TLS the certificate proved expect_id; without, a mismatch is stale
                 try:
                     check_compatible(self._me(), reply.peer)
                 except HandshakeRefused as exc:
@@ -253,7 +266,8 @@ class Membership:
             return
         if rec.peer_id == self._me().peer_id or rec.address in self._pending:
             return
-        self._tasks.spawn(self.handshake(rec.address, rec.peer_id), f"handshake-{rec.address}")
+        expect = "" if rec.provisional else rec.peer_id
+        self._tasks.spawn(self.handshake(rec.address, rec.peer_id, expect_id=expect), f"handshake-{rec.address}")
 
     async def _heartbeat(self) -> None:
         """Ping members: drop those that stopped answering (kill -9 sends no goodbye) and keep
@@ -266,8 +280,8 @@ class Membership:
             self._export_ignored()
             for pid, k in list(self._known.items()):
                 self._tasks.spawn(self._ping(pid, k), f"ping-{pid}")
-            wanted = {a: "static peer" for a in self._cfg.net.peers}
-            wanted.update({r.address: r.peer_id for r in self._discovery.current()
+            wanted = {a: "" for a in self._cfg.net.peers}
+            wanted.update({r.address: "" if r.provisional else r.peer_id for r in self._discovery.current()
                            if r.peer_id != me and r.peer_id not in self._known})
             connected = {k.address for k in self._known.values()}
             now = time.monotonic()
@@ -275,7 +289,8 @@ class Membership:
                 if self._refused_until.get(address, 0.0) > now:
                     continue  # refused recently: do not spam the log and the refusal counter
                 if address not in connected and address not in self._pending:
-                    self._tasks.spawn(self.handshake(address, hint, attempts=1), f"handshake-{address}")
+                    self._tasks.spawn(self.handshake(address, hint or "static peer", attempts=1, expect_id=hint),
+                                      f"handshake-{address}")
 
     def _export_ignored(self) -> None:
         """Discovery counts what it ignores; export the increase since the last heartbeat."""

@@ -33,7 +33,7 @@ class Metrics:
         self.registry = registry
         r = registry
         self.info = Gauge("peer_info", "Identity of this peer (value 1).",
-                          ["peer_id", "run_id", "task", "codec"], registry=r)
+                          ["peer_id", "run_id", "task", "codec", "secure"], registry=r)
         self.rounds = Counter("peer_rounds", "Rounds by outcome (completed, failed).", ["outcome"], registry=r)
         self.round_current = Gauge("peer_round_current", "Round number of this peer's global parameters.", registry=r)
         self.round_phase_seconds = Histogram(
@@ -64,6 +64,8 @@ class Metrics:
                                   ["method", "code"], registry=r)
         self.rejected = Counter("peer_sync_rejected_contributions",
                                 "Contributions an owner left out of a round, by reason.", ["reason"], registry=r)
+        self.auth_refusals = Counter("peer_auth_refusals", "Calls refused because they named another peer than "
+                                     "their certificate proves, by reason.", ["reason"], registry=r)
         self.discovery_ignored = Counter("peer_discovery_ignored", "Discovered services ignored, by reason.",
                                          ["reason"], registry=r)
         self.checkpoints = Counter("peer_checkpoint_writes", "Checkpoints written, by outcome.", ["outcome"],

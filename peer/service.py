@@ -3,6 +3,7 @@ and the round's leader and owner sides. Loop-only; nothing here decides anything
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -14,6 +15,9 @@ from peer.sync.driver import RoundDriver
 from peer.sync.round import PhaseHook, no_hook
 from peer.sync.store import StateStore
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
+
+
+log = logging.getLogger(__name__)
 
 
 class Service:
@@ -34,6 +38,7 @@ class Service:
         self._store = store
         self._metrics = metrics
         self._hook = phase_hook
+        self._refused_callers: set[str] = set()
 
     def handshake(self, info: PeerInfo, observed_host: str) -> HandshakeReply:
         return self._membership.answer_handshake(info, observed_host)
@@ -75,3 +80,11 @@ class Service:
 
     def leave(self, run_id: str, peer_id: str) -> None:
         self._membership.said_leave(run_id, peer_id)
+
+    def auth_refused(self, method: str, caller: str, named: str) -> None:
+        """Counted every time, logged once per caller (a liar may call in a loop)."""
+        self._metrics.auth_refusals.labels("identity_mismatch" if caller else "no_certificate").inc()
+        if caller not in self._refused_callers and len(self._refused_callers) < 1024:
+            self._refused_callers.add(caller)
+            log.warning("refused %s from %s: it named peer %r (further refusals of this caller are only counted)",
+                        method, caller or "a caller without a certificate", named)

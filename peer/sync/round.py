@@ -139,6 +139,11 @@ class Matchmaker:
         if req.round < current:
             return JoinReply(JoinOutcome.WRONG_ROUND,
                              f"round {req.round} is over; the leader is at round {current}", leader_round=current)
+        if req.round > current + 1:
+            # Bounded bookkeeping: a round far ahead of ours is not matched here (the leader
+            # resyncs when its heartbeat sees members ahead; a liar gains nothing).
+            return JoinReply(JoinOutcome.WRONG_ROUND, f"round {req.round} is ahead of the leader's round {current}",
+                             leader_round=current)
         for old in [r for r in self._matches if r < current]:
             self._drop(old)
         m = self._matches.get(req.round)
@@ -512,6 +517,9 @@ class ReduceOwner:
         if header.run_id != self._run_id:
             raise RoundError("not_member", f"run {header.run_id!r} is not this run")
         owned = await self._registry.get(header.group_id, self._wait_s)
+        if owned.group.member(header.peer_id) is None:
+            # Before anything is allocated for the part: only the group's members may send one.
+            raise RoundError("not_member", f"{header.peer_id} is not a member of group {owned.group.group_id}")
         if (header.shard_start, header.shard_end) != (owned.me.shard_start, owned.me.shard_end):
             raise RoundError("bad_shard", f"{header.peer_id} sent shard {header.shard_start}-{header.shard_end}; "
                              f"this peer owns {owned.me.shard_start}-{owned.me.shard_end}")

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import grpc
 
+from peer.credentials import MEMBER_NAME, Identity, member_name
 from peer.errors import PeerUnavailable, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
@@ -32,43 +33,64 @@ Tamper = Callable[[ReduceHeader, bytes], bytes]
 
 
 class GrpcPeerClient:
-    """Channels are cached per address and closed by ``close()``. Loop-only.
+    """Channels are cached per address (and expected identity) and closed by ``close()``.
+    Loop-only.
 
-    ``reconnect_wait_s``: how long a call that found no connection waits for one before the
+    ``identity``: mutual TLS with this identity (None: plain TCP, ``--insecure``). A call to an
+    address ``bind``-ed to a peer id checks in the TLS handshake that the server's certificate
+    is that peer's; other calls check that it is a member of the run. ``reconnect_wait_s``: how long a call that found no connection waits for one before the
     peer counts as gone. ``tamper`` (fault injection, tests only) may change each outgoing
     Reduce payload after its checksum was computed, as a broken link would.
     """
 
     def __init__(self, *, chunk_bytes: int, chunk_idle_timeout_s: float, on_error: ErrorHook | None = None,
-                 max_state_bytes: int = 1 << 34, reconnect_wait_s: float = 2.0, tamper: Tamper | None = None) -> None:
+                 max_state_bytes: int = 1 << 34, reconnect_wait_s: float = 2.0, tamper: Tamper | None = None,
+                 identity: Identity | None = None) -> None:
         self._chunk_bytes = chunk_bytes
         self._idle = chunk_idle_timeout_s
         self._on_error = on_error or (lambda method, code: None)
         self._max_state_bytes = max_state_bytes
         self._reconnect_wait_s = reconnect_wait_s
         self._tamper = tamper
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._creds = None if identity is None else grpc.ssl_channel_credentials(
+            root_certificates=identity.ca_pem, private_key=identity.key_pem, certificate_chain=identity.cert_pem)
+        self._bound: dict[str, str] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
-        channel = self._channels.get(address)
+    def bind(self, address: str, peer_id: str) -> None:
+        """From now on, calls to ``address`` succeed only if the server proves ``peer_id``."""
+        self._bound[address] = peer_id
+
+    def _stub(self, address: str, expect_id: str = "") -> pb_grpc.PeerServiceStub:
+        expect_id = expect_id or self._bound.get(address, "")
+        key = (address, expect_id)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=[
+            options = [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 # Reconnect quickly after a peer restarts on the same address.
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2000),
-            ])
-            self._channels[address] = channel
+            ]
+            if self._creds is None:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            else:
+                # The name the server's certificate must carry: that peer's, or any member's.
+                name = member_name(expect_id) if expect_id else MEMBER_NAME
+                channel = grpc.aio.secure_channel(address, self._creds,
+                                                  options=[*options, ("grpc.ssl_target_name_override", name)])
+            self._channels[key] = channel
         return pb_grpc.PeerServiceStub(channel)
 
     async def forget(self, address: str) -> None:
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close(grace=None)
+        """Close every channel to ``address`` and forget whom it was bound to."""
+        self._bound.pop(address, None)
+        for key in [k for k in self._channels if k[0] == address]:
+            await self._channels.pop(key).close(grace=None)
 
     async def close(self) -> None:
-        for address in list(self._channels):
+        for address in {a for a, _ in self._channels}:
             await self.forget(address)
 
     def _fail(self, method: str, exc: grpc.aio.AioRpcError, address: str) -> Exception:
@@ -79,9 +101,10 @@ class GrpcPeerClient:
             return PeerUnavailable(text, code.name)
         return RoundError(code.name.lower(), text)
 
-    async def handshake(self, address: str, me: PeerInfo, timeout_s: float) -> HandshakeReply:
+    async def handshake(self, address: str, me: PeerInfo, timeout_s: float, expect_id: str = "") -> HandshakeReply:
+        """``expect_id``: the peer we believe listens there (an mDNS hint), checked by TLS."""
         try:
-            reply = await self._stub(address).Handshake(pb.HandshakeRequest(peer=convert.info_to_pb(me)),
+            reply = await self._stub(address, expect_id).Handshake(pb.HandshakeRequest(peer=convert.info_to_pb(me)),
                                                          timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._fail("Handshake", exc, address) from None

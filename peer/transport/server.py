@@ -12,6 +12,7 @@ from typing import Protocol
 
 import grpc
 
+from peer.credentials import Identity, peer_id_of_certificate
 from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
@@ -49,15 +50,48 @@ class Handler(Protocol):
     async def serving_state(self, sent_bytes: int) -> None:
         """Called between the chunks of a GetState stream (a seam for fault injection)."""
     def leave(self, run_id: str, peer_id: str) -> None: ...
+    def auth_refused(self, method: str, caller: str, named: str) -> None:
+        """A call named another peer than the one its certificate proves (already refused)."""
 
 
 class _Servicer(pb_grpc.PeerServiceServicer):
-    def __init__(self, handler: Handler, chunk_bytes: int, chunk_idle_timeout_s: float) -> None:
+    def __init__(self, handler: Handler, chunk_bytes: int, chunk_idle_timeout_s: float, secure: bool) -> None:
         self._h = handler
         self._chunk_bytes = chunk_bytes
         self._idle = chunk_idle_timeout_s
+        self._secure = secure
+        self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
+
+    def _caller(self, context) -> str:
+        """The peer id the connection's verified certificate proves ("" if it shows none)."""
+        pems = context.auth_context().get("x509_pem_cert") or [b""]
+        pem = pems[0]
+        caller = self._ids.get(pem)
+        if caller is None:
+            try:
+                caller = peer_id_of_certificate(pem)
+            except ValueError:
+                caller = ""
+            if len(self._ids) >= 4096:
+                self._ids.clear()
+            self._ids[pem] = caller
+        return caller
+
+    async def _authorize(self, context, method: str, named: str) -> None:
+        """Refuse (PERMISSION_DENIED) a call that names another peer than its caller. Without
+        TLS (``--insecure``) there is no caller identity to check."""
+        if not self._secure:
+            return
+        caller = self._caller(context)
+        if caller and caller == named:
+            return
+        self._h.auth_refused(method, caller, named)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{method} names peer {named!r}, but this connection's certificate proves "
+                            f"{caller or 'no peer'!r}")
 
     async def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:  # noqa: N802
+        await self._authorize(context, "Handshake", request.peer.peer_id)
         reply = self._h.handshake(convert.info_from_pb(request.peer), observed_host(context.peer()))
         return convert.handshake_reply_to_pb(reply)
 
@@ -65,6 +99,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         return convert.status_to_pb(self._h.status())
 
     async def JoinRound(self, request: pb.JoinRoundRequest, context) -> pb.JoinRoundResponse:  # noqa: N802
+        await self._authorize(context, "JoinRound", request.peer_id)
         reply = await self._h.join_round(convert.join_request_from_pb(request))
         return convert.join_reply_to_pb(reply)
 
@@ -76,6 +111,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if first.WhichOneof("kind") != "header":
                 raise RoundError("malformed", "a Reduce stream must start with a header")
             header = convert.reduce_header_from_pb(first.header)
+            await self._authorize(context, "Reduce", header.peer_id)
             expected = await self._h.reduce_expect(header)
             if header.total_bytes != expected:
                 raise RoundError("bad_size", f"{header.peer_id} announced {header.total_bytes} bytes for shard "
@@ -94,6 +130,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             yield pb.ReduceMessage(chunk=chunk)
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[pb.StateMessage]:  # noqa: N802
+        await self._authorize(context, "GetState", request.peer_id)
         try:
             header, blob = await self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
         except (HandshakeRefused, StateError) as exc:
@@ -111,6 +148,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             self._h.state_served(ok)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:  # noqa: N802
+        await self._authorize(context, "Leave", request.peer_id)
         self._h.leave(request.run_id, request.peer_id)
         return pb.LeaveResponse()
 
@@ -128,21 +166,31 @@ def observed_host(peer: str) -> str:
 class PeerServer:
     """grpc.aio server bound to ``listen`` (host:port; port 0 picks a free one).
 
+    ``identity``: mutual TLS with this identity, client certificates of the run CA required (a
+    peer of another run fails the TLS handshake); None serves plain TCP (``--insecure``).
     ``chunk_bytes``: payload bytes per streamed chunk (at most 1 MiB); ``chunk_idle_timeout_s``:
     how long a stream may go without a message before it is refused as stalled.
+    ``max_concurrent_rpcs`` and ``max_streams_per_connection`` bound what callers can hold open.
     """
 
-    def __init__(self, handler: Handler, listen: str, *, chunk_bytes: int = MAX_CHUNK_BYTES,
-                 chunk_idle_timeout_s: float = 10.0) -> None:
+    def __init__(self, handler: Handler, listen: str, *, identity: Identity | None = None,
+                 chunk_bytes: int = MAX_CHUNK_BYTES, chunk_idle_timeout_s: float = 10.0,
+                 max_concurrent_rpcs: int = 1024, max_streams_per_connection: int = 128) -> None:
         self._server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ])
-        pb_grpc.add_PeerServiceServicer_to_server(_Servicer(handler, chunk_bytes, chunk_idle_timeout_s),
-                                                  self._server)
+            ("grpc.max_concurrent_streams", max_streams_per_connection),
+        ], maximum_concurrent_rpcs=max_concurrent_rpcs)
+        servicer = _Servicer(handler, chunk_bytes, chunk_idle_timeout_s, secure=identity is not None)
+        pb_grpc.add_PeerServiceServicer_to_server(servicer, self._server)
         try:
-            self.port = self._server.add_insecure_port(listen)
+            if identity is None:
+                self.port = self._server.add_insecure_port(listen)
+            else:
+                creds = grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)],
+                                                    root_certificates=identity.ca_pem, require_client_auth=True)
+                self.port = self._server.add_secure_port(listen, creds)
         except RuntimeError as exc:
             raise PeerError(f"cannot listen on {listen}: {exc}") from None
         if self.port == 0:

@@ -101,8 +101,8 @@ def test_a_donor_killed_while_serving_state_does_not_stop_the_joiner(tmp_path):
         wait_until(lambda: "resynced to round 3" in joiner.log(), 40, "the joiner to get the state from p2",
                    lambda: _logs(swarm))
         assert d1.proc.wait(10) == -signal.SIGKILL
-        assert re.search(r"state transfer from p1 failed", joiner.log()), joiner.log()
-        assert re.search(r"resynced to round 3 \(\w+\) from p2", joiner.log())
+        assert re.search(rf"state transfer from {d1.peer_id} failed", joiner.log()), joiner.log()
+        assert re.search(rf"resynced to round 3 \(\w+\) from {d2.peer_id}", joiner.log())
         assert joiner.status()["global_sha256"] == d2.status()["global_sha256"]
 
 
@@ -167,9 +167,9 @@ def test_sigterm_mid_training_leaves_cleanly_and_nobody_waits(tmp_path):
         assert (tmp_path / "p0" / "checkpoint.bin").exists()
         for p in others:
             # Either its Leave RPC or its "leaving" answer to a JoinRound told them first.
-            wait_until(lambda p=p: re.search(r"peer left: p0 \((said goodbye|it is leaving)\)", p.log()), 10,
-                       "the goodbye", lambda: _logs(swarm))
-            assert "p0" not in p.status()["peers"]
+            wait_until(lambda p=p: re.search(rf"peer left: {leaver.peer_id} \((said goodbye|it is leaving)\)",
+                                             p.log()), 10, "the goodbye", lambda: _logs(swarm))
+            assert leaver.peer_id not in p.status()["peers"]
         after = wait_until(lambda: [t for t, r, k in _done_times(others[0].log()) if t > t0 and k == 2], 20,
                            "a 2-peer round after the leave", lambda: _logs(swarm))
         _report("SIGTERM of the leader", after[0] - t0)

@@ -16,7 +16,7 @@ from peer.errors import RoundError
 from peer.transport import PeerServer
 from peer.transport.gen import peer_pb2 as pb
 from peer.types import HandshakeReply, ReduceHeader, StatusInfo, PeerInfo
-from tests.integration._peers import Swarm, check_invariant, consistent_rounds, wait_until
+from tests.integration._peers import Swarm, check_invariant, consistent_rounds, tls_channel, wait_until
 
 EXPECTED = 4096
 
@@ -150,38 +150,46 @@ def test_malformed_bytes_and_strangers_do_not_hurt_a_running_swarm(tmp_path):
         wait_until(lambda: len(consistent_rounds([*peers, nan])) >= 5, 60, "five rounds", lambda: "\n".join(
             p.tail(20) for p in swarm.peers))
 
-        async def attack(address: str) -> list:
-            codes = []
-            async with grpc.aio.insecure_channel(address) as channel:
-                for method in ("Handshake", "JoinRound", "Status", "GetState", "Leave"):
-                    call = channel.unary_unary(f"/peer.v1.PeerService/{method}") if method != "GetState" else \
-                        channel.unary_stream(f"/peer.v1.PeerService/{method}")
-                    try:
-                        result = call(b"\xff\xff\xff\xff\xff\x0f garbage", timeout=5)
-                        if method == "GetState":
-                            result = [m async for m in result]
-                        else:
-                            await result
-                        codes.append((method, "OK"))
-                    except grpc.aio.AioRpcError as exc:
-                        codes.append((method, exc.code().name))
-                # A JoinRound from a stranger and a GetState for another run: refused, not crashed.
+        async def garbage(channel) -> dict:
+            codes = {}
+            for method in ("Handshake", "JoinRound", "Status", "GetState", "Leave"):
+                call = channel.unary_unary(f"/peer.v1.PeerService/{method}") if method != "GetState" else \
+                    channel.unary_stream(f"/peer.v1.PeerService/{method}")
+                try:
+                    result = call(b"\xff\xff\xff\xff\xff\x0f garbage", timeout=5)
+                    if method == "GetState":
+                        result = [m async for m in result]
+                    else:
+                        await result
+                    codes[method] = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    codes[method] = exc.code().name
+            return codes
+
+        async def attack(address: str) -> tuple[dict, dict]:
+            async with grpc.aio.insecure_channel(address) as channel:  # a stranger: no TLS at all
+                stranger = await garbage(channel)
+            channel, me = tls_channel(address, peers[0].credentials)  # a member sending garbage
+            async with channel:
+                codes = await garbage(channel)
+                # A JoinRound and a GetState for another run, in the member's own name: refused.
                 join = channel.unary_unary("/peer.v1.PeerService/JoinRound",
                                            request_serializer=pb.JoinRoundRequest.SerializeToString,
                                            response_deserializer=pb.JoinRoundResponse.FromString)
-                reply = await join(pb.JoinRoundRequest(run_id="other", peer_id="x", round=10**9), timeout=5)
-                codes.append(("JoinRound-stranger", pb.JoinRoundResponse.Outcome.Name(reply.outcome)))
+                reply = await join(pb.JoinRoundRequest(run_id="other", peer_id=me, round=10**9), timeout=5)
+                codes["JoinRound-stranger"] = pb.JoinRoundResponse.Outcome.Name(reply.outcome)
                 state = channel.unary_stream("/peer.v1.PeerService/GetState",
                                              request_serializer=pb.GetStateRequest.SerializeToString,
                                              response_deserializer=pb.StateMessage.FromString)
                 try:
-                    [m async for m in state(pb.GetStateRequest(run_id="other"), timeout=5)]
-                    codes.append(("GetState-other-run", "OK"))
+                    [m async for m in state(pb.GetStateRequest(run_id="other", peer_id=me), timeout=5)]
+                    codes["GetState-other-run"] = "OK"
                 except grpc.aio.AioRpcError as exc:
-                    codes.append(("GetState-other-run", exc.code().name))
-            return codes
+                    codes["GetState-other-run"] = exc.code().name
+            return stranger, codes
 
-        codes = dict(asyncio.run(attack(peers[0].grpc)))
+        stranger, codes = asyncio.run(attack(peers[0].grpc))
+        assert all(code == "UNAVAILABLE" for code in stranger.values()), stranger  # the TLS handshake fails
         for method in ("Handshake", "JoinRound", "GetState", "Leave"):
             assert codes[method] != "OK", codes  # undecodable requests are refused
         assert codes["JoinRound-stranger"] == "REFUSED"

@@ -18,10 +18,51 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer.cli import fetch_status, status_dict
+from peer.client import fetch_status, status_dict
 
 LISTEN_RE = re.compile(r"listening on \S+ \(grpc (?P<grpc>\S+), metrics :(?P<metrics>\d+)\)")
 PEER_RE = re.compile(r"peer (?P<id>[\w-]+) listening")
+
+_CREDENTIALS: dict[str, Path] = {}
+
+
+def credentials_for(run_id: str) -> Path:
+    """Run credentials for ``run_id``, made once per test session (removed at exit)."""
+    if run_id not in _CREDENTIALS:
+        import atexit
+        import shutil
+        import tempfile
+
+        from peer.credentials import create_run_credentials
+
+        root = Path(tempfile.mkdtemp(prefix="peer-test-creds-"))
+        atexit.register(shutil.rmtree, root, True)
+        _CREDENTIALS[run_id] = create_run_credentials(run_id, root / run_id)
+    return _CREDENTIALS[run_id]
+
+
+def place_key_sorting_like(state_dir: Path, wanted: str) -> str:
+    """Put a node key into ``state_dir`` (unless one is there) whose derived peer id starts with
+    the hex of ``wanted``'s last character, so that ids like p0 < p1 < p9 keep their order.
+    Returns the derived id. About 256 key generations: a few milliseconds."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from peer.credentials import NODE_KEY, _pem_key, _write_private, peer_id_of_public_key
+
+    path = state_dir / NODE_KEY
+    prefix = wanted[-1].encode().hex()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        from cryptography.hazmat.primitives import serialization
+
+        return peer_id_of_public_key(serialization.load_pem_private_key(path.read_bytes(), None).public_key())
+    while True:
+        key = ec.generate_private_key(ec.SECP256R1())
+        peer_id = peer_id_of_public_key(key.public_key())
+        if peer_id.startswith(prefix):
+            _write_private(path, _pem_key(key))
+            return peer_id
+
 
 # Small, fast settings for tests on a 2-core machine.
 FAST = ["--inner-steps", "10", "--matchmaking-timeout-s", "3", "--startup-grace-s", "4",
@@ -34,6 +75,7 @@ class PeerProc:
     proc: subprocess.Popen
     log_path: Path
     argv_prefix: list[str] = field(default_factory=list)
+    credentials: str | None = None
     grpc: str = ""
     metrics_port: int = 0
     peer_id: str = ""
@@ -58,7 +100,7 @@ class PeerProc:
         raise AssertionError(f"{self.name} did not listen within {timeout_s} s:\n{self.tail()}")
 
     def status(self, timeout_s: float = 5.0) -> dict:
-        return status_dict(asyncio.run(fetch_status(self.grpc, timeout_s)))
+        return status_dict(asyncio.run(fetch_status(self.grpc, timeout_s, self.credentials)))
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -83,14 +125,31 @@ class Swarm:
         state = self.tmp / name
         state.mkdir(parents=True, exist_ok=True)
         log_path = self.tmp / f"{name}.log"
-        argv = [*netns_argv, sys.executable, "-m", "peer", "run", "--run-id", run_id or self.run_id,
+        rid = run_id or self.run_id
+        # Every peer runs as users run it: with run credentials (mutual TLS), unless the test
+        # passes its own --credentials or --insecure.
+        args = list(args)
+        if "--peer-id" in args and "--insecure" not in [*self.base_args, *args]:
+            # With credentials an id is derived from the peer's key: give this peer a key whose
+            # id sorts like the id the test asked for (the lowest id leads a round).
+            i = args.index("--peer-id")
+            wanted = args[i + 1]
+            del args[i:i + 2]
+            state_dir = Path(args[args.index("--state-dir") + 1]) if "--state-dir" in args else state
+            place_key_sorting_like(state_dir, wanted)
+        given = [*self.base_args, *args]
+        own = "--credentials" in given or "--insecure" in given
+        credentials = given[given.index("--credentials") + 1] if "--credentials" in given else (
+            None if own else str(credentials_for(rid)))
+        argv = [*netns_argv, sys.executable, "-m", "peer", "run", "--run-id", rid,
+                *(["--credentials", credentials] if credentials and not own else []),
                 "--listen", listen, "--metrics-port", "0", "--state-dir", str(state),
                 *(["--interface", interface] if interface else []), *FAST, *self.base_args, *args]
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                     start_new_session=True)
-        peer = PeerProc(name, proc, log_path)
+        peer = PeerProc(name, proc, log_path, credentials=credentials)
         self.peers.append(peer)
         if wait:
             peer.wait_listening()
@@ -170,3 +229,29 @@ def consistent_rounds(peers: Sequence[PeerProc]) -> list[int]:
     tables = [round_groups(p.log()) for p in peers]
     common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
     return [r for r in common if len({t[r] for t in tables}) == 1]
+
+
+def tls_channel(address: str, credentials: Path | str):
+    """A grpc.aio channel to ``address`` with a throwaway identity signed by the CA in
+    ``credentials`` (a member of that run, or a stranger with a CA of its own); returns
+    (channel, the identity's peer id). Imports grpc lazily: only the tests that attack use it."""
+    import grpc
+
+    from peer.credentials import MEMBER_NAME, ephemeral_identity, load_run_ca
+
+    ident = ephemeral_identity(load_run_ca(Path(credentials)))
+    creds = grpc.ssl_channel_credentials(root_certificates=ident.ca_pem, private_key=ident.key_pem,
+                                         certificate_chain=ident.cert_pem)
+    return grpc.aio.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", MEMBER_NAME)]), \
+        ident.peer_id
+
+
+def metric(port: int, sample: str) -> float:
+    """The value of one sample line (``name{labels}``) on a peer's /metrics, 0 if absent."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

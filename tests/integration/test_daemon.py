@@ -110,15 +110,20 @@ def test_sigterm_leaves_the_view_of_the_others_and_exits_zero(tmp_path):
 def test_status_json_has_the_documented_fields(tmp_path):
     with Swarm(tmp_path, f"st-{os.getpid()}", ["--rounds", "0"]) as swarm:
         p = swarm.start("solo")
-        out = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, "--json"], capture_output=True,
+        creds = ["--credentials", p.credentials]
+        out = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, "--json", *creds], capture_output=True,
                              text=True, timeout=30, check=True)
         s = json.loads(out.stdout)
         for key in ("peer_id", "run_id", "round", "inner_step", "loss", "global_sha256", "peers"):
             assert key in s
         assert s["peer_id"] == p.peer_id and len(s["global_sha256"]) == 64
-        human = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc], capture_output=True, text=True,
-                               timeout=30, check=True).stdout
-        assert f"peer {p.peer_id}" in human and "round" in human
+        human = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, *creds], capture_output=True,
+                               text=True, timeout=30, check=True).stdout
+        assert f"peer {p.peer_id}" in human and "round" in human and "TLS" in human
+        # without the run's credentials the daemon does not answer, and the message says why
+        bare = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, "--timeout", "3"], capture_output=True,
+                              text=True, timeout=30)
+        assert bare.returncode == 2 and "--credentials" in bare.stderr, bare.stderr
 
 
 def test_status_of_an_unreachable_address_fails_clearly():

@@ -17,8 +17,9 @@ from tests.integration._peers import Swarm, consistent_rounds, wait_until
 pytestmark = pytest.mark.netns
 
 
-def _status_in(host, address: str) -> dict:
-    out = subprocess.run(host.exec_argv([sys.executable, "-m", "peer", "status", address, "--json"]),
+def _status_in(host, address: str, credentials: str) -> dict:
+    out = subprocess.run(host.exec_argv([sys.executable, "-m", "peer", "status", address, "--json",
+                                         "--credentials", credentials]),
                          capture_output=True, text=True, timeout=30, check=True)
     return json.loads(out.stdout)
 
@@ -49,7 +50,7 @@ def test_three_namespaced_peers_find_each_other_with_default_interfaces(tmp_path
             wait_until(lambda: len(consistent_rounds(peers)) >= 3, 60, "three rounds done by all three",
                        lambda: "\n".join(p.tail(20) for p in peers))
             # The status RPC answers across the bridge, from another namespace.
-            s = _status_in(hosts[0], f"{hosts[1].ip}:7070")
+            s = _status_in(hosts[0], f"{hosts[1].ip}:7070", peers[0].credentials)
             assert s["peer_id"] == peers[1].peer_id and len(s["peers"]) == 2
     finally:
         ctx.__exit__(None, None, None)

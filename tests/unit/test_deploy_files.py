@@ -114,7 +114,8 @@ def test_every_rule_has_a_unit_test():
 def test_metrics_exposition_passes_promtool_lint():
     # Prepare: every collector with one child, as a running daemon has them.
     m = Metrics(CollectorRegistry())
-    m.info.labels("p", "r", "digits", "int8").set(1)
+    m.info.labels("p", "r", "digits", "int8", "true").set(1)
+    m.auth_refusals.labels("identity_mismatch").inc()
     m.handshake_refusals.labels("schema_mismatch").inc()
     m.rpc_errors.labels("Reduce", "UNAVAILABLE").inc()
     m.rejected.labels("crc").inc()
@@ -222,7 +223,9 @@ def test_compose_services_and_mounts():
     for name, service in services.items():
         assert service["network_mode"] == "host", f"{name}: mDNS and the /sd URL need the host network"
         for mount in service.get("volumes", []):
-            if isinstance(mount, dict) and mount["type"] == "bind":
+            if isinstance(mount, dict) and mount["type"] == "bind" and mount["source"].startswith("/"):
+                assert mount.get("read_only"), f"{name}: host path {mount['source']} must be mounted read-only"
+            elif isinstance(mount, dict) and mount["type"] == "bind":
                 assert (DEPLOY / mount["source"]).exists(), f"{name}: {mount['source']} does not exist"
             else:
                 volume = mount.split(":")[0] if isinstance(mount, str) else mount["source"]
@@ -230,9 +233,10 @@ def test_compose_services_and_mounts():
     prom_cmd = " ".join(services["prometheus"]["command"])
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom_cmd
     peer_cmd = " ".join(services["peer"]["command"])
-    assert "peer run --config /etc/peer/peer.toml" in peer_cmd
+    assert "peer run --config /etc/peer/peer.toml" in peer_cmd and "--credentials /etc/peer/credentials" in peer_cmd
     peer_mounts = {m["target"]: m["source"] for m in services["peer"]["volumes"] if isinstance(m, dict)}
     assert peer_mounts["/etc/peer/peer.toml"] == "./systemd/peer.toml"
+    assert peer_mounts["/etc/peer/credentials"] == "/etc/peer/credentials"
     assert peer_mounts["/src"] == ".." and (DEPLOY / ".." / "pyproject.toml").exists()
 
 
@@ -248,12 +252,16 @@ def unit() -> configparser.ConfigParser:
 
 def test_systemd_unit_settings():
     service = unit()["Service"]
-    assert service["ExecStart"] == (
-        "/opt/peer/.venv/bin/peer run --config /etc/peer/peer.toml --state-dir /var/lib/peer")
+    assert service["ExecStart"] == ("/opt/peer/.venv/bin/peer run --config /etc/peer/peer.toml --state-dir "
+                                    "/var/lib/peer --credentials ${CREDENTIALS_DIRECTORY}")
     assert service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
     assert service["StateDirectory"] == "peer"
     assert int(service["TimeoutStopSec"]) == 15
+    # The run credentials reach the dynamic user through systemd's credential store.
+    text = (SYSTEMD / "peer.service").read_text()
+    for name in ("ca.crt", "ca.key"):
+        assert f"LoadCredential={name}:/etc/peer/credentials/{name}" in text
 
 
 def test_example_config_loads_and_stops_within_the_unit_timeout():

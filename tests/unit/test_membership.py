@@ -30,6 +30,7 @@ class Client:
         self.remotes: dict[str, Remote] = {}
         self.left: list[str] = []
         self.forgotten: list[str] = []
+        self.bound: dict[str, str] = {}
 
     def _get(self, address):
         remote = self.remotes.get(address)
@@ -37,7 +38,10 @@ class Client:
             raise PeerUnavailable(f"{address} down", "UNAVAILABLE")
         return remote
 
-    async def handshake(self, address, me, timeout_s):
+    def bind(self, address, peer_id):
+        self.bound[address] = peer_id
+
+    async def handshake(self, address, me, timeout_s, expect_id=""):
         return HandshakeReply(True, "", "", self._get(address).info)
 
     async def status(self, address, timeout_s):
