@@ -262,7 +262,11 @@ class Membership:
     def on_event(self, event: PeerEvent) -> None:
         rec = event.record
         if event.kind == "leave":
-            self.drop(rec.peer_id, "mDNS goodbye")
+            # mDNS is a hint, never trusted: a goodbye (anyone can send one) only makes us ask
+            # the member at once; it is dropped if it no longer answers.
+            known = self._known.get(rec.peer_id)
+            if known is not None:
+                self._tasks.spawn(self._ping(rec.peer_id, known, why="mDNS goodbye"), f"recheck-{rec.peer_id}")
             return
         if rec.peer_id == self._me().peer_id or rec.address in self._pending:
             return
@@ -300,13 +304,15 @@ class Membership:
                 self._metrics.discovery_ignored.labels(reason).inc(increase)
                 self._ignored_seen[reason] = total
 
-    async def _ping(self, pid: str, k: Known) -> None:
+    async def _ping(self, pid: str, k: Known, why: str = "") -> None:
+        """Ask a member for its status; ``why`` (a discovery goodbye) drops it at the first
+        unanswered ping, a plain heartbeat after ``heartbeat_misses``."""
         try:
             status = await self._client.status(k.address, self._t.rpc_timeout_s)
         except PeerUnavailable:
             k.misses += 1
-            if k.misses >= self._t.heartbeat_misses and self._known.get(pid) is k:
-                self.drop(pid, f"no answer to {k.misses} pings")
+            if (why or k.misses >= self._t.heartbeat_misses) and self._known.get(pid) is k:
+                self.drop(pid, f"{why} and no answer" if why else f"no answer to {k.misses} pings")
             return
         if status.peer.peer_id != pid:
             self.drop(pid, f"{k.address} is now {status.peer.peer_id}")

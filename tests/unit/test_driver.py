@@ -25,7 +25,6 @@ from peer.sync.store import StateStore
 from peer.types import JoinOutcome, JoinReply
 
 NUMEL = 600
-POOL = ThreadPoolExecutor(2)
 SETTINGS = Settings(inner_steps=1, batch_size=1, inner_lr=0.1, outer_lr=0.5, outer_momentum=0.9)
 
 
@@ -123,7 +122,7 @@ class Client:
 
 
 class Node:
-    def __init__(self, pid: str, rank: int, net: dict, tmp, **cfg) -> None:
+    def __init__(self, pid: str, rank: int, net: dict, tmp, pool, **cfg) -> None:
         self.pid, self.down = pid, False
         self.cfg = load_config({"run_id": "r", "matchmaking_timeout_s": 1.0, "reduce_deadline_s": 2.0,
                                 "startup_grace_s": 0.2, "chunk_idle_timeout_s": 1.0, "heartbeat_interval_s": 0.1,
@@ -131,22 +130,28 @@ class Node:
                                 "codec": "int8", **cfg}, env={})
         self.metrics = Metrics(CollectorRegistry())
         params = torch.linspace(-1, 1, NUMEL)
-        self.store = StateStore(GlobalState(0, params, torch.zeros(NUMEL)), tmp / pid, POOL,
+        self.store = StateStore(GlobalState(0, params, torch.zeros(NUMEL)), tmp / pid, pool,
                                 checkpoint_interval_s=0)
         self.members = FakeMembers(pid, net)
         self.inner = FakeInner(rank)
         self.driver = RoundDriver(self.cfg, SETTINGS, peer_id=pid, schema_hash="s", members=self.members,
-                                  client=Client(net), store=self.store, inner=self.inner, executor=POOL,
+                                  client=Client(net), store=self.store, inner=self.inner, executor=pool,
                                   metrics=self.metrics, address=lambda: pid)
 
     def metric(self, name, **labels) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def _swarm(tmp, k: int, **cfg) -> dict[str, Node]:
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(2, thread_name_prefix="test-codec") as executor:
+        yield executor
+
+
+def _swarm(tmp, pool, k: int, **cfg) -> dict[str, Node]:
     net: dict[str, Node] = {}
     for i in range(k):
-        net[f"p{i}"] = Node(f"p{i}", i, net, tmp, **cfg)
+        net[f"p{i}"] = Node(f"p{i}", i, net, tmp, pool, **cfg)
     for node in net.values():
         node.members.view = {p for p in net if p != node.pid}
     return net
@@ -160,9 +165,9 @@ async def _round(nodes):
     return await asyncio.gather(*(n.driver.round(_delta(n), 1.0) for n in nodes))
 
 
-async def test_a_round_leaves_every_member_with_the_same_state(tmp_path):
+async def test_a_round_leaves_every_member_with_the_same_state(tmp_path, pool):
     # Prepare
-    net = _swarm(tmp_path, 3)
+    net = _swarm(tmp_path, pool, 3)
     # Execute
     avgs = await _round(net.values())
     # Assert: same average, same new state, round advanced, counted
@@ -173,8 +178,8 @@ async def test_a_round_leaves_every_member_with_the_same_state(tmp_path):
     assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
 
 
-async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     net["p0"].down = True
     # p0 still looks live to p1 and p2: their first JoinRound to it fails with UNAVAILABLE
     avgs = await _round([net["p1"], net["p2"]])
@@ -184,8 +189,8 @@ async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path):
     assert torch.allclose(avgs[0], torch.full((NUMEL,), 0.025), atol=1e-3)  # mean of p1 and p2
 
 
-async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     net["p2"].members.view = {"p1"}  # p2 does not know p0; p1 will point it there
     avgs = await _round(net.values())
     assert all(a is not None for a in avgs)
@@ -193,8 +198,8 @@ async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path):
     assert net["p0"].metric("peer_round_group_size_peers") == 3
 
 
-async def test_a_leader_that_does_not_know_us_is_introduced_to_and_asked_again(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_leader_that_does_not_know_us_is_introduced_to_and_asked_again(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     net["p0"].members.view = {"p1"}  # the leader has not met p2 yet: it refuses p2's join
 
     async def later(node):
@@ -207,8 +212,8 @@ async def test_a_leader_that_does_not_know_us_is_introduced_to_and_asked_again(t
     assert len({n.store.state.global_hash for n in net.values()}) == 1
 
 
-async def test_a_stopping_leader_is_dropped(tmp_path):
-    net = _swarm(tmp_path, 2)
+async def test_a_stopping_leader_is_dropped(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2)
     net["p0"].driver.request_stop()
     reply = await net["p0"].driver.join(_req(net["p1"]))
     assert reply.outcome == JoinOutcome.REFUSED and reply.message.startswith("leaving")
@@ -225,8 +230,8 @@ def _req(node: Node):
                        weight=1.0, address=node.pid)
 
 
-async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     groups = await asyncio.gather(*(n.driver.form_group(0, 1.0) for n in net.values()))
     net["p2"].down = True  # owns the last shard; gone after the group formed
     with pytest.raises(RoundError) as err:
@@ -234,7 +239,7 @@ async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_p
                                for n, g in zip([net["p0"], net["p1"]], groups)))
     assert err.value.reason == "shard_missing"
     # the driver's own path: counted as failed, abandoned (nobody completed it), state unchanged
-    net2 = _swarm(tmp_path / "b", 3)
+    net2 = _swarm(tmp_path / "b", pool, 3)
 
     async def vanish(group, delta, weight):
         net2["p2"].down = True
@@ -249,8 +254,8 @@ async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_p
         assert net2[p].driver.progress.failed == 1
 
 
-async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     await _round([net["p0"], net["p1"], net["p2"]])
     net["p2"].down = True  # p2 misses round 1
     net["p0"].members.view.discard("p2")
@@ -269,8 +274,8 @@ async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path):
     assert lagging.metric("peer_state_transfers_total", direction="received", outcome="ok") == 1
 
 
-async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path):
-    net = _swarm(tmp_path, 3)
+async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3)
     odd = net["p2"]
     odd.store.adopt(GlobalState(0, torch.zeros(NUMEL), torch.zeros(NUMEL)))  # diverged parameters
     results = await _round(net.values())
@@ -281,8 +286,8 @@ async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path):
     assert odd.metric("peer_rounds_total", outcome="failed") == 1
 
 
-async def test_error_feedback_is_reset_after_a_resync(tmp_path):
-    net = _swarm(tmp_path, 2, codec="sign1")
+async def test_error_feedback_is_reset_after_a_resync(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2, codec="sign1")
     await _round(net.values())
     ef = net["p1"].driver.reducer.feedback
     assert ef is not None and ef.residual.abs().sum() > 0
@@ -293,8 +298,8 @@ async def test_error_feedback_is_reset_after_a_resync(tmp_path):
     assert ef.residual.abs().sum() == 0
 
 
-async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path):
-    net = _swarm(tmp_path, 2, rounds=3)
+async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2, rounds=3)
     net["p1"].inner.nan_rounds = (1,)
     # Execute: both loops end by themselves after 3 completed rounds
     await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)

@@ -14,17 +14,16 @@ from peer.errors import PeerUnavailable, RoundError
 from peer.sync.round import Matchmaker, Reducer, ShardRegistry
 from peer.types import JoinOutcome, JoinRequest
 
-POOL = ThreadPoolExecutor(2)
 
 
 class Node:
-    def __init__(self, pid: str, net: dict, numel: int, codec: str, round_: int = 0, timeout_s: float = 1.0):
+    def __init__(self, pid: str, net: dict, numel: int, codec: str, pool, round_: int = 0, timeout_s: float = 1.0):
         self.pid, self.net, self.round = pid, net, round_
         self.registry = ShardRegistry()
         self.down = False
         self.matchmaker = Matchmaker(peer_id=pid, numel=numel, codec=codec, live=self.live,
                                      current_round=lambda: self.round, timeout_s=lambda: timeout_s, deadline_s=lambda: 3.0)
-        self.reducer = Reducer(peer_id=pid, run_id="r", client=Client(net), registry=self.registry, executor=POOL,
+        self.reducer = Reducer(peer_id=pid, run_id="r", client=Client(net), registry=self.registry, executor=pool,
                                error_feedback=False)
 
     def live(self):
@@ -65,11 +64,24 @@ class Client:
         raise NotImplementedError
 
 
+_POOLS: list[ThreadPoolExecutor] = []
+
+
+@pytest.fixture(autouse=True)
+def _shut_pools():
+    """Each test's codec executor (made by ``_swarm``) is shut down after it."""
+    yield
+    while _POOLS:
+        _POOLS.pop().shutdown(wait=True)
+
+
 def _swarm(k: int, numel: int, codec: str = "int8", **kw) -> dict[str, Node]:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="test-codec")
+    _POOLS.append(pool)
     net: dict[str, Node] = {}
     for i in range(k):
         pid = f"p{i}"
-        net[pid] = Node(pid, net, numel, codec, **kw)
+        net[pid] = Node(pid, net, numel, codec, pool, **kw)
     return net
 
 
