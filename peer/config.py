@@ -104,6 +104,13 @@ class SyncConfig:
     # An owner stops waiting for parts at this share of the all-reduce deadline, so that its
     # answer reaches every member before their own deadline.
     owner_cutoff_share: float = 0.5
+    # How an owner combines the parts of its shard: mean (DiLoCo), trimmed_mean, centered_clip.
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    # One member's weight counts at most this multiple of its group's median weight.
+    weight_cap_factor: float = 4.0
+    # A part whose norm is this many times the median part's is left out (and counted).
+    norm_outlier_factor: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,11 @@ def validate(cfg: Config) -> None:
         (cfg.sync.deadline_margin_s >= 0, "deadline_margin_s must be >= 0"),
         (0 < cfg.sync.deadline_smoothing <= 1, "deadline_smoothing must be in (0, 1]"),
         (0 < cfg.sync.owner_cutoff_share < 1, "owner_cutoff_share must be in (0, 1)"),
+        (cfg.sync.aggregation in ("mean", "trimmed_mean", "centered_clip"),
+         "aggregation must be mean, trimmed_mean or centered_clip"),
+        (0 <= cfg.sync.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)"),
+        (cfg.sync.weight_cap_factor >= 1, "weight_cap_factor must be >= 1"),
+        (cfg.sync.norm_outlier_factor > 1, "norm_outlier_factor must be > 1"),
     ]
     for f in dataclasses.fields(TimeoutConfig):
         checks.append((getattr(cfg.timeouts, f.name) > 0, f"{f.name} must be > 0"))

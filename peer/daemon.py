@@ -112,7 +112,8 @@ class Daemon:
                                      tamper=faults.tamper if faults else None, identity=self.identity)
         self.mdns: MdnsDiscovery | None = None
         self.discovery = CombinedDiscovery([])
-        self.membership = Membership(cfg, self.info, self.client, self.discovery, self.metrics,
+        me = (lambda: faults.claim(self.info())) if faults else self.info
+        self.membership = Membership(cfg, me, self.client, self.discovery, self.metrics,
                                      on_drop=lambda pid: self.driver.peer_left(pid),
                                      ignored_counts=self._mdns_ignored)
         inner = ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps, on_step=self._on_step)
@@ -122,7 +123,7 @@ class Daemon:
                                   store=self.store, inner=FaultyInner(inner, faults) if faults else inner,
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
                                   **({"phase_hook": hook} if hook else {}))
-        self.service = Service(cfg, self.info, self.membership, self.driver, self.store, self.metrics,
+        self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
                                **({"phase_hook": hook} if hook else {}))
         self.server: PeerServer | None = None
         self.exporter: Exporter | None = None

@@ -9,6 +9,13 @@ A plan is a comma-separated list of ``action@round[:phase]`` entries, set with `
   wrong_size   send parts of the wrong size (header and crc consistent with the wrong size)
   nan          make this peer's delta of ``round`` NaN (it must be withheld, not sent)
 
+A rogue member (it holds valid credentials and lies; the honest peers must survive it):
+
+  inflate      claim 1e12 times the samples it trained on (its weight)
+  scale        send its delta times -10 (a sign-flipped, amplified update)
+  huge         send a delta of finite values near float32's maximum
+  claim_ahead  report a round 1,000,000 ahead of its own in Status and Handshake
+
 The daemon wires a plan in through hooks, so the round code never imports this module: the
 phase hook (``FaultPlan.at``), a ``PeerClient`` wrapper (``FaultyClient``), the transport's
 tamper hook (``FaultPlan.tamper``) and an inner-phase wrapper (``FaultyInner``).
@@ -34,7 +41,7 @@ from peer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan")
+ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan", "inflate", "scale", "huge", "claim_ahead")
 PHASES = ("inner", "join", "reduce", "owner", "outer", "serve_state")
 
 
@@ -90,6 +97,10 @@ class FaultPlan:
     def nan(self, rnd: int) -> bool:
         return self._match("nan", rnd)
 
+    def claim(self, info: Any) -> Any:
+        """This peer as it presents itself: with ``claim_ahead``, a million rounds ahead."""
+        return replace(info, round=info.round + 1_000_000) if self._match("claim_ahead", info.round) else info
+
 
 class FaultyClient:
     """A ``PeerClient`` that sends parts of the wrong size in ``wrong_size`` rounds (the
@@ -121,8 +132,17 @@ class FaultyInner:
 
     async def run(self, rnd, start, should_stop):
         result = await self._inner.run(rnd, start, should_stop)
-        if result is not None and self._plan.nan(rnd):
+        if result is None:
+            return None
+        plan = self._plan
+        if plan.nan(rnd):
             result = replace(result, delta=torch.full_like(result.delta, float("nan")))
+        if plan._match("scale", rnd):
+            result = replace(result, delta=result.delta * -10.0)
+        if plan._match("huge", rnd):
+            result = replace(result, delta=torch.full_like(result.delta, 3e38))
+        if plan._match("inflate", rnd):
+            result = replace(result, samples=result.samples * 10**12)
         return result
 
     async def evaluate(self, params):

@@ -36,6 +36,15 @@ class MembershipClient(Protocol):
     def bind(self, address: str, peer_id: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class Attested:
+    """A state the majority of the reachable members reports, and who can serve it."""
+
+    round: int
+    global_hash: str
+    donors: tuple[tuple[str, str], ...]  # (peer id, address), sorted by id
+
+
 @dataclass
 class Known:
     """A handshaked peer of our run."""
@@ -107,15 +116,25 @@ class Membership:
     def is_member(self, peer_id: str) -> bool:
         return peer_id in self._known
 
-    def ahead(self) -> int:
-        """The highest round a member reported (-1 with no members)."""
-        return max((k.info.round for k in self._known.values()), default=-1)
+    def attested(self) -> Attested | None:
+        """The ``(round, global hash)`` that more than half of the members this peer can reach
+        (those that answered their last ping) report, with those members as donors; None when
+        no state has such a majority. With one other member, that member's word suffices."""
+        reachable = [k for k in self._known.values() if k.misses == 0]
+        tally: dict[tuple[int, str], list[Known]] = {}
+        for k in reachable:
+            tally.setdefault((k.info.round, k.info.global_hash), []).append(k)
+        for (rnd, digest), backers in tally.items():
+            if 2 * len(backers) > len(reachable):
+                donors = tuple((k.info.peer_id, k.address) for k in sorted(backers, key=lambda k: k.info.peer_id))
+                return Attested(rnd, digest, donors)
+        return None
 
-    def donors(self, min_round: int) -> list[tuple[str, str]]:
-        """(peer id, address) of members at round >= ``min_round``, most advanced first."""
-        found = sorted((k for k in self._known.values() if k.info.round >= min_round),
-                       key=lambda k: (-k.info.round, k.info.peer_id))
-        return [(k.info.peer_id, k.address) for k in found]
+    def ahead(self) -> int:
+        """The round of the attested state (-1 without one): a single member's claim is not
+        enough to move anyone (see ``attested``)."""
+        found = self.attested()
+        return -1 if found is None else found.round
 
     def settled(self) -> bool:
         """Some members known and no handshake in flight (start-up may stop waiting)."""

@@ -66,6 +66,9 @@ class Metrics:
                                 "Contributions an owner left out of a round, by reason.", ["reason"], registry=r)
         self.auth_refusals = Counter("peer_auth_refusals", "Calls refused because they named another peer than "
                                      "their certificate proves, by reason.", ["reason"], registry=r)
+        self.invalid_claims = Counter("peer_sync_invalid_claims", "What other peers told this peer that failed its "
+                                      "checks where it arrived (a group, a state, an averaged shard), by reason.",
+                                      ["reason"], registry=r)
         self.discovery_ignored = Counter("peer_discovery_ignored", "Discovered services ignored, by reason.",
                                          ["reason"], registry=r)
         self.checkpoints = Counter("peer_checkpoint_writes", "Checkpoints written, by outcome.", ["outcome"],

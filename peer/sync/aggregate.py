@@ -27,3 +27,88 @@ def weighted_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> to
         if w > 0:
             acc.add_(x.to(torch.float64), alpha=w / total)
     return acc.float()
+
+
+AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
+
+
+def _stack(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(parts) != len(weights) or not parts:
+        raise ValueError(f"need one weight per part, got {len(parts)} parts and {len(weights)} weights")
+    for w in weights:
+        if not (w >= 0 and w != float("inf")):
+            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    return torch.stack([p.to(torch.float64) for p in parts]), torch.tensor(weights, dtype=torch.float64)
+
+
+def trimmed_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], trim: float = 0.2) -> torch.Tensor:
+    """Coordinate-wise: drop the ``floor(trim * n)`` smallest and largest values of each
+    coordinate, then the weighted mean of the rest (float64, deterministic). With fewer than 3
+    parts nothing is trimmed. Parts of weight 0 take no part. Raises ValueError like
+    ``weighted_mean`` and for ``trim`` outside [0, 0.5)."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    x, w = _stack(parts, weights)
+    x, w = x[w > 0], w[w > 0]
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(parts[0].numel(), dtype=torch.float32)
+    k = int(trim * n) if n >= 3 else 0
+    if k == 0:
+        return ((x * w[:, None]).sum(0) / w.sum()).float()
+    ranks = x.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
+    keep = ((ranks >= k) & (ranks < n - k)).to(torch.float64) * w[:, None]
+    return ((x * keep).sum(0) / keep.sum(0)).float()
+
+
+def centered_clip(parts: Sequence[torch.Tensor], weights: Sequence[float], iterations: int = 3,
+                  tau: float | None = None) -> torch.Tensor:
+    """Centered clipping (Karimireddy et al., 2021): start at the coordinate-wise median, then
+    ``v += sum_i w_i clip(x_i - v, tau) / sum_i w_i`` where ``clip(z, tau) = z min(1, tau/|z|)``.
+    ``tau`` defaults to the median distance of the parts from the start, so honest parts move
+    ``v`` freely and one huge part moves it at most ``tau``. Float64, deterministic."""
+    x, w = _stack(parts, weights)
+    x, w = x[w > 0], w[w > 0]
+    if x.shape[0] == 0:
+        return torch.zeros(parts[0].numel(), dtype=torch.float32)
+    v = x.median(dim=0).values if x.shape[0] > 2 else (x * w[:, None]).sum(0) / w.sum()
+    if tau is None:
+        tau = float((x - v).norm(dim=1).median())
+    for _ in range(iterations):
+        z = x - v
+        norms = z.norm(dim=1)
+        scale = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+        v = v + (z * (scale * w)[:, None]).sum(0) / w.sum()
+    return v.float()
+
+
+def aggregate(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float], trim: float = 0.2) -> torch.Tensor:
+    """Apply the aggregation ``rule`` (one of ``AGGREGATIONS``)."""
+    if rule == "mean":
+        return weighted_mean(parts, weights)
+    if rule == "trimmed_mean":
+        return trimmed_mean(parts, weights, trim)
+    if rule == "centered_clip":
+        return centered_clip(parts, weights)
+    raise ValueError(f"unknown aggregation {rule!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def cap_weights(weights: Sequence[float], factor: float) -> list[float]:
+    """Each weight capped at ``factor`` times the median of the positive weights: one member's
+    claim of many samples buys it at most that much influence."""
+    positive = sorted(w for w in weights if w > 0)
+    if not positive:
+        return list(weights)
+    cap = factor * positive[len(positive) // 2] if len(positive) % 2 else factor * 0.5 * (
+        positive[len(positive) // 2 - 1] + positive[len(positive) // 2])
+    return [min(w, cap) for w in weights]
+
+
+def norm_outliers(parts: Sequence[torch.Tensor], factor: float) -> list[int]:
+    """Indices of parts whose L2 norm is above ``factor`` times the median norm (with at least
+    three parts; fewer have no meaningful median)."""
+    if len(parts) < 3:
+        return []
+    norms = [float(p.to(torch.float64).norm()) for p in parts]
+    median = sorted(norms)[len(norms) // 2]
+    return [i for i, n in enumerate(norms) if n > factor * median and n > 0]

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +30,9 @@ from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.outer import outer_step
-from peer.sync.round import Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, no_hook
+from peer.sync.round import (
+    Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, no_hook,
+)
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.tasks import TaskSet
@@ -85,7 +87,9 @@ class Members(Protocol):
     def live(self) -> dict[str, str]: ...
     def is_member(self, peer_id: str) -> bool: ...
     def ahead(self) -> int: ...
-    def donors(self, min_round: int) -> list[tuple[str, str]]: ...
+    def attested(self) -> Any | None:
+        """The state a majority of the reachable members reports: ``.round``, ``.global_hash``,
+        ``.donors`` [(peer id, address)]; None without a majority."""
     def settled(self) -> bool: ...
     def drop(self, peer_id: str, why: str) -> None: ...
     def introduce(self, address: str, hint: str) -> None: ...
@@ -162,7 +166,10 @@ class RoundDriver:
                                      on_formed=self.deadlines.observe_formation)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
-                               owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook)
+                               owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
+                               aggregation=Aggregation(s.aggregation, s.trim_fraction, s.weight_cap_factor,
+                                                       s.norm_outlier_factor),
+                               on_rejected=lambda pid, error: self.rejected_part(pid, error))
         self.owner = ReduceOwner(run_id=self._run_id, peer_id=peer_id, registry=self.registry,
                                  group_wait_s=cfg.timeouts.chunk_idle_timeout_s, on_rejected=self.rejected,
                                  traffic=self._traffic, phase_hook=phase_hook)
@@ -195,6 +202,10 @@ class RoundDriver:
         who = header.peer_id if header else "unknown peer"
         rnd = header.round if header else -1
         log.warning("round %d: left out the part from %s: %s (%s)", rnd, who, error, error.reason)
+
+    def rejected_part(self, peer_id: str, error: RoundError) -> None:
+        self._metrics.rejected.labels(error.reason).inc()
+        log.warning("left out the part from %s: %s (%s)", peer_id, error, error.reason)
 
     def _traffic(self, codec: str, sent: int, received: int) -> None:
         self._metrics.sent_bytes.labels(codec).inc(sent)
@@ -329,10 +340,15 @@ class RoundDriver:
                         self._members.drop(leader, "its address refuses connections")
                     continue
             if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
-                return reply.group
+                return self._checked(reply.group, rnd)
             if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
                 pid, _, addr = reply.leader_hint.partition("@")
                 if pid != leader and pid not in unreachable:
+                    if not self._members.is_member(pid):
+                        # A leader we have not met: meet it first (its group must name only
+                        # members we know), then ask it. The loop's deadline bounds this.
+                        self._members.introduce(addr, pid)
+                        await asyncio.sleep(0.3)
                     hint = (pid, addr)
                     continue
                 # It still believes in a leader we found gone; its heartbeat will notice soon.
@@ -349,6 +365,24 @@ class RoundDriver:
                 continue
             return reply
         return JoinReply(JoinOutcome.TOO_LATE, f"no group formed for round {rnd} within {timeout:.1f} s")
+
+    def _checked(self, group: Group, rnd: int) -> Group | JoinReply:
+        """The leader's group if it holds (``check_group``), with each member's address as this
+        peer knows it (a leader cannot redirect our parts); else why not, counted."""
+        try:
+            check_group(group, me=self._me, round=rnd, codec=self._cfg.sync.codec, numel=self._store.numel,
+                        max_deadline_s=self._cfg.sync.reduce_deadline_s, is_member=self._members.is_member)
+        except RoundError as exc:
+            self._invalid(exc.reason, str(exc))
+            return JoinReply(JoinOutcome.REFUSED, str(exc))
+        live = self._members.live()
+        members = tuple(replace(m, address=self._address() if m.peer_id == self._me else live[m.peer_id])
+                        for m in group.members)
+        return replace(group, members=members)
+
+    def _invalid(self, reason: str, message: str) -> None:
+        self._metrics.invalid_claims.labels(reason).inc()
+        log.warning("refused what a peer claimed (%s): %s", reason, message)
 
     async def round(self, delta: torch.Tensor, weight: float) -> torch.Tensor | None:
         """One round from an already computed delta (benchmarks drive it this way too); return
@@ -397,6 +431,10 @@ class RoundDriver:
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
         state = await loop.run_in_executor(self._executor, self._outer, rnd, avg)
+        if state is None:
+            self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
+            self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
+            return None
         self._store.adopt(state)
         p = self.progress
         p.completed += 1
@@ -413,11 +451,14 @@ class RoundDriver:
                  group.reduce_deadline_s, group.group_id, self._store.state.global_hash[:12])
         return avg
 
-    def _outer(self, rnd: int, avg: torch.Tensor) -> GlobalState:
-        """The outer step (executor thread: keeps the loop free), hashed here, off the loop."""
+    def _outer(self, rnd: int, avg: torch.Tensor) -> GlobalState | None:
+        """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
+        None if it made the parameters or momentum non-finite: never adopted, served or saved."""
         s = self._store.state
         params, buf = outer_step(s.params, avg, s.momentum, lr=self._settings.outer_lr,
                                  momentum=self._settings.outer_momentum)
+        if not (all_finite(params) and all_finite(buf)):
+            return None
         state = GlobalState(rnd + 1, params, buf)
         state.global_hash  # noqa: B018 (computed here, then cached)
         return state
@@ -437,7 +478,10 @@ class RoundDriver:
         started = time.monotonic()
         timeout_s = self._cfg.timeouts.state_transfer_timeout_s
         while time.monotonic() < deadline and not self._stopping:
-            for donor, address in self._members.donors(min_round):
+            # Only a state the majority attests: one member's claim (a round far ahead, a made-up
+            # state whose hash matches its own claim) moves nobody.
+            target = self._members.attested()
+            for donor, address in target.donors if target is not None and target.round >= min_round else ():
                 try:
                     header, blob = await self._client.get_state(address, self._run_id, self._me,
                                                                 self._schema_hash, timeout_s)
@@ -446,7 +490,10 @@ class RoundDriver:
                     self._metrics.state_transfers.labels("received", "failed").inc()
                     log.warning("state transfer from %s failed: %s", donor, exc)
                     continue
-                if state.round < min_round:
+                if (state.round, state.global_hash) != (target.round, target.global_hash):
+                    self._invalid("unattested_state", f"{donor} served round {state.round} "
+                                  f"({state.global_hash[:12]}), not the attested round {target.round} "
+                                  f"({target.global_hash[:12]})")
                     continue
                 self._metrics.state_transfers.labels("received", "ok").inc()
                 self._store.adopt(state)
@@ -454,7 +501,8 @@ class RoundDriver:
                 elapsed = time.monotonic() - started
                 self._metrics.round_phase_seconds.labels("resync").observe(elapsed)
                 log.info("resynced to round %d (%s) from %s: %d bytes in %.2f s (%.1f MB/s); was at round %d "
-                         "(rule: the most advanced round wins; at equal rounds, the group's majority)",
+                         "(rule: the state the majority of reachable members reports; at equal rounds, the "
+                         "group's majority)",
                          state.round, state.global_hash[:12], donor, len(blob), elapsed,
                          len(blob) / max(elapsed, 1e-9) / 1e6, previous)
                 return True

@@ -42,7 +42,7 @@ import torch
 
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
-from peer.sync.aggregate import weighted_mean
+from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,42 @@ def shard_bounds(numel: int, k: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+MAX_ROUND = (1 << 63) - 1
+"""Rounds travel as uint64; anything past int64 is a lie (and would not fit a tensor or JSON int)."""
+
+
+def check_group(group: Group, *, me: str, round: int, codec: str, numel: int, max_deadline_s: float,
+                is_member: Callable[[str], bool]) -> None:
+    """Validate a group a leader announced, where it arrives: the run's codec, our round and
+    model size, a deadline within the configured cap, unique members (us among them) that this
+    peer knows, shard bounds recomputed here from the member list, finite weights. Raises
+    RoundError("bad_group") naming the first claim that does not hold."""
+    def bad(why: str) -> RoundError:
+        return RoundError("bad_group", f"group {group.group_id[:16]!r} from the leader: {why}")
+
+    if not group.group_id or len(group.group_id) > 64:
+        raise bad("no valid group id")
+    if group.codec != codec:
+        raise bad(f"codec {group.codec[:16]!r} is not the run's {codec!r}")
+    if group.round != round or group.numel != numel:
+        raise bad(f"round {group.round} / {group.numel} parameters; we are at round {round} with {numel}")
+    if not (0 < group.reduce_deadline_s <= max_deadline_s):
+        raise bad(f"deadline {group.reduce_deadline_s} s is outside (0, {max_deadline_s}]")
+    ids = [m.peer_id for m in group.members]
+    if not ids or len(set(ids)) != len(ids) or ids != sorted(ids):
+        raise bad("members are not unique and sorted")
+    if me not in ids:
+        raise bad("this peer is not a member")
+    strangers = [pid for pid in ids if pid != me and not is_member(pid)]
+    if strangers:
+        raise bad(f"members unknown here: {', '.join(s[:16] for s in strangers)}")
+    bounds = shard_bounds(numel, len(ids))
+    if [(m.shard_start, m.shard_end) for m in group.members] != bounds:
+        raise bad("shard bounds differ from the ones computed here")
+    if not all(m.weight >= 0 and m.weight < float("inf") for m in group.members):
+        raise bad("a weight is not finite and >= 0")
 
 
 @dataclass
@@ -231,11 +267,30 @@ class Matchmaker:
         m.formed.set_result(group)
 
 
-class OwnedShard:
-    """An owner's shard of one group: collects encoded parts, averages, answers everyone."""
+@dataclass(frozen=True)
+class Aggregation:
+    """How an owner combines the parts of its shard (``[sync]`` settings)."""
 
-    def __init__(self, group: Group, me: Member, codec: Codec, executor: Executor, cutoff_s: float) -> None:
+    rule: str = "mean"              # peer.sync.aggregate.AGGREGATIONS
+    trim_fraction: float = 0.2      # trimmed_mean: share cut at each end, per coordinate
+    weight_cap_factor: float = 4.0  # a weight counts at most this multiple of the group's median
+    norm_outlier_factor: float = 10.0  # a part this many times the median norm is left out
+
+
+class OwnedShard:
+    """An owner's shard of one group: collects encoded parts, averages, answers everyone.
+
+    Parts are checked where they arrive: the announced weight must be the one the group lists
+    (capped at ``weight_cap_factor`` x the group's median), a part must decode to finite values,
+    and at the cut-off parts whose norm is ``norm_outlier_factor`` x the median are left out
+    (``on_rejected``) before the ``rule`` combines the rest."""
+
+    def __init__(self, group: Group, me: Member, codec: Codec, executor: Executor, cutoff_s: float,
+                 aggregation: Aggregation = Aggregation(),
+                 on_rejected: Callable[[str, RoundError], None] = lambda peer_id, error: None) -> None:
         self.group = group
+        self._aggregation = aggregation
+        self._on_rejected = on_rejected
         self.me = me
         self._codec = codec
         self._executor = executor
@@ -260,6 +315,9 @@ class OwnedShard:
             raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")
         if not (weight >= 0 and weight < float("inf")):
             raise RoundError("bad_weight", f"weight {weight} from {peer_id} is not finite and >= 0")
+        if weight != self._expected[peer_id].weight:
+            raise RoundError("bad_weight", f"{peer_id} announces weight {weight}; it joined the group with "
+                             f"{self._expected[peer_id].weight}")
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
@@ -287,14 +345,25 @@ class OwnedShard:
             return
         self._timer.cancel()
         order = sorted(self._parts)
-        weights = [self._parts[p][0] for p in order]
-        parts = [self._parts[p][1] for p in order]
+        agg = self._aggregation
+        # One member's claim of many samples buys it at most weight_cap_factor x the median.
+        capped = dict(zip([m.peer_id for m in self.group.members],
+                          cap_weights([m.weight for m in self.group.members], agg.weight_cap_factor)))
         loop = asyncio.get_running_loop()
 
-        def reduce() -> bytes:
-            return self._codec.encode(weighted_mean(parts, weights))
+        def reduce() -> tuple[bytes, list[str]]:
+            parts = [self._parts[p][1] for p in order]
+            outliers = {order[i] for i in norm_outliers(parts, agg.norm_outlier_factor)}
+            kept = [p for p in order if p not in outliers]
+            result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
+                               agg.trim_fraction)
+            return self._codec.encode(result), sorted(outliers)
 
-        payload = await loop.run_in_executor(self._executor, reduce)
+        payload, outliers = await loop.run_in_executor(self._executor, reduce)
+        for peer_id in outliers:
+            self._on_rejected(peer_id, RoundError("norm_outlier", f"part of {peer_id} for shard "
+                                                  f"{self.me.shard_start}-{self.me.shard_end} has a norm over "
+                                                  f"{agg.norm_outlier_factor:g}x the median; left out"))
         if not self.result.done():
             self.result.set_result((payload, len(order)))
         if len(order) < len(self._expected):
@@ -364,7 +433,11 @@ class Reducer:
         error_feedback: bool,
         owner_cutoff_share: float = 0.5,
         phase_hook: PhaseHook = no_hook,
+        aggregation: Aggregation = Aggregation(),
+        on_rejected: Callable[[str, RoundError], None] = lambda peer_id, error: None,
     ) -> None:
+        self._aggregation = aggregation
+        self._on_rejected = on_rejected
         self._me = peer_id
         self._run_id = run_id
         self._client = client
@@ -417,7 +490,8 @@ class Reducer:
         stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
         # The owner stops waiting for parts at a share of the deadline, so that its answer
         # reaches every member before their own deadline.
-        owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s * self._cutoff_share)
+        owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s * self._cutoff_share,
+                           aggregation=self._aggregation, on_rejected=self._on_rejected)
         self._registry.put(owned)
         try:
             await self._hook("reduce", group.round)
@@ -432,7 +506,8 @@ class Reducer:
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
                         shard_start=m.shard_start, shard_end=m.shard_end, codec=codec.name,
                         numel=m.shard_end - m.shard_start, total_bytes=len(payload), weight=weight)
-                    tasks[m.peer_id] = tg.create_task(self._send(m, header, payload, deadline, stats))
+                    tasks[m.peer_id] = tg.create_task(self._send(m, header, payload, deadline, stats,
+                                                                 len(group.members)))
             results: list[tuple[Member, bytes]] = []
             missing = []
             for m in group.members:
@@ -450,7 +525,12 @@ class Reducer:
             def decode_all() -> torch.Tensor:
                 return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
 
-            avg = await loop.run_in_executor(self._executor, decode_all)
+            try:
+                avg = await loop.run_in_executor(self._executor, decode_all)
+            except CodecError as exc:
+                raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
+            if not all_finite(avg):
+                raise RoundError("bad_reply", f"round {group.round}: an averaged shard holds NaN or Inf")
             if ef is not None and residual is not None:
                 ef.commit(residual)
             return avg, stats
@@ -466,7 +546,7 @@ class Reducer:
             return exc
 
     async def _send(
-        self, m: Member, header: ReduceHeader, payload: bytes, deadline: float, stats: ReduceStats
+        self, m: Member, header: ReduceHeader, payload: bytes, deadline: float, stats: ReduceStats, group_size: int
     ) -> tuple[bytes, int] | Exception:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
@@ -480,6 +560,10 @@ class Reducer:
         stats.received_bytes += len(result)
         if (reply.shard_start, reply.shard_end, reply.codec) != (m.shard_start, m.shard_end, header.codec):
             return RoundError("bad_reply", f"owner {m.peer_id} answered for another shard")
+        if len(result) != get_codec(header.codec).encoded_size(header.numel):
+            return RoundError("bad_reply", f"owner {m.peer_id} answered {len(result)} bytes for {header.numel} values")
+        if not 0 < reply.contributors <= group_size:
+            return RoundError("bad_reply", f"owner {m.peer_id} claims {reply.contributors} contributors")
         return result, reply.contributors
 
 

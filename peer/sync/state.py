@@ -71,8 +71,12 @@ def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dic
         if header.get("format") != FORMAT or int(header["numel"]) != numel:
             raise StateError(f"state is for {header.get('numel')} parameters in format "
                              f"{header.get('format')!r}; this model has {numel}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StateError(f"state header is malformed: {exc}") from None
+    if not 0 <= rnd < (1 << 63):
+        raise StateError(f"state round {rnd} is outside [0, 2^63)")
+    if not isinstance(table, list) or len(table) > 64:
+        raise StateError("state tensor table is not a list of at most 64 entries")
     body = view[start + hlen :]
     tensors: dict[str, torch.Tensor] = {}
     for entry in table:
@@ -81,6 +85,8 @@ def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dic
             shape = [int(s) for s in entry["shape"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state tensor table is malformed: {exc}") from None
+        if len(shape) > 8 or any(s < 0 for s in shape):
+            raise StateError(f"state tensor {name[:32]!r} has an invalid shape {shape[:8]}")
         count = 1
         for s in shape:
             count *= s

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from peer.types import StateHeader
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.bin"
+GENERATIONS = 3
+"""Checkpoint generations kept: a newest one that fails its checks falls back to the one before."""
 
 
 class StateStore:
@@ -102,30 +105,46 @@ class StateStore:
         state, _ = await asyncio.get_running_loop().run_in_executor(self._executor, decode_state, blob, self._numel)
         return state
 
-    async def async_load(self) -> bool:
-        """Resume from the checkpoint file if there is a good one (read, verified and hashed on
-        the executor); a torn or foreign file is logged and left alone. True if resumed."""
-        if not self._path.exists():
-            self._on_adopt(self._state)
-            return False
-        try:
-            state = await asyncio.get_running_loop().run_in_executor(self._executor, self._read)
-        except (StateError, OSError) as exc:
-            log.error("not resuming from %s: %s", self._path, exc)
-            self._on_adopt(self._state)
-            return False
-        log.info("resumed from checkpoint %s at round %d", self._path, state.round)
-        self.adopt(state)
-        return True
+    def generations(self) -> list[Path]:
+        """The checkpoint files, newest first: ``checkpoint.bin``, ``checkpoint.1.bin``, ..."""
+        return [self._path] + [self._path.with_name(f"{self._path.stem}.{i}{self._path.suffix}")
+                               for i in range(1, GENERATIONS)]
 
-    def _read(self) -> GlobalState:
-        state, _ = decode_state(read_checkpoint(self._path), self._numel)
+    async def async_load(self) -> bool:
+        """Resume from the newest good checkpoint generation (read, verified and hashed on the
+        executor); a torn or foreign file is logged, left alone, and the one before is tried.
+        True if resumed."""
+        for path in self.generations():
+            if not path.exists():
+                continue
+            try:
+                state = await asyncio.get_running_loop().run_in_executor(self._executor, self._read, path)
+            except (StateError, OSError) as exc:
+                log.error("not resuming from %s: %s", path, exc)
+                continue
+            log.info("resumed from checkpoint %s at round %d", path, state.round)
+            self.adopt(state)
+            return True
+        self._on_adopt(self._state)
+        return False
+
+    def _read(self, path: Path) -> GlobalState:
+        state, _ = decode_state(read_checkpoint(path), self._numel)
         state.global_hash  # noqa: B018 (hashed here, off the loop, then cached)
         return state
 
+    def _rotate(self) -> None:
+        """checkpoint.bin -> .1 -> .2 ...: the oldest generation falls off."""
+        paths = self.generations()
+        for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):
+            if newer.exists():
+                os.replace(newer, older)
+
     def write(self, state: GlobalState) -> bool:
-        """Write ``state`` atomically to the checkpoint file (executor thread); False on failure."""
+        """Write ``state`` atomically as the newest checkpoint generation, keeping the previous
+        ones (executor thread); False on failure."""
         try:
+            self._rotate()
             write_checkpoint(self._path, self.snapshot(state)[1])
             ok = True
         except OSError as exc:

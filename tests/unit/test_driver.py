@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from peer.config import Settings, load_config
 from peer.errors import PeerUnavailable, RoundError
+from peer.membership import Attested
 from peer.metrics import Metrics
 from peer.sync.driver import Deadlines, RoundDriver
 from peer.sync.state import GlobalState
@@ -69,12 +70,21 @@ class FakeMembers:
     def is_member(self, peer_id):
         return peer_id in self.view
 
-    def ahead(self):
-        return max((self.net[p].store.state.round for p in self.view if not self.net[p].down), default=-1)
+    def attested(self):
+        # as peer.membership does: the state more than half of the reachable members report
+        reachable = [p for p in self.view if not self.net[p].down]
+        tally: dict = {}
+        for p in reachable:
+            state = self.net[p].store.state
+            tally.setdefault((state.round, state.global_hash), []).append(p)
+        for (rnd, digest), backers in tally.items():
+            if 2 * len(backers) > len(reachable):
+                return Attested(rnd, digest, tuple((p, p) for p in sorted(backers)))
+        return None
 
-    def donors(self, min_round):
-        found = [p for p in self.view if not self.net[p].down and self.net[p].store.state.round >= min_round]
-        return [(p, p) for p in sorted(found, key=lambda p: -self.net[p].store.state.round)]
+    def ahead(self):
+        found = self.attested()
+        return -1 if found is None else found.round
 
     def settled(self):
         return bool(self.view)
@@ -84,9 +94,10 @@ class FakeMembers:
         self.dropped.append((peer_id, why))
 
     def introduce(self, address, hint):
-        # The leader learns about us (as a handshake would make it).
+        # A handshake: both sides learn each other.
         self.introduced.append(address)
         self.net[address].members.view.add(self.me)
+        self.view.add(address)
 
 
 class Client:
@@ -193,6 +204,7 @@ async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path, pool
     net = _swarm(tmp_path, pool, 3)
     net["p2"].members.view = {"p1"}  # p2 does not know p0; p1 will point it there
     avgs = await _round(net.values())
+    assert net["p2"].members.introduced == ["p0"]  # met it before joining its group
     assert all(a is not None for a in avgs)
     assert len({n.store.state.global_hash for n in net.values()}) == 1
     assert net["p0"].metric("peer_round_group_size_peers") == 3
@@ -323,3 +335,57 @@ def test_deadlines_adapt_between_margin_and_cap():
     assert d.matchmaking_timeout() == 10  # a timeout says nothing about arrival times
     d.observe_formation(0.5, complete=True)
     assert d.matchmaking_timeout() == 3.0
+
+
+async def test_a_lying_leader_fails_the_round_counted_and_moves_nobody(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2)
+    follower = net["p1"]
+    honest = net["p0"].driver.join
+
+    async def evil_group(req):
+        reply = await honest(req)
+        return replace(reply, group=replace(reply.group, codec="evil", reduce_deadline_s=1e9))
+
+    net["p0"].driver.join = evil_group
+    results = await asyncio.gather(net["p0"].driver.round(_delta(net["p0"]), 1.0),
+                                   follower.driver.round(_delta(follower), 1.0))
+    assert results[1] is None and follower.store.state.round == 0
+    assert follower.metric("peer_sync_invalid_claims_total", reason="bad_group") == 1
+
+    async def far_ahead(req):
+        return JoinReply(JoinOutcome.WRONG_ROUND, "I am far ahead", leader_round=10**9)
+
+    net["p0"].driver.join = far_ahead
+    t0 = asyncio.get_running_loop().time()
+    assert await follower.driver.round(_delta(follower), 1.0) is None
+    assert follower.store.state.round == 0  # no majority attests round 10**9: nothing adopted
+    assert asyncio.get_running_loop().time() - t0 < 10  # and the wait for one is bounded
+
+
+async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2, codec="fp32")
+    honest = Client.reduce
+
+    async def nan_answer(self, address, header, payload, timeout_s):
+        reply, result = await honest(self, address, header, payload, timeout_s)
+        return reply, b"\xff" * len(result)  # NaN floats, the right size
+
+    groups = await asyncio.gather(*(n.driver.form_group(0, 1.0) for n in net.values()))
+    Client.reduce = nan_answer
+    try:
+        outcomes = await asyncio.gather(*(n.driver.reducer.run(g, _delta(n), 1.0)
+                                          for n, g in zip(net.values(), groups)), return_exceptions=True)
+    finally:
+        Client.reduce = honest
+    assert all(isinstance(o, RoundError) and o.reason == "bad_reply" for o in outcomes), outcomes
+
+
+async def test_a_nonfinite_outer_step_is_never_adopted(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 1)
+    node = net["p0"]
+    before = node.store.state
+    huge = torch.full((NUMEL,), 3e38)
+    # alone, the group is of one: its own average is its delta; the outer step overflows
+    assert await node.driver.round(huge, 1.0) is None
+    assert node.store.state is before
+    assert node.metric("peer_sync_invalid_claims_total", reason="nonfinite_outer") == 1

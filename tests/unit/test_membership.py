@@ -152,13 +152,21 @@ async def test_leave_all_tells_every_member_and_survives_dead_ones():
     assert client.left == ["a:1"]
 
 
-async def test_donors_are_the_most_advanced_first():
+async def test_only_a_state_the_majority_reports_is_attested():
     m, _, _, _, _ = _membership()
     m.admit(_info("a", rnd=2), "a:1")
+    assert m.attested().donors == (("a", "a:1"),) and m.ahead() == 2  # one other member: its word
     m.admit(_info("b", rnd=5), "b:1")
-    m.admit(_info("c", rnd=1), "c:1")
-    assert m.donors(2) == [("b", "b:1"), ("a", "a:1")]
-    assert m.donors(6) == []
+    assert m.attested() is None and m.ahead() == -1  # 1 of 2 is not more than half
+    m.admit(_info("c", rnd=5), "c:1")
+    found = m.attested()
+    assert (found.round, found.donors) == (5, (("b", "b:1"), ("c", "c:1"))) and m.ahead() == 5
+    # a liar far ahead does not move anyone, and a member that stopped answering does not vote
+    m.admit(_info("d", rnd=5), "d:1")
+    m.admit(_info("liar", rnd=10**6), "liar:1")
+    assert m.attested().round == 5  # 3 of 5
+    m.known["b"].misses = 1
+    assert m.attested() is None  # 2 of the 4 reachable is not more than half
 
 
 async def test_a_discovery_goodbye_is_only_a_hint_to_ask_again():

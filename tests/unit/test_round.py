@@ -162,7 +162,8 @@ async def test_a_vanished_owner_fails_the_round_for_the_others_within_the_deadli
 
 async def test_a_withheld_delta_weight_zero_is_left_out_but_its_peer_stays_in_sync():
     net = _swarm(3, 300, "fp32")
-    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    weights = {"p0": 10.0, "p1": 30.0, "p2": 0.0}
+    replies = await asyncio.gather(*(_form(n, weight=weights[p]) for p, n in net.items()))
     group = replies[0].group
     # p2's inner phase went NaN: it joins with a zero delta of weight 0 (as the daemon does).
     results = await asyncio.gather(net["p0"].reducer.run(group, torch.full((300,), 1.0), 10.0),
@@ -196,3 +197,17 @@ async def test_error_feedback_residual_is_kept_only_when_the_round_completes():
         await net["p0"].reducer.run(failed, torch.randn(300, generator=gen), 1.0)
     # Assert
     assert torch.equal(net["p0"].reducer.feedback.residual, kept)
+
+
+async def test_a_part_announcing_another_weight_than_its_join_is_left_out():
+    net = _swarm(3, 300, "fp32")
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))  # all joined with weight 1
+    group = replies[0].group
+    results = await asyncio.gather(net["p0"].reducer.run(group, torch.full((300,), 1.0), 1.0),
+                                   net["p1"].reducer.run(group, torch.full((300,), 3.0), 1.0),
+                                   net["p2"].reducer.run(group, torch.full((300,), 1000.0), 1e30),
+                                   return_exceptions=True)
+    # the liar's parts are refused everywhere (the owners average without it); its own shard's
+    # part from itself too, so the honest two agree on the mean of their own deltas
+    assert torch.allclose(results[0][0], torch.full((300,), 2.0))
+    assert torch.equal(results[0][0], results[1][0])

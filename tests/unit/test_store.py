@@ -106,3 +106,21 @@ async def test_background_checkpoints_respect_the_interval(tmp_path, pool):
     store.maybe_checkpoint()  # one is running or just done within the interval: no second one
     await store.async_checkpoint()
     assert outcomes == [True, True]
+
+
+async def test_three_generations_are_kept_and_a_bad_newest_falls_back(tmp_path, pool, caplog):
+    store = _store(tmp_path, pool)
+    for rnd in range(1, 5):
+        store.adopt(_state(rnd, seed=rnd))
+        assert await store.async_checkpoint()
+    paths = store.generations()
+    assert [p.name for p in paths] == ["checkpoint.bin", "checkpoint.1.bin", "checkpoint.2.bin"]
+    assert all(p.exists() for p in paths) and not (tmp_path / "checkpoint.3.bin").exists()
+    # the newest is corrupt: the one before is loaded
+    data = bytearray(paths[0].read_bytes())
+    data[100] ^= 0xFF
+    paths[0].write_bytes(bytes(data))
+    fresh = _store(tmp_path, pool)
+    assert await fresh.async_load()
+    assert fresh.state.round == 3
+    assert "not resuming from" in caplog.text and "checkpoint.bin" in caplog.text

@@ -1,0 +1,73 @@
+"""A rogue member — a real `peer run` with the run's credentials, built from this project and told
+to lie (``--faults``) — against three honest peers. The honest peers stay finite, keep equal
+hashes at equal rounds, keep completing rounds, and count what they refused."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+
+from tests.integration._peers import Swarm, check_invariant, consistent_rounds, metric, wait_until
+
+
+def _run(tmp_path, name: str, lie: str, extra: tuple[str, ...] = ()):
+    swarm = Swarm(tmp_path, f"rogue-{name}-{os.getpid()}", ["--rounds", "0", *extra])
+    honest = [swarm.start(f"h{i}", wait=False) for i in range(3)]
+    rogue = swarm.start("rogue", "--faults", lie, wait=False)
+    for p in [*honest, rogue]:
+        p.wait_listening(60)
+    return swarm, honest, rogue
+
+
+def _logs(swarm) -> str:
+    return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in swarm.peers)
+
+
+def _finite_and_learning(p) -> None:
+    s = p.status()
+    assert s["loss"] is not None and math.isfinite(s["loss"]), s
+    evals = [float(x) for x in re.findall(r"round \d+ done: .* eval ([0-9.e+-]+|nan|inf)", p.log())]
+    first = float(re.search(r"initial eval loss ([0-9.]+)", p.log())[1])
+    assert evals and all(math.isfinite(e) for e in evals) and evals[-1] < first, (first, evals)
+
+
+def test_huge_values_and_an_inflated_weight_are_left_out(tmp_path):
+    swarm, honest, rogue = _run(tmp_path, "huge", "huge@*,inflate@*")
+    with swarm:
+        wait_until(lambda: len(consistent_rounds(honest)) >= 6, 90, "six rounds by the honest peers",
+                   lambda: _logs(swarm))
+        assert check_invariant(honest) >= 6
+        for p in honest:
+            _finite_and_learning(p)
+        rejected = sum(metric(p.metrics_port, 'peer_sync_rejected_contributions_total{reason="norm_outlier"}')
+                       for p in honest)
+        assert rejected >= 3, rejected
+        assert all(p.alive() for p in swarm.peers)
+
+
+def test_a_claim_far_ahead_moves_nobody(tmp_path):
+    swarm, honest, rogue = _run(tmp_path, "ahead", "claim_ahead@*")
+    with swarm:
+        wait_until(lambda: len(consistent_rounds(honest)) >= 5, 90, "five rounds by the honest peers",
+                   lambda: _logs(swarm))
+        assert rogue.status()["round"] >= 1_000_000
+        for p in honest:
+            assert "resynced" not in p.log(), p.tail()
+            assert p.status()["round"] < 1000
+        assert check_invariant(honest) >= 5
+
+
+@pytest.mark.parametrize("rule", [("trimmed_mean", "--trim-fraction", "0.25"), ("centered_clip",)],
+                         ids=["trimmed_mean", "centered_clip"])
+def test_a_sign_flipped_amplified_delta_is_bounded_by_a_robust_rule(tmp_path, rule):
+    # K=4: a trim of 0.25 cuts one value at each end of every coordinate
+    swarm, honest, rogue = _run(tmp_path, f"scale-{rule[0]}", "scale@*", ("--aggregation", *rule))
+    with swarm:
+        wait_until(lambda: len(consistent_rounds(honest)) >= 6, 90, "six rounds by the honest peers",
+                   lambda: _logs(swarm))
+        assert check_invariant(honest) >= 6
+        for p in honest:
+            _finite_and_learning(p)

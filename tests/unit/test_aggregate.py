@@ -1,0 +1,62 @@
+"""Aggregation rules on literal tensors (pure): mean, trimmed mean, centered clipping, caps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer.sync.aggregate import aggregate, cap_weights, centered_clip, norm_outliers, trimmed_mean
+
+T = torch.tensor
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    parts = [T([1.0, 10.0]), T([2.0, 20.0]), T([3.0, 30.0]), T([4.0, -1000.0]), T([1000.0, 40.0])]
+    # n=5, trim 0.2: one value cut at each end, per coordinate
+    got = trimmed_mean(parts, [1.0] * 5, 0.2)
+    assert torch.allclose(got, T([3.0, 20.0]))  # (2+3+4)/3, (10+20+30)/3
+
+
+def test_trimmed_mean_weights_the_kept_values_and_skips_zero_weight():
+    parts = [T([1.0]), T([2.0]), T([3.0]), T([100.0])]
+    # the weight-0 part takes no part; of the other three, one is cut at each end: 2 remains
+    assert torch.allclose(trimmed_mean(parts, [1.0, 1.0, 1.0, 0.0], 0.34), T([2.0]))
+    # too few parts to trim: the weighted mean
+    assert torch.allclose(trimmed_mean([T([1.0]), T([3.0])], [1.0, 3.0], 0.4), T([2.5]))
+
+
+def test_centered_clip_bounds_one_huge_part():
+    honest = [T([1.0, 1.0]), T([1.1, 0.9]), T([0.9, 1.1]), T([1.0, 1.05])]
+    attacker = T([-1000.0, 1000.0])
+    got = centered_clip([*honest, attacker], [1.0] * 5)
+    assert (got - T([1.0, 1.0])).norm() < 0.2, got
+    mean = aggregate("mean", [*honest, attacker], [1.0] * 5)
+    assert (mean - T([1.0, 1.0])).norm() > 100  # what the plain mean does
+
+
+def test_centered_clip_of_agreeing_parts_is_their_mean():
+    parts = [T([1.0, 2.0]), T([1.0, 2.0]), T([1.0, 2.0])]
+    assert torch.allclose(centered_clip(parts, [1.0, 2.0, 3.0]), T([1.0, 2.0]))
+
+
+def test_rules_are_deterministic():
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(1000, generator=gen) for _ in range(5)]
+    for rule in ("mean", "trimmed_mean", "centered_clip"):
+        assert torch.equal(aggregate(rule, parts, [1.0, 2.0, 3.0, 1.0, 1.0]),
+                           aggregate(rule, parts, [1.0, 2.0, 3.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate("median", parts, [1.0] * 5)
+
+
+def test_a_claimed_weight_is_capped_at_a_multiple_of_the_median():
+    assert cap_weights([100.0, 100.0, 1e30], 4.0) == [100.0, 100.0, 400.0]
+    assert cap_weights([100.0, 0.0, 120.0, 1e9], 2.0) == [100.0, 0.0, 120.0, 240.0]
+    assert cap_weights([0.0, 0.0], 4.0) == [0.0, 0.0]
+
+
+def test_norm_outliers_are_found_only_with_a_median():
+    parts = [T([1.0, 0.0]), T([0.0, 1.2]), T([0.9, 0.0]), T([300.0, 0.0])]
+    assert norm_outliers(parts, 10.0) == [3]
+    assert norm_outliers(parts[:2] + [T([300.0, 0.0])], 10.0) == [2]
+    assert norm_outliers([T([1.0]), T([500.0])], 10.0) == []  # two parts: no meaningful median
