@@ -6,8 +6,9 @@ Async, loop-only. It reaches other peers only through the ``PeerClient`` protoco
 ones, the unit tests in-memory ones. Fault injection comes in through the phase hook and
 wrappers the daemon builds; this module knows nothing of it.
 
-Resync rule (logged on every resync): the most advanced round wins; at equal rounds, the
-group's majority hash (the leader tells a minority member to resync).
+Resync rule (logged on every resync): adopt only the ``(round, global hash)`` that more than
+half of the reachable members report (with one other member, its word), and only bytes that hash
+to it; at equal rounds, the group's majority (the leader tells a minority member to resync).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A partition: four peers in network namespaces split 2|2 keep training on each side; when the
-link returns they converge to one state by the documented rule (the most advanced round wins;
-at equal rounds the group's majority hash, ties broken by the leader's own hash, then the
-smallest) and say so in their logs."""
+link returns they converge to one state by the documented rule (the state more than half of the
+reachable members report; at equal rounds the group's majority hash, ties broken by the leader's
+own hash, then the smallest) and say so in their logs."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_split_sides_keep_training_and_converge_when_the_link_returns(tmp_path):
                        logs)
             check_invariant(peers)
             # The losing side said which state it adopted and by which rule
-            adopted = [p for p in peers if re.search(r"resynced to round \d+ .*rule: the most advanced round wins",
+            adopted = [p for p in peers if re.search(r"resynced to round \d+ .*rule: the state the majority of reachable members reports",
                                                     p.log().split("\n", 1)[-1][-200000:])]
             assert adopted, logs()
             print(f"\nPARTITION healed: converged {time.time() - healed:.1f} s after the link returned")

@@ -54,6 +54,7 @@ def test_averaging_peer(codec):
     out = bench("averaging", "--system", "peer", "--peers", "2", "--params", "20000", "--codec", codec,
                 "--rounds", "2", "--warmup", "1")
     _check_averaging(out, 2, 20000, 8 if codec == "int8" else 32)
+    assert out["tls"] is True  # peers run as users run them: mutual TLS
     assert out["bytes_sent_per_peer"] > 0
     # Payload bytes are the codec's exact sizes: within 5% of the nominal 2(K-1)/K*N*bits/8.
     # Per-shard scale blocks round up, so a few bytes more than the whole-tensor size.
@@ -133,3 +134,19 @@ def test_overlap_bench():
     out = bench("overlap", "--task", "digits", "--peers", "2", "--H", "5", "--rounds", "3", timeout=240)
     for key in ("plain_steps_s", "sequential_steps_s", "overlap_steps_s"):
         assert out[key] > 0
+
+
+def test_robust_bench():
+    out = bench("robust", "--task", "digits", "--rounds", "2", "--H", "3", "--cost-numel", "10000")
+    rows = {(r["attack"], r["rule"]): r for r in out["rows"]}
+    assert set(rows) == {("none (4 honest)", "mean")} | {(a, r) for a in ("scale", "noise")
+                                                        for r in ("mean", "trimmed_mean", "centered_clip")}
+    assert all(r["eval_loss"] > 0 and r["vs_honest"] > 0 for r in out["rows"])
+    assert [c["rule"] for c in out["cost"]] == ["mean", "trimmed_mean", "centered_clip"]
+    assert all(c["owner_s_per_round"] > 0 for c in out["cost"])
+
+
+def test_averaging_reports_tls():
+    out = bench("averaging", "--system", "peer", "--peers", "2", "--params", "20000", "--rounds", "1",
+                "--warmup", "0", "--insecure")
+    assert out["tls"] is False and out["rounds_failed"] == 0
