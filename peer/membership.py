@@ -203,7 +203,11 @@ class Membership:
         if info.address:
             # Dial back where the connection came from: the caller may not know which of its
             # addresses we can reach (it listens on 0.0.0.0 with several interfaces).
-            port = info.address.rsplit(":", 1)[1]
+            port = info.address.rsplit(":", 1)[-1]
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                exc = HandshakeRefused("bad_address", f"address {info.address[:64]!r} has no valid port")
+                self._refused(exc, f"{info.peer_id}")
+                return HandshakeReply(False, exc.reason, str(exc), me)
             if not self.admit(info, f"{observed_host}:{port}" if observed_host else info.address):
                 return HandshakeReply(False, "full", f"this peer admits at most {self._cfg.net.max_peers} members", me)
         return HandshakeReply(True, "", "", me)

@@ -192,6 +192,10 @@ class RoundDriver:
         if req.run_id != self._run_id or not self._members.is_member(req.peer_id) or self._stopping:
             why = "leaving" if self._stopping else f"{req.peer_id} of run {req.run_id!r} is not a known peer here"
             return JoinReply(JoinOutcome.REFUSED, why)
+        if not (0 <= req.weight < float("inf")) or len(req.global_hash) > 64:
+            self._invalid("bad_join", f"{req.peer_id} asked to join with weight {req.weight} / hash "
+                          f"{req.global_hash[:16]!r}")
+            return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a sha256 hex hash")
         return await self.matchmaker.join(req)
 
     def peer_left(self, peer_id: str) -> None:
