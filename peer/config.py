@@ -111,6 +111,12 @@ class SyncConfig:
     weight_cap_factor: float = 4.0
     # A part whose norm is this many times the median part's is left out (and counted).
     norm_outlier_factor: float = 10.0
+    # A leader whose rounds fail this many times in a row (or that sends one invalid group) is
+    # skipped for leader_backoff_s.
+    leader_failure_limit: int = 3
+    # A member whose part misses an owner's cut-off this many rounds in a row is left out of
+    # that owner's groups for exclude_backoff_s.
+    exclude_after_misses: int = 3
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,10 @@ class TimeoutConfig:
     # A call that found no connection waits this long for one before the peer counts as gone
     # (its channel may be in reconnect backoff from before the peer listened).
     reconnect_wait_s: float = 2.0
+    # How long a failing leader is skipped (see leader_failure_limit).
+    leader_backoff_s: float = 60.0
+    # How long a member that keeps missing deadlines is left out (see exclude_after_misses).
+    exclude_backoff_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +358,8 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.sync.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)"),
         (cfg.sync.weight_cap_factor >= 1, "weight_cap_factor must be >= 1"),
         (cfg.sync.norm_outlier_factor > 1, "norm_outlier_factor must be > 1"),
+        (cfg.sync.leader_failure_limit >= 1, "leader_failure_limit must be >= 1"),
+        (cfg.sync.exclude_after_misses >= 1, "exclude_after_misses must be >= 1"),
     ]
     for f in dataclasses.fields(TimeoutConfig):
         checks.append((getattr(cfg.timeouts, f.name) > 0, f"{f.name} must be > 0"))

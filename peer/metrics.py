@@ -69,6 +69,8 @@ class Metrics:
         self.invalid_claims = Counter("peer_sync_invalid_claims", "What other peers told this peer that failed its "
                                       "checks where it arrived (a group, a state, an averaged shard), by reason.",
                                       ["reason"], registry=r)
+        self.excluded = Counter("peer_sync_excluded", "Members left out of leading or of groups for a while, by "
+                                "reason.", ["reason"], registry=r)
         self.discovery_ignored = Counter("peer_discovery_ignored", "Discovered services ignored, by reason.",
                                          ["reason"], registry=r)
         self.checkpoints = Counter("peer_checkpoint_writes", "Checkpoints written, by outcome.", ["outcome"],

@@ -32,7 +32,8 @@ from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.outer import outer_step
 from peer.sync.round import (
-    Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, no_hook,
+    Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
+    no_hook,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -161,16 +162,22 @@ class RoundDriver:
                                    factor=s.deadline_factor, margin_s=s.deadline_margin_s,
                                    smoothing=s.deadline_smoothing)
         self.registry = ShardRegistry()
-        self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=members.live,
+        self._suspects: dict[str, float] = {}  # leader id -> monotonic time until which it is skipped
+        self._leader_failures: dict[str, int] = {}
+        self._group_leader = peer_id
+        self._misses: dict[str, int] = {}  # member -> rounds in a row its part missed our cut-off
+        self._excluded: dict[str, float] = {}  # member -> monotonic time until which it is left out
+        self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._candidates,
                                      current_round=lambda: store.state.round,
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
-                                     on_formed=self.deadlines.observe_formation)
+                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
                                aggregation=Aggregation(s.aggregation, s.trim_fraction, s.weight_cap_factor,
                                                        s.norm_outlier_factor),
-                               on_rejected=lambda pid, error: self.rejected_part(pid, error))
+                               on_rejected=lambda pid, error: self.rejected_part(pid, error),
+                               on_delivered=self._delivery)
         self.owner = ReduceOwner(run_id=self._run_id, peer_id=peer_id, registry=self.registry,
                                  group_wait_s=cfg.timeouts.chunk_idle_timeout_s, on_rejected=self.rejected,
                                  traffic=self._traffic, phase_hook=phase_hook)
@@ -315,8 +322,9 @@ class RoundDriver:
         return deadline
 
     async def form_group(self, rnd: int, weight: float) -> Group | JoinReply:
-        """Follower and leader side: join round ``rnd`` through its leader (the lowest live id;
-        the next one when it does not answer); return the group, or why there is none."""
+        """Follower and leader side: join round ``rnd`` through its leader (``leader_for`` over
+        the live members not under suspicion; the next one when it does not answer); return the
+        group, or why there is none."""
         req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=rnd,
                           global_hash=self._store.state.global_hash, weight=weight, address=self._address())
         # The leader answers within its own matchmaking timeout; allow a margin for the network.
@@ -325,11 +333,11 @@ class RoundDriver:
         unreachable: set[str] = set()
         hint: tuple[str, str] | None = None
         while time.monotonic() < deadline and not self._stopping:
-            live = {pid: a for pid, a in self._members.live().items() if pid not in unreachable}
+            live = {pid: a for pid, a in self._candidates().items() if pid not in unreachable}
             if hint is not None and hint[0] not in unreachable:
                 leader, address = hint
             else:
-                leader = min([self._me, *live])
+                leader = leader_for(rnd, [self._me, *live])
                 address = live.get(leader, "")
             hint = None
             if leader == self._me:
@@ -345,10 +353,14 @@ class RoundDriver:
                         self._members.drop(leader, "its address refuses connections")
                     continue
             if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
-                return self._checked(reply.group, rnd)
+                self._group_leader = leader
+                checked = self._checked(reply.group, rnd)
+                if isinstance(checked, JoinReply):
+                    self._leader_outcome(leader, False, "bad_group")
+                return checked
             if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
                 pid, _, addr = reply.leader_hint.partition("@")
-                if pid != leader and pid not in unreachable:
+                if pid != leader and pid not in unreachable and not self._suspected(pid):
                     if not self._members.is_member(pid):
                         # A leader we have not met: meet it first (its group must name only
                         # members we know), then ask it. The loop's deadline bounds this.
@@ -385,6 +397,51 @@ class RoundDriver:
                         for m in group.members)
         return replace(group, members=members)
 
+    def _suspected(self, peer_id: str) -> bool:
+        return self._suspects.get(peer_id, 0.0) > time.monotonic()
+
+    def _candidates(self) -> dict[str, str]:
+        """The live members that may lead (and that a leader waits for): not under suspicion
+        and not left out for missing deadlines."""
+        return {pid: a for pid, a in self._members.live().items()
+                if not self._suspected(pid) and not self._is_excluded(pid)}
+
+    def _is_excluded(self, peer_id: str) -> bool:
+        return self._excluded.get(peer_id, 0.0) > time.monotonic()
+
+    def _delivery(self, delivered: list[str], missing: list[str]) -> None:
+        """As an owner: who sent its part by the cut-off. A member that missed it in
+        ``exclude_after_misses`` rounds in a row is left out of the groups this peer leads (and of
+        its leader choice) for ``exclude_backoff_s``, so one stalled peer does not make every
+        round wait."""
+        for pid in delivered:
+            self._misses.pop(pid, None)
+        for pid in missing:
+            if pid == self._me:
+                continue
+            misses = self._misses[pid] = self._misses.get(pid, 0) + 1
+            if misses >= self._cfg.sync.exclude_after_misses:
+                self._misses.pop(pid, None)
+                self._excluded[pid] = time.monotonic() + self._cfg.timeouts.exclude_backoff_s
+                self._metrics.excluded.labels("missed_deadline").inc()
+                log.warning("leaving %s out of groups for %.0f s: its part missed the deadline in %d rounds in a row",
+                            pid, self._cfg.timeouts.exclude_backoff_s, misses)
+
+    def _leader_outcome(self, leader: str, ok: bool, why: str = "") -> None:
+        """Count a leader's failed rounds; ``leader_failure_limit`` in a row (or one bad group)
+        and it is skipped for ``leader_backoff_s``. Honest members see the same failures, so
+        they skip the same leader and agree on the next one."""
+        if ok or leader == self._me:
+            self._leader_failures.pop(leader, None)
+            return
+        failures = self._leader_failures[leader] = self._leader_failures.get(leader, 0) + 1
+        if why == "bad_group" or failures >= self._cfg.sync.leader_failure_limit:
+            self._leader_failures.pop(leader, None)
+            self._suspects[leader] = time.monotonic() + self._cfg.timeouts.leader_backoff_s
+            self._metrics.excluded.labels("failing_leader").inc()
+            log.warning("skipping %s as leader for %.0f s: %s", leader, self._cfg.timeouts.leader_backoff_s,
+                        why or f"{failures} of its rounds failed in a row")
+
     def _invalid(self, reason: str, message: str) -> None:
         self._metrics.invalid_claims.labels(reason).inc()
         log.warning("refused what a peer claimed (%s): %s", reason, message)
@@ -412,9 +469,11 @@ class RoundDriver:
         self._metrics.group_size.set(len(group.members))
         self._metrics.round_deadline_seconds.set(group.reduce_deadline_s)
         self.progress.phase = "reduce"
+        leader = self._group_leader
         try:
             avg, stats = await self.reducer.run(group, delta, weight)
         except RoundError as exc:
+            self._leader_outcome(leader, False)
             self._fail(rnd, exc.reason, str(exc))
             # Peers that completed the round show round rnd+1 at their next heartbeat; if nobody
             # did (a vanished owner fails the round for all), everyone keeps round rnd and goes on.
@@ -422,6 +481,7 @@ class RoundDriver:
             if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
                 log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
             return None
+        self._leader_outcome(leader, True)
         t2 = time.monotonic()
         reduce_s = t2 - t1
         self._metrics.round_phase_seconds.labels("reduce").observe(reduce_s)

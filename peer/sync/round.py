@@ -3,13 +3,16 @@
 Async, loop-only code. It talks to other peers only through the ``PeerClient`` protocol (the
 transport implements it; tests may implement it in memory) and never imports grpc.
 
-Group formation (no coordinator): the leader of a round is the lowest peer id among the live
-peers a peer knows, itself included. A peer that finished its inner phase sends ``JoinRound`` to
+Group formation (no coordinator): the leader of round r is the live peer (itself included)
+with the smallest sha256(r, peer id) (``leader_for``): every member computes the same, and the
+role rotates from round to round, so no id leads forever (ids come from keys; a low one could be
+ground for, a low hash for every round cannot). A peer that finished its inner phase sends ``JoinRound`` to
 its leader (or joins locally when it leads). The leader forms the group when every live peer it
 knows has joined, or ``matchmaking_timeout_s`` after the first join, whichever comes first. The
 group keeps the joiners whose ``(round, global_hash)`` agree with the majority (ties: the
 leader's own hash, then the smallest); the others are told to resync. A follower whose leader
-does not answer tries the next lowest id.
+does not answer tries the next one by the same order; a leader whose groups fail is skipped for a
+while (``RoundDriver``).
 
 Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
 id). Each member encodes every shard of its own delta (with error feedback), streams shard j to
@@ -22,11 +25,12 @@ averaged delta, bit for bit, whatever the codec.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -62,6 +66,11 @@ class PeerClient(Protocol):
     async def get_state(
         self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float
     ) -> tuple[StateHeader, bytes]: ...
+
+
+def leader_for(rnd: int, peer_ids: Iterable[str]) -> str:
+    """The leader of round ``rnd`` among ``peer_ids``: the smallest sha256(round, id)."""
+    return min(peer_ids, key=lambda pid: hashlib.sha256(f"{rnd}\x00{pid}".encode()).digest())
 
 
 def shard_bounds(numel: int, k: int) -> list[tuple[int, int]]:
@@ -141,7 +150,9 @@ class Matchmaker:
         timeout_s: Callable[[], float],
         deadline_s: Callable[[], float],
         on_formed: Callable[[float, bool], None] | None = None,
+        excluded: Callable[[str], bool] = lambda peer_id: False,
     ) -> None:
+        self._excluded = excluded
         self._me = peer_id
         self._numel = numel
         self._codec = codec
@@ -167,10 +178,13 @@ class Matchmaker:
 
     async def join(self, req: JoinRequest) -> JoinReply:
         live = self._live()
-        leader = min([self._me, *live])
+        leader = leader_for(req.round, [self._me, *live])
         if leader != self._me:
             return JoinReply(JoinOutcome.NOT_LEADER, f"{leader} leads round {req.round}",
                              leader_hint=f"{leader}@{live[leader]}")
+        if self._excluded(req.peer_id):
+            return JoinReply(JoinOutcome.TOO_LATE, f"{req.peer_id} is left out of groups for a while: it missed the "
+                             f"deadline in several rounds in a row")
         current = self._current_round()
         if req.round < current:
             return JoinReply(JoinOutcome.WRONG_ROUND,
@@ -287,8 +301,10 @@ class OwnedShard:
 
     def __init__(self, group: Group, me: Member, codec: Codec, executor: Executor, cutoff_s: float,
                  aggregation: Aggregation = Aggregation(),
-                 on_rejected: Callable[[str, RoundError], None] = lambda peer_id, error: None) -> None:
+                 on_rejected: Callable[[str, RoundError], None] = lambda peer_id, error: None,
+                 on_delivered: Callable[[list[str], list[str]], None] = lambda delivered, missing: None) -> None:
         self.group = group
+        self._on_delivered = on_delivered
         self._aggregation = aggregation
         self._on_rejected = on_rejected
         self.me = me
@@ -366,8 +382,9 @@ class OwnedShard:
                                                   f"{agg.norm_outlier_factor:g}x the median; left out"))
         if not self.result.done():
             self.result.set_result((payload, len(order)))
-        if len(order) < len(self._expected):
-            missing = sorted(set(self._expected) - set(order))
+        missing = sorted(set(self._expected) - set(order))
+        self._on_delivered(order, missing)
+        if missing:
             log.warning("round %d: shard %d-%d averaged without %s", self.group.round, self.me.shard_start,
                         self.me.shard_end, ", ".join(missing))
 
@@ -435,9 +452,11 @@ class Reducer:
         phase_hook: PhaseHook = no_hook,
         aggregation: Aggregation = Aggregation(),
         on_rejected: Callable[[str, RoundError], None] = lambda peer_id, error: None,
+        on_delivered: Callable[[list[str], list[str]], None] = lambda delivered, missing: None,
     ) -> None:
         self._aggregation = aggregation
         self._on_rejected = on_rejected
+        self._on_delivered = on_delivered
         self._me = peer_id
         self._run_id = run_id
         self._client = client
@@ -491,7 +510,8 @@ class Reducer:
         # The owner stops waiting for parts at a share of the deadline, so that its answer
         # reaches every member before their own deadline.
         owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s * self._cutoff_share,
-                           aggregation=self._aggregation, on_rejected=self._on_rejected)
+                           aggregation=self._aggregation, on_rejected=self._on_rejected,
+                           on_delivered=self._on_delivered)
         self._registry.put(owned)
         try:
             await self._hook("reduce", group.round)

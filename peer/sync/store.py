@@ -134,11 +134,16 @@ class StateStore:
         return state
 
     def _rotate(self) -> None:
-        """checkpoint.bin -> .1 -> .2 ...: the oldest generation falls off."""
+        """.1 -> .2, ...; the oldest generation falls off. ``checkpoint.bin`` itself gets a
+        second name (.1, a hard link) instead of moving, so that the newest name exists at
+        every instant: the new state then replaces it atomically."""
         paths = self.generations()
-        for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):
+        for older, newer in zip(reversed(paths[2:]), reversed(paths[1:-1])):
             if newer.exists():
                 os.replace(newer, older)
+        if paths[0].exists():
+            paths[1].unlink(missing_ok=True)
+            os.link(paths[0], paths[1])
 
     def write(self, state: GlobalState) -> bool:
         """Write ``state`` atomically as the newest checkpoint generation, keeping the previous

@@ -159,17 +159,22 @@ def pool():
         yield executor
 
 
+# Peer ids in the order of leader_for at round 0 (the leader rotates by sha256(round, id)): the
+# first leads any group it is in, the second leads without the first.
+NAMES = ("p15", "p22", "p17")
+
+
 def _swarm(tmp, pool, k: int, **cfg) -> dict[str, Node]:
     net: dict[str, Node] = {}
     for i in range(k):
-        net[f"p{i}"] = Node(f"p{i}", i, net, tmp, pool, **cfg)
+        net[NAMES[i]] = Node(NAMES[i], i, net, tmp, pool, **cfg)
     for node in net.values():
         node.members.view = {p for p in net if p != node.pid}
     return net
 
 
 def _delta(node: Node) -> torch.Tensor:
-    return torch.full((NUMEL,), (int(node.pid[1:]) + 1) * 0.01)
+    return torch.full((NUMEL,), (node.inner.rank + 1) * 0.01)
 
 
 async def _round(nodes):
@@ -191,48 +196,48 @@ async def test_a_round_leaves_every_member_with_the_same_state(tmp_path, pool):
 
 async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
-    net["p0"].down = True
+    net["p15"].down = True
     # p0 still looks live to p1 and p2: their first JoinRound to it fails with UNAVAILABLE
-    avgs = await _round([net["p1"], net["p2"]])
+    avgs = await _round([net["p22"], net["p17"]])
     assert all(a is not None for a in avgs)
-    assert net["p1"].store.state.global_hash == net["p2"].store.state.global_hash
-    assert ("p0", "its address refuses connections") in net["p2"].members.dropped
+    assert net["p22"].store.state.global_hash == net["p17"].store.state.global_hash
+    assert ("p15", "its address refuses connections") in net["p17"].members.dropped
     assert torch.allclose(avgs[0], torch.full((NUMEL,), 0.025), atol=1e-3)  # mean of p1 and p2
 
 
 async def test_a_not_leader_answer_is_followed_to_the_real_leader(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
-    net["p2"].members.view = {"p1"}  # p2 does not know p0; p1 will point it there
+    net["p17"].members.view = {"p22"}  # p2 does not know p0; p1 will point it there
     avgs = await _round(net.values())
-    assert net["p2"].members.introduced == ["p0"]  # met it before joining its group
+    assert net["p17"].members.introduced == ["p15"]  # met it before joining its group
     assert all(a is not None for a in avgs)
     assert len({n.store.state.global_hash for n in net.values()}) == 1
-    assert net["p0"].metric("peer_round_group_size_peers") == 3
+    assert net["p15"].metric("peer_round_group_size_peers") == 3
 
 
 async def test_a_leader_that_does_not_know_us_is_introduced_to_and_asked_again(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
-    net["p0"].members.view = {"p1"}  # the leader has not met p2 yet: it refuses p2's join
+    net["p15"].members.view = {"p22"}  # the leader has not met p2 yet: it refuses p2's join
 
     async def later(node):
         await asyncio.sleep(0.1)
         return await node.driver.round(_delta(node), 1.0)
 
-    avgs = await asyncio.gather(net["p2"].driver.round(_delta(net["p2"]), 1.0), later(net["p0"]), later(net["p1"]))
-    assert net["p2"].members.introduced == ["p0"]
+    avgs = await asyncio.gather(net["p17"].driver.round(_delta(net["p17"]), 1.0), later(net["p15"]), later(net["p22"]))
+    assert net["p17"].members.introduced == ["p15"]
     assert all(a is not None for a in avgs)
     assert len({n.store.state.global_hash for n in net.values()}) == 1
 
 
 async def test_a_stopping_leader_is_dropped(tmp_path, pool):
     net = _swarm(tmp_path, pool, 2)
-    net["p0"].driver.request_stop()
-    reply = await net["p0"].driver.join(_req(net["p1"]))
+    net["p15"].driver.request_stop()
+    reply = await net["p15"].driver.join(_req(net["p22"]))
     assert reply.outcome == JoinOutcome.REFUSED and reply.message.startswith("leaving")
-    group = await net["p1"].driver.form_group(0, 1.0)
-    assert ("p0", "it is leaving") in net["p1"].members.dropped
+    group = await net["p22"].driver.form_group(0, 1.0)
+    assert ("p15", "it is leaving") in net["p22"].members.dropped
     # alone now: it leads a group of one
-    assert not isinstance(group, JoinReply) and [m.peer_id for m in group.members] == ["p1"]
+    assert not isinstance(group, JoinReply) and [m.peer_id for m in group.members] == ["p22"]
 
 
 def _req(node: Node):
@@ -245,22 +250,22 @@ def _req(node: Node):
 async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
     groups = await asyncio.gather(*(n.driver.form_group(0, 1.0) for n in net.values()))
-    net["p2"].down = True  # owns the last shard; gone after the group formed
+    net["p17"].down = True  # owns the last shard; gone after the group formed
     with pytest.raises(RoundError) as err:
         await asyncio.gather(*(n.driver.reducer.run(g, _delta(n), 1.0)
-                               for n, g in zip([net["p0"], net["p1"]], groups)))
+                               for n, g in zip([net["p15"], net["p22"]], groups)))
     assert err.value.reason == "shard_missing"
     # the driver's own path: counted as failed, abandoned (nobody completed it), state unchanged
     net2 = _swarm(tmp_path / "b", pool, 3)
 
     async def vanish(group, delta, weight):
-        net2["p2"].down = True
+        net2["p17"].down = True
         raise RoundError("gone", "p2 died")
 
-    net2["p2"].driver.reducer.run = vanish
+    net2["p17"].driver.reducer.run = vanish
     results = await _round(net2.values())
     assert results[0] is None and results[1] is None
-    for p in ("p0", "p1"):
+    for p in ("p15", "p22"):
         assert net2[p].store.state.round == 0
         assert net2[p].metric("peer_rounds_total", outcome="failed") == 1
         assert net2[p].driver.progress.failed == 1
@@ -268,58 +273,58 @@ async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_p
 
 async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
-    await _round([net["p0"], net["p1"], net["p2"]])
-    net["p2"].down = True  # p2 misses round 1
-    net["p0"].members.view.discard("p2")
-    net["p1"].members.view.discard("p2")
-    await _round([net["p0"], net["p1"]])
-    net["p2"].down = False
-    lagging = net["p2"]
+    await _round([net["p15"], net["p22"], net["p17"]])
+    net["p17"].down = True  # p2 misses round 1
+    net["p15"].members.view.discard("p17")
+    net["p22"].members.view.discard("p17")
+    await _round([net["p15"], net["p22"]])
+    net["p17"].down = False
+    lagging = net["p17"]
     assert lagging.members.ahead() == 2 and lagging.store.state.round == 1
     # Execute
     ok = await lagging.driver.resync(lagging.members.ahead(), 2.0)
     # Assert: adopted the donors' state, bit for bit
     assert ok
     assert lagging.store.state.round == 2
-    assert lagging.store.state.global_hash == net["p0"].store.state.global_hash
-    assert torch.equal(lagging.store.state.momentum, net["p0"].store.state.momentum)
+    assert lagging.store.state.global_hash == net["p15"].store.state.global_hash
+    assert torch.equal(lagging.store.state.momentum, net["p15"].store.state.momentum)
     assert lagging.metric("peer_state_transfers_total", direction="received", outcome="ok") == 1
 
 
 async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
-    odd = net["p2"]
+    odd = net["p17"]
     odd.store.adopt(GlobalState(0, torch.zeros(NUMEL), torch.zeros(NUMEL)))  # diverged parameters
     results = await _round(net.values())
     assert results[2] is None and results[0] is not None
     # the majority completed round 0; the odd one fetched round 1 from them
     assert odd.store.state.round == 1
-    assert odd.store.state.global_hash == net["p0"].store.state.global_hash
+    assert odd.store.state.global_hash == net["p15"].store.state.global_hash
     assert odd.metric("peer_rounds_total", outcome="failed") == 1
 
 
 async def test_error_feedback_is_reset_after_a_resync(tmp_path, pool):
     net = _swarm(tmp_path, pool, 2, codec="sign1")
     await _round(net.values())
-    ef = net["p1"].driver.reducer.feedback
+    ef = net["p22"].driver.reducer.feedback
     assert ef is not None and ef.residual.abs().sum() > 0
     # p0 goes ahead alone (p1 not in its view); p1 resyncs to it
-    net["p0"].members.view = set()
-    await net["p0"].driver.round(_delta(net["p0"]), 1.0)
-    assert await net["p1"].driver.resync(2, 2.0)
+    net["p15"].members.view = set()
+    await net["p15"].driver.round(_delta(net["p15"]), 1.0)
+    assert await net["p22"].driver.resync(2, 2.0)
     assert ef.residual.abs().sum() == 0
 
 
 async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path, pool):
     net = _swarm(tmp_path, pool, 2, rounds=3)
-    net["p1"].inner.nan_rounds = (1,)
+    net["p22"].inner.nan_rounds = (1,)
     # Execute: both loops end by themselves after 3 completed rounds
     await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)
     # Assert
     assert all(n.driver.progress.completed == 3 for n in net.values())
-    assert net["p0"].store.state.global_hash == net["p1"].store.state.global_hash
-    assert net["p1"].metric("peer_train_nonfinite_total") == 1
-    assert net["p0"].driver.progress.eval["loss"] > 0
+    assert net["p15"].store.state.global_hash == net["p22"].store.state.global_hash
+    assert net["p22"].metric("peer_train_nonfinite_total") == 1
+    assert net["p15"].driver.progress.eval["loss"] > 0
 
 
 def test_deadlines_adapt_between_margin_and_cap():
@@ -339,27 +344,64 @@ def test_deadlines_adapt_between_margin_and_cap():
 
 async def test_a_lying_leader_fails_the_round_counted_and_moves_nobody(tmp_path, pool):
     net = _swarm(tmp_path, pool, 2)
-    follower = net["p1"]
-    honest = net["p0"].driver.join
+    follower = net["p22"]
+    honest = net["p15"].driver.join
 
     async def evil_group(req):
         reply = await honest(req)
         return replace(reply, group=replace(reply.group, codec="evil", reduce_deadline_s=1e9))
 
-    net["p0"].driver.join = evil_group
-    results = await asyncio.gather(net["p0"].driver.round(_delta(net["p0"]), 1.0),
+    net["p15"].driver.join = evil_group
+    results = await asyncio.gather(net["p15"].driver.round(_delta(net["p15"]), 1.0),
                                    follower.driver.round(_delta(follower), 1.0))
     assert results[1] is None and follower.store.state.round == 0
     assert follower.metric("peer_sync_invalid_claims_total", reason="bad_group") == 1
+    # ... and that leader is skipped: the follower's next round does not go through it
+    assert follower.metric("peer_sync_excluded_total", reason="failing_leader") == 1
+    assert await follower.driver.round(_delta(follower), 1.0) is not None
+    assert follower.metric("peer_round_group_size_peers") == 1
+
+
+async def test_a_leader_claiming_a_round_far_ahead_moves_nobody(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 2)
+    follower = net["p22"]
 
     async def far_ahead(req):
         return JoinReply(JoinOutcome.WRONG_ROUND, "I am far ahead", leader_round=10**9)
 
-    net["p0"].driver.join = far_ahead
+    net["p15"].driver.join = far_ahead
     t0 = asyncio.get_running_loop().time()
     assert await follower.driver.round(_delta(follower), 1.0) is None
     assert follower.store.state.round == 0  # no majority attests round 10**9: nothing adopted
     assert asyncio.get_running_loop().time() - t0 < 10  # and the wait for one is bounded
+
+
+async def test_a_leader_whose_rounds_keep_failing_is_skipped(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3, leader_failure_limit=1)
+    leader, follower = net["p15"], net["p22"]
+
+    async def vanish(group, delta, weight):
+        raise RoundError("gone", "an owner vanished")
+
+    for n in net.values():
+        n.driver.reducer.run = vanish
+    await _round(net.values())  # a round formed by p15 fails for everyone
+    assert follower.metric("peer_sync_excluded_total", reason="failing_leader") == 1
+    # the others now agree on the next leader without p15 (it may still join as a member)
+    assert "p15" not in follower.driver._candidates() and "p15" not in net["p17"].driver._candidates()
+    groups = await asyncio.gather(*(n.driver.form_group(0, 1.0) for n in (net["p22"], net["p17"])))
+    assert all(not isinstance(g, JoinReply) for g in groups) and groups[0].group_id == groups[1].group_id
+    assert leader.driver.progress.failed == 1
+
+
+def test_leader_failures_are_counted_in_a_row(tmp_path, pool):
+    node = _swarm(tmp_path, pool, 1, leader_failure_limit=3)[NAMES[0]]
+    d = node.driver
+    for ok in (False, False, True, False, False):  # a success in between resets the count
+        d._leader_outcome("x", ok)
+    assert "x" not in d._suspects
+    d._leader_outcome("x", False)
+    assert "x" in d._suspects and node.metric("peer_sync_excluded_total", reason="failing_leader") == 1
 
 
 async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path, pool):
@@ -382,10 +424,29 @@ async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path,
 
 async def test_a_nonfinite_outer_step_is_never_adopted(tmp_path, pool):
     net = _swarm(tmp_path, pool, 1)
-    node = net["p0"]
+    node = net["p15"]
     before = node.store.state
     huge = torch.full((NUMEL,), 3e38)
     # alone, the group is of one: its own average is its delta; the outer step overflows
     assert await node.driver.round(huge, 1.0) is None
     assert node.store.state is before
     assert node.metric("peer_sync_invalid_claims_total", reason="nonfinite_outer") == 1
+
+
+async def test_a_member_that_keeps_missing_the_deadline_is_left_out(tmp_path, pool):
+    net = _swarm(tmp_path, pool, 3, exclude_after_misses=2)
+    owner = net["p15"]
+    # as an owner, p15 saw p17's part miss its cut-off twice in a row (a success in between resets)
+    owner.driver._delivery(["p15", "p22"], ["p17"])
+    owner.driver._delivery(["p15", "p22", "p17"], [])
+    owner.driver._delivery(["p15", "p22"], ["p17"])
+    assert not owner.driver._is_excluded("p17")
+    owner.driver._delivery(["p15", "p22"], ["p17"])
+    assert owner.driver._is_excluded("p17") and "p17" not in owner.driver._candidates()
+    assert owner.metric("peer_sync_excluded_total", reason="missed_deadline") == 1
+    # p15 leads round 0: it forms without waiting for p17 and turns its join away
+    *results, late = await asyncio.gather(net["p15"].driver.round(_delta(net["p15"]), 1.0),
+                                          net["p22"].driver.round(_delta(net["p22"]), 1.0),
+                                          net["p17"].driver.form_group(0, 1.0))
+    assert all(r is not None for r in results) and owner.metric("peer_round_group_size_peers") == 2
+    assert isinstance(late, JoinReply) and late.outcome == JoinOutcome.TOO_LATE and "left out" in late.message

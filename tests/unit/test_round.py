@@ -11,7 +11,7 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
-from peer.sync.round import Matchmaker, Reducer, ShardRegistry
+from peer.sync.round import Matchmaker, Reducer, ShardRegistry, leader_for
 from peer.types import JoinOutcome, JoinRequest
 
 
@@ -86,7 +86,7 @@ def _swarm(k: int, numel: int, codec: str = "int8", **kw) -> dict[str, Node]:
 
 
 async def _form(node: Node, global_hash="h", weight=1.0):
-    leader = min([node.pid, *node.live()])
+    leader = leader_for(node.round, [node.pid, *node.live()])
     if leader == node.pid:
         return await node.matchmaker.join(node.req(global_hash, weight))
     return await Client(node.net).join_round(leader, node.req(global_hash, weight), 5)

@@ -10,12 +10,12 @@ from peer.metrics import Metrics
 from peer.service import Service
 from peer.sync.state import decode_state
 from peer.types import JoinOutcome, JoinRequest
-from tests.unit.test_driver import NUMEL, _swarm, pool  # noqa: F401 (the fixture)
+from tests.unit.test_driver import NAMES, NUMEL, _swarm, pool  # noqa: F401 (the fixture)
 from tests.unit.test_membership import _info, _membership
 
 
 def _service(tmp_path, pool):
-    node = _swarm(tmp_path, pool, 1)["p0"]
+    node = _swarm(tmp_path, pool, 1)[NAMES[0]]
     membership, *_ = _membership()
     metrics = Metrics(CollectorRegistry())
     hooked = []
