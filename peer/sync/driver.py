@@ -170,7 +170,8 @@ class RoundDriver:
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._candidates,
                                      current_round=lambda: store.state.round,
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
-                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded)
+                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded,
+                                     on_joined=self._delivery)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
@@ -352,8 +353,8 @@ class RoundDriver:
                         # Nothing listens there: it is gone. Discovery re-admits it if it returns.
                         self._members.drop(leader, "its address refuses connections")
                     continue
+            self._group_leader = leader
             if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
-                self._group_leader = leader
                 checked = self._checked(reply.group, rnd)
                 if isinstance(checked, JoinReply):
                     self._leader_outcome(leader, False, "bad_group")
@@ -410,10 +411,10 @@ class RoundDriver:
         return self._excluded.get(peer_id, 0.0) > time.monotonic()
 
     def _delivery(self, delivered: list[str], missing: list[str]) -> None:
-        """As an owner: who sent its part by the cut-off. A member that missed it in
-        ``exclude_after_misses`` rounds in a row is left out of the groups this peer leads (and of
-        its leader choice) for ``exclude_backoff_s``, so one stalled peer does not make every
-        round wait."""
+        """As an owner: who sent its part by the cut-off; as a leader: who joined by the
+        matchmaking timeout. A member that missed ``exclude_after_misses`` of these in a row is
+        left out of the groups this peer leads (and of its leader choice) for
+        ``exclude_backoff_s``, so one stalled peer does not make every round wait."""
         for pid in delivered:
             self._misses.pop(pid, None)
         for pid in missing:
@@ -457,6 +458,11 @@ class RoundDriver:
         t1 = time.monotonic()
         self._metrics.round_phase_seconds.labels("matchmaking").observe(t1 - t0)
         if isinstance(formed, JoinReply):
+            if (formed.outcome == JoinOutcome.WRONG_ROUND and formed.leader_round < rnd) or (
+                    formed.outcome == JoinOutcome.TOO_LATE and formed.message.startswith("no group formed")):
+                # The leader is behind (a stalled or lying one stays there) or formed nothing in
+                # time: its failure, not ours. Enough of them and it is skipped.
+                self._leader_outcome(self._group_leader, False, "")
             self._fail(rnd, "no_group", formed.message)
             if formed.outcome == JoinOutcome.WRONG_ROUND:
                 target = formed.leader_round

@@ -26,6 +26,14 @@ def _logs(swarm) -> str:
     return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in swarm.peers)
 
 
+def _honest_rounds_stay_finite_and_learn(swarm, honest) -> None:
+    wait_until(lambda: len(consistent_rounds(honest)) >= 6, 90, "six rounds by the honest peers",
+               lambda: _logs(swarm))
+    assert check_invariant(honest) >= 6
+    for p in honest:
+        _finite_and_learning(p)
+
+
 def _finite_and_learning(p) -> None:
     s = p.status()
     assert s["loss"] is not None and math.isfinite(s["loss"]), s
@@ -37,11 +45,7 @@ def _finite_and_learning(p) -> None:
 def test_huge_values_and_an_inflated_weight_are_left_out(tmp_path):
     swarm, honest, rogue = _run(tmp_path, "huge", "huge@*,inflate@*")
     with swarm:
-        wait_until(lambda: len(consistent_rounds(honest)) >= 6, 90, "six rounds by the honest peers",
-                   lambda: _logs(swarm))
-        assert check_invariant(honest) >= 6
-        for p in honest:
-            _finite_and_learning(p)
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
         rejected = sum(metric(p.metrics_port, 'peer_sync_rejected_contributions_total{reason="norm_outlier"}')
                        for p in honest)
         assert rejected >= 3, rejected
@@ -66,8 +70,20 @@ def test_a_sign_flipped_amplified_delta_is_bounded_by_a_robust_rule(tmp_path, ru
     # K=4: a trim of 0.25 cuts one value at each end of every coordinate
     swarm, honest, rogue = _run(tmp_path, f"scale-{rule[0]}", "scale@*", ("--aggregation", *rule))
     with swarm:
-        wait_until(lambda: len(consistent_rounds(honest)) >= 6, 90, "six rounds by the honest peers",
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
+
+
+def test_a_member_that_stalls_is_left_out_and_rounds_stop_waiting_for_it(tmp_path):
+    # It handshakes and answers pings (its event loop is fine) but its rounds stall for good.
+    swarm, honest, rogue = _run(tmp_path, "stall", "stall@*:reduce")
+    with swarm:
+        def excluded() -> float:
+            return sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="missed_deadline"}') for p in honest)
+
+        wait_until(lambda: excluded() >= 1, 120, "a leader leaving the stalled member out", lambda: _logs(swarm))
+        before = max(consistent_rounds(honest))
+        wait_until(lambda: max(consistent_rounds(honest)) >= before + 3, 60, "rounds after leaving it out",
                    lambda: _logs(swarm))
-        assert check_invariant(honest) >= 6
-        for p in honest:
-            _finite_and_learning(p)
+        assert check_invariant(honest) >= 3
+        assert any(re.search(rf"leaving {rogue.peer_id} out of groups", p.log()) for p in honest)
+        assert rogue.alive()
