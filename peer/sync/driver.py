@@ -170,7 +170,8 @@ class RoundDriver:
         self._group_leader = peer_id
         self._misses: dict[str, int] = {}  # member -> rounds in a row its part missed our cut-off
         self._excluded: dict[str, float] = {}  # member -> monotonic time until which it is left out
-        self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._candidates,
+        self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
+                                     leaders=self._candidates,
                                      current_round=lambda: store.state.round,
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
                                      on_formed=self.deadlines.observe_formation, excluded=self._is_excluded)
@@ -414,6 +415,11 @@ class RoundDriver:
         and not left out for missing deadlines."""
         return {pid: a for pid, a in self._members.live().items()
                 if not self._suspected(pid) and not self._is_excluded(pid)}
+
+    def _waitable(self) -> dict[str, str]:
+        """The live members a group waits for: all but those left out for missing deadlines (a
+        leader skipped for failing still trains, and a lagging one must be able to catch up)."""
+        return {pid: a for pid, a in self._members.live().items() if not self._is_excluded(pid)}
 
     def _is_excluded(self, peer_id: str) -> bool:
         return self._excluded.get(peer_id, 0.0) > time.monotonic()

@@ -154,7 +154,9 @@ class Matchmaker:
         on_formed: Callable[[float, bool], None] | None = None,
         excluded: Callable[[str], bool] = lambda peer_id: False,
         on_joined: Callable[[list[str], list[str]], None] = lambda joined, missing: None,
+        leaders: Callable[[], Iterable[str]] | None = None,
     ) -> None:
+        self._leaders = leaders
         self._excluded = excluded
         self._on_joined = on_joined
         self._me = peer_id
@@ -182,7 +184,8 @@ class Matchmaker:
 
     async def join(self, req: JoinRequest) -> JoinReply:
         live = self._live()
-        leader = leader_for(req.round, [self._me, *live])
+        # Who may lead (failing leaders skipped) is narrower than whom the group waits for.
+        leader = leader_for(req.round, [self._me, *(live if self._leaders is None else self._leaders())])
         if leader != self._me:
             return JoinReply(JoinOutcome.NOT_LEADER, f"{leader} leads round {req.round}",
                              leader_hint=f"{leader}@{live[leader]}")
