@@ -473,11 +473,6 @@ class RoundDriver:
         t1 = time.monotonic()
         self._metrics.round_phase_seconds.labels("matchmaking").observe(t1 - t0)
         if isinstance(formed, JoinReply):
-            if (formed.outcome == JoinOutcome.WRONG_ROUND and formed.leader_round < rnd) or (
-                    formed.outcome == JoinOutcome.TOO_LATE and formed.message.startswith("no group formed")):
-                # The leader is behind (a stalled or lying one stays there) or formed nothing in
-                # time: its failure, not ours. Enough of them and it is skipped.
-                self._leader_outcome(self._group_leader, False, "")
             self._fail(rnd, "no_group", formed.message)
             if formed.outcome == JoinOutcome.WRONG_ROUND:
                 target = formed.leader_round
