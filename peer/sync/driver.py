@@ -217,14 +217,11 @@ class RoundDriver:
 
     def rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
         """An owner left a part out of the average (counted, logged; the round goes on)."""
-        self._metrics.rejected.labels(error.reason).inc()
-        who = header.peer_id if header else "unknown peer"
-        rnd = header.round if header else -1
-        log.warning("round %d: left out the part from %s: %s (%s)", rnd, who, error, error.reason)
+        self.rejected_part(header.peer_id if header else "unknown peer", error, header.round if header else -1)
 
-    def rejected_part(self, peer_id: str, error: RoundError) -> None:
+    def rejected_part(self, peer_id: str, error: RoundError, rnd: int = -1) -> None:
         self._metrics.rejected.labels(error.reason).inc()
-        log.warning("left out the part from %s: %s (%s)", peer_id, error, error.reason)
+        log.warning("round %d: left out the part from %s: %s (%s)", rnd, peer_id, error, error.reason)
 
     def _traffic(self, codec: str, sent: int, received: int) -> None:
         self._metrics.sent_bytes.labels(codec).inc(sent)

@@ -137,8 +137,7 @@ class Matchmaker:
 
     ``live`` returns the ids of the live peers of the run this peer knows (without itself);
     ``deadline_s`` returns the all-reduce deadline to announce with a group; ``excluded(id)``
-    turns a member's join away; ``on_joined(joined, missing)`` reports who joined a group and
-    who did not by the matchmaking timeout.
+    turns a member's join away.
     """
 
     def __init__(
@@ -153,12 +152,10 @@ class Matchmaker:
         deadline_s: Callable[[], float],
         on_formed: Callable[[float, bool], None] | None = None,
         excluded: Callable[[str], bool] = lambda peer_id: False,
-        on_joined: Callable[[list[str], list[str]], None] = lambda joined, missing: None,
         leaders: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self._leaders = leaders
         self._excluded = excluded
-        self._on_joined = on_joined
         self._me = peer_id
         self._numel = numel
         self._codec = codec
@@ -285,7 +282,6 @@ class Matchmaker:
                  len(members), wait, "" if complete else f" (matchmaking timeout; missing: {', '.join(missing)})",
                  f" (left out for hash mismatch: {', '.join(left_out)})" if left_out else "")
         self._on_formed(wait, complete)
-        self._on_joined(sorted(m.joins), [] if complete else missing)
         m.formed.set_result(group)
 
 
