@@ -1,4 +1,4 @@
-"""Command line: ``peer run | peers | status | demo``. The only place that calls sys.exit."""
+"""Command line: ``peer run | keys | peers | status | export | demo``. The only place that calls sys.exit."""
 
 from __future__ import annotations
 
@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--credentials", default=None, metavar="DIR",
                         help="the run's credentials (needed unless the daemon runs --insecure)")
     status.add_argument("--json", action="store_true")
+
+    export = sub.add_parser(
+        "export", help="write the global model as .safetensors (from a running peer or a state dir)",
+        description="Write the swarm's current global model (parameters and buffers, with the task model's own "
+                    "state_dict names) to a .safetensors file that model.load_state_dict(load_file(...)) reads; "
+                    "metadata: run_id, round, global_sha256, task. Either from a running peer (HOST:PORT) or "
+                    "from a peer's state directory (its newest checkpoint). Nothing is overwritten on error.")
+    export.add_argument("address", nargs="?", default=None, metavar="HOST:PORT", help="a running peer")
+    export.add_argument("--state-dir", default=None, metavar="DIR", help="a peer's state directory instead")
+    export.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    export.add_argument("--credentials", default=None, metavar="DIR",
+                        help="the run's credentials (needed for a peer unless it runs --insecure)")
+    export.add_argument("--task", default=None, help="the task (default: the one the peer or checkpoint names)")
+    export.add_argument("--data", default=None, help="the task's data, if the peer was given --data")
+    export.add_argument("--timeout", type=float, default=60.0, help="seconds for the state transfer (default 60)")
 
     demo = sub.add_parser("demo", help="start several local peers training together and show progress",
                           description="Start local peers on 127.0.0.1 that train one model together, plus one "
@@ -176,6 +191,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from peer.errors import ConfigError, PeerUnavailable
+
+    if (args.address is None) == (args.state_dir is None):
+        raise ConfigError("export needs exactly one source: a running peer HOST:PORT or --state-dir DIR")
+    import torch
+
+    torch.set_num_threads(1)  # a one-off tool beside running peers: do not take every core
+    from peer.export import export_from_peer, export_from_state_dir
+
+    if args.state_dir is not None:
+        done = export_from_state_dir(args.state_dir, args.out, task=args.task, data=args.data)
+    else:
+        try:
+            done = export_from_peer(args.address, args.out, credentials=args.credentials, task=args.task,
+                                    data=args.data, timeout_s=args.timeout)
+        except PeerUnavailable as exc:
+            if args.credentials:
+                raise
+            raise PeerUnavailable(f"{exc} (a daemon that runs with run credentials answers only to their holders: "
+                                  f"pass --credentials DIR)") from None
+    print(f"exported round {done.round} of task {done.task} ({done.tensors} tensors, global sha256 "
+          f"{done.global_sha256[:16]}...) to {done.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -187,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
             code = _peers(args)
         elif args.command == "status":
             code = _status(args)
+        elif args.command == "export":
+            code = _export(args)
         else:
             from peer.demo import run_demo
 

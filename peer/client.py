@@ -1,6 +1,7 @@
-"""Talking to a running daemon from local tools (``peer status``, ``peer demo``, the tests).
+"""Talking to a running daemon from local tools (``peer status``, ``peer export``, ``peer demo``,
+the tests).
 
-Asks a daemon for its status over gRPC and turns the answer into plain data. Imported by
+Asks a daemon for its status (or its global state) over gRPC and turns the answer into plain data. Imported by
 ``peer.cli`` and ``peer.demo`` (neither imports the other for this); never exits the process.
 grpc is imported on first use, so importing this module stays cheap.
 """
@@ -12,7 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from peer.types import StatusInfo
+    from peer.types import PeerInfo, StateHeader, StatusInfo
 
 
 def status_dict(s: StatusInfo) -> dict:
@@ -35,11 +36,15 @@ class StatusClient:
     ``status`` raises ``peer.errors.PeerUnavailable`` (a ``PeerError``) when the daemon does not
     answer within ``timeout_s``."""
 
-    def __init__(self, idle_timeout_s: float = 5.0, credentials: str | None = None) -> None:
+    def __init__(self, idle_timeout_s: float = 5.0, credentials: str | None = None,
+                 max_state_bytes: int = 1 << 34) -> None:
         """``credentials``: the run's credentials directory (mutual TLS, with a throwaway
-        identity signed by the run CA); None talks plain TCP to an ``--insecure`` daemon."""
+        identity signed by the run CA); None talks plain TCP to an ``--insecure`` daemon.
+        ``max_state_bytes``: the largest state ``state`` accepts."""
         self._idle_timeout_s = idle_timeout_s
         self._credentials = credentials
+        self._max_state_bytes = max_state_bytes
+        self._peer_id = "tool"
         self._client = None
 
     async def __aenter__(self) -> StatusClient:
@@ -50,8 +55,9 @@ class StatusClient:
             from peer.credentials import ephemeral_identity, load_run_ca
 
             identity = ephemeral_identity(load_run_ca(self._credentials))
+            self._peer_id = identity.peer_id  # a state request must name the id the certificate proves
         self._client = GrpcPeerClient(chunk_bytes=1 << 20, chunk_idle_timeout_s=self._idle_timeout_s,
-                                      identity=identity)
+                                      identity=identity, max_state_bytes=self._max_state_bytes)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -63,6 +69,13 @@ class StatusClient:
         if self._client is None:
             raise RuntimeError("StatusClient is used outside its 'async with' block")
         return await self._client.status(address, timeout_s)
+
+    async def state(self, address: str, peer: PeerInfo, timeout_s: float) -> tuple[StateHeader, bytes]:
+        """The daemon's global state snapshot (wire format, checked against its sha256), for the
+        run and model schema of ``peer`` (its status). Raises ``PeerError``."""
+        if self._client is None:
+            raise RuntimeError("StatusClient is used outside its 'async with' block")
+        return await self._client.get_state(address, peer.run_id, self._peer_id, peer.schema_hash, timeout_s)
 
     async def status(self, address: str, timeout_s: float = 5.0) -> dict:
         return status_dict(await self.info(address, timeout_s))

@@ -69,12 +69,21 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # auto (cuda if available), cpu, cuda or cuda:N (one GPU of several).
     device: str = "auto"
+    # fp32, or bf16: the inner phase's forward pass and loss under torch.autocast; the global
+    # state, the outer step and evaluation stay float32.
+    precision: str = "fp32"
     # torch threads in this process; several peers on one machine must share its cores.
     threads: int = 1
     inner_steps: int | None = None
     batch_size: int | None = None
     inner_lr: float | None = None
+    # Inner learning rate at global inner step round * inner_steps + i: constant or cosine (to 0
+    # at total_steps), both after a linear warm-up of warmup_steps.
+    inner_lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
     eval_every_rounds: int = 1
 
 
@@ -346,6 +355,13 @@ def validate(cfg: Config) -> None:
         (cfg.sync.checkpoint_interval_s >= 0, "checkpoint_interval_s must be >= 0"),
         (cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
          "device must be auto, cpu or cuda[:N]"),
+        (cfg.train.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {cfg.train.precision!r}"),
+        (cfg.train.inner_lr_schedule in ("constant", "cosine"),
+         f"inner_lr_schedule must be constant or cosine, got {cfg.train.inner_lr_schedule!r}"),
+        (cfg.train.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (cfg.train.total_steps >= 0, "total_steps must be >= 0"),
+        (cfg.train.inner_lr_schedule != "cosine" or cfg.train.total_steps > cfg.train.warmup_steps,
+         "inner_lr_schedule cosine needs total_steps > warmup_steps (the step at which the rate reaches 0)"),
     ]
     for name in ("matchmaking_timeout_s", "reduce_deadline_s", "deadline_factor"):
         checks.append((getattr(cfg.sync, name) > 0, f"{name} must be > 0"))

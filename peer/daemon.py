@@ -38,7 +38,7 @@ from peer.service import Service
 from peer.sync.driver import RoundDriver
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
-from peer.trainer import InnerTrainer, load_task
+from peer.trainer import InnerTrainer, LRSchedule, load_task
 from peer.trainer.runner import ThreadedInner
 from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
@@ -88,9 +88,11 @@ class Daemon:
             raise ConfigError(NO_CREDENTIALS.format(run=cfg.run.run_id))
         self.task = load_task(cfg.run.task, cfg.run.data)
         self.settings = resolve_settings(cfg, self.task.defaults)
-        self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=cfg.train.device,
-                                    threads=cfg.train.threads, batch_size=self.settings.batch_size,
-                                    inner_lr=self.settings.inner_lr)
+        tc = cfg.train
+        self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=tc.device,
+                                    threads=tc.threads, batch_size=self.settings.batch_size,
+                                    inner_lr=self.settings.inner_lr, precision=tc.precision,
+                                    schedule=LRSchedule(tc.inner_lr_schedule, tc.warmup_steps, tc.total_steps))
         self.schema_hash = self.trainer.schema_hash()
         params = self.trainer.initial_params()
         self.numel = params.numel()
@@ -104,7 +106,9 @@ class Daemon:
                                 checkpoint_interval_s=cfg.sync.checkpoint_interval_s,
                                 on_adopt=lambda state: self.metrics.round_current.set(state.round),
                                 on_checkpoint=lambda ok: self.metrics.checkpoints.labels(
-                                    "ok" if ok else "failed").inc())
+                                    "ok" if ok else "failed").inc(),
+                                meta={"run_id": cfg.run.run_id, "task": cfg.run.task,
+                                      "schema_hash": self.schema_hash})
         t = cfg.timeouts
         self.client = GrpcPeerClient(chunk_bytes=cfg.sync.chunk_bytes, chunk_idle_timeout_s=t.chunk_idle_timeout_s,
                                      on_error=lambda m, c: self.metrics.rpc_errors.labels(m, c).inc(),
@@ -122,6 +126,8 @@ class Daemon:
                                   client=FaultyClient(self.client, faults) if faults else self.client,
                                   store=self.store, inner=FaultyInner(inner, faults) if faults else inner,
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
+                                  param_numel=self.trainer.layout.param_numel,
+                                  int_slices=self.trainer.layout.int_slices,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
                                **({"phase_hook": hook} if hook else {}))
@@ -230,9 +236,10 @@ class Daemon:
             # Listening on a wildcard: advertise what mDNS announces for us, else loopback.
             hosts = self.mdns.advertised_addresses if self.mdns is not None else []
             self.address = f"{hosts[0] if hosts else '127.0.0.1'}:{port}"
-        log.info("peer %s listening on %s (grpc %s, metrics :%d), run %s, task %s (%d parameters), codec %s",
-                 self.peer_id, cfg.net.listen, self.address, self.metrics_port, cfg.run.run_id, cfg.run.task,
-                 self.numel, cfg.sync.codec)
+        layout = self.trainer.layout
+        log.info("peer %s listening on %s (grpc %s, metrics :%d), run %s, task %s (%d parameters, %d buffer "
+                 "values), codec %s", self.peer_id, cfg.net.listen, self.address, self.metrics_port, cfg.run.run_id,
+                 cfg.run.task, layout.param_numel, layout.numel - layout.param_numel, cfg.sync.codec)
         await asyncio.get_running_loop().run_in_executor(
             self.io_pool, lambda: write_endpoint(self.state_dir, peer_id=self.peer_id, grpc=self.address,
                                                  metrics_port=self.metrics_port))

@@ -143,8 +143,15 @@ class RoundDriver:
         metrics: Metrics,
         address: Callable[[], str],
         phase_hook: PhaseHook = no_hook,
+        param_numel: int | None = None,
+        int_slices: tuple[tuple[int, int], ...] = (),
     ) -> None:
+        """``param_numel``: how many values of the flat state are parameters (the rest are
+        buffers, averaged without outer momentum; None: all); ``int_slices``: the integer
+        buffers' ranges, rounded after every outer step (see ``peer.sync.outer.outer_step``)."""
         self._cfg = cfg
+        self._param_numel = param_numel
+        self._int_slices = int_slices
         self._settings = settings
         self._me = peer_id
         self._schema_hash = schema_hash
@@ -534,7 +541,8 @@ class RoundDriver:
         None if it made the parameters or momentum non-finite: never adopted, served or saved."""
         s = self._store.state
         params, buf = outer_step(s.params, avg, s.momentum, lr=self._settings.outer_lr,
-                                 momentum=self._settings.outer_momentum)
+                                 momentum=self._settings.outer_momentum, param_numel=self._param_numel,
+                                 int_slices=self._int_slices)
         if not (all_finite(params) and all_finite(buf)):
             return None
         state = GlobalState(rnd + 1, params, buf)

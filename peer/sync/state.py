@@ -1,9 +1,21 @@
-"""The state a donor serves and a checkpoint holds: global parameters, outer momentum, round.
+"""The state a donor serves and a checkpoint holds: the global state, outer momentum, round.
 
-Format (no pickle anywhere): ``MAGIC``, an 8-byte little-endian header length, a JSON header
-(round, numel, global_hash, tensor table), the raw little-endian float32 tensors, and, for
-files only, a trailing sha256 of everything before it (so a torn or corrupt file is detected).
-Every size is validated against the header and the expected numel before anything is allocated.
+The global state is the flat float32 vector of the model's parameters and buffers (see
+``peer.trainer.params``); ``GlobalState.params`` holds all of it.
+
+Two formats, no pickle in either:
+
+- The wire (``GetState``): ``MAGIC``, an 8-byte little-endian header length, a JSON header
+  (round, numel, global_hash, tensor table) and the raw little-endian float32 tensors. Every
+  size is validated against the header and the expected numel before anything is allocated.
+- Checkpoint files: safetensors (``safetensors.torch.load_file`` opens them) holding the
+  tensors ``global`` and ``momentum`` (1-D float32) and string metadata: ``format``, ``round``,
+  ``numel``, ``global_sha256`` and ``momentum_sha256`` (the integrity check: a torn or altered
+  file fails it), plus what the writer adds (run id, task, schema hash). Written atomically.
+  ``peer export`` turns one into a file of the model's own ``state_dict`` names.
+
+Older versions wrote checkpoint files in the wire format followed by its sha256
+(``read_legacy_checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from peer.sync.outer import tensor_sha256
 MAGIC = b"PEERSTATE1\n"
 FORMAT = "peerstate1"
 MAX_HEADER = 1 << 20
+CHECKPOINT_FORMAT = "peer-checkpoint-2"
 
 
 @dataclass(frozen=True)
@@ -104,13 +117,12 @@ def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dic
     return state, tensors
 
 
-def write_checkpoint(path: Path, blob: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Atomic: write a temp file beside ``path``, fsync it, rename it over ``path``, fsync the dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(blob)
-        fh.write(hashlib.sha256(blob).digest())
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -121,9 +133,94 @@ def write_checkpoint(path: Path, blob: bytes) -> None:
         os.close(dir_fd)
 
 
-def read_checkpoint(path: Path) -> bytes:
-    """Return the state blob of a checkpoint file; StateError if it is torn or corrupt."""
+def encode_checkpoint(state: GlobalState, meta: dict[str, str] | None = None) -> bytes:
+    """``state`` as safetensors bytes with its metadata (``meta`` adds string entries such as
+    run_id, task, schema_hash; it cannot override the format, round or hashes)."""
+    from safetensors.torch import save
+
+    metadata = {**(meta or {}), "format": CHECKPOINT_FORMAT, "round": str(state.round),
+                "numel": str(state.params.numel()), "global_sha256": state.global_hash,
+                "momentum_sha256": tensor_sha256(state.momentum)}
+    return save({"global": state.params.contiguous(), "momentum": state.momentum.contiguous()}, metadata)
+
+
+def write_checkpoint(path: Path, state: GlobalState, meta: dict[str, str] | None = None) -> None:
+    """Write ``state`` to ``path`` as a safetensors checkpoint, atomically."""
+    write_atomic(path, encode_checkpoint(state, meta))
+
+
+def checkpoint_metadata(data: bytes | memoryview) -> dict[str, str]:
+    """The string metadata of safetensors bytes; StateError if the header is not safetensors."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise StateError("not a safetensors file (shorter than its header length)")
+    (hlen,) = struct.unpack_from("<Q", view, 0)
+    if hlen > MAX_HEADER or 8 + hlen > len(view):
+        raise StateError(f"not a safetensors file, or torn (header of {hlen} bytes in a file of {len(view)})")
+    try:
+        header = json.loads(bytes(view[8 : 8 + hlen]))
+        meta = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as exc:
+        raise StateError(f"safetensors header is malformed: {exc}") from None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise StateError("safetensors metadata is not a map of strings")
+    return meta
+
+
+def decode_checkpoint(data: bytes, numel: int) -> tuple[GlobalState, dict[str, str]]:
+    """Parse checkpoint bytes for a state of ``numel`` values; return the state and its
+    metadata. Raises StateError for another format, a torn or altered file (hash check), a
+    state of another size or non-finite values."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    meta = checkpoint_metadata(data)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise StateError(f"not a peer checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    try:
+        rnd, size = int(meta["round"]), int(meta["numel"])
+        want_global, want_momentum = meta["global_sha256"], meta["momentum_sha256"]
+    except (KeyError, ValueError) as exc:
+        raise StateError(f"checkpoint metadata is incomplete: {exc}") from None
+    if size != numel:
+        raise StateError(f"checkpoint holds a state of {size} values; this model's state has {numel} "
+                         "(parameters and buffers)")
+    if not 0 <= rnd < (1 << 63):
+        raise StateError(f"checkpoint round {rnd} is outside [0, 2^63)")
+    try:
+        tensors = load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise StateError(f"checkpoint is torn or corrupt: {exc}") from None
+    params, momentum = tensors.get("global"), tensors.get("momentum")
+    for name, t in (("global", params), ("momentum", momentum)):
+        if t is None or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != numel:
+            raise StateError(f"checkpoint tensor {name!r} is missing or not a float32 vector of {numel} values")
+    state = GlobalState(round=rnd, params=params, momentum=momentum)
+    if state.global_hash != want_global or tensor_sha256(momentum) != want_momentum:
+        raise StateError("checkpoint is torn or corrupt: its tensors do not match the sha256 in its metadata")
+    if not (all_finite(params) and all_finite(momentum)):
+        raise StateError("checkpoint holds NaN or Inf")
+    return state, meta
+
+
+def read_checkpoint(path: Path, numel: int) -> tuple[GlobalState, dict[str, str]]:
+    """Read and verify a checkpoint file (``decode_checkpoint``); StateError names the file."""
+    try:
+        return decode_checkpoint(path.read_bytes(), numel)
+    except StateError as exc:
+        raise StateError(f"checkpoint {path}: {exc}") from None
+
+
+def read_legacy_checkpoint(path: Path, numel: int) -> GlobalState:
+    """Read a checkpoint file of the older ``PEERSTATE1`` kind (wire format + sha256), which held
+    the parameters only. Raises StateError when it is torn or does not fit this model's state
+    (any model with buffers: those were not saved)."""
     data = path.read_bytes()
     if len(data) < 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
-        raise StateError(f"checkpoint {path} is torn or corrupt (checksum mismatch); not loading it")
-    return data[:-32]
+        raise StateError(f"old PEERSTATE1 checkpoint {path} is torn or corrupt (checksum mismatch)")
+    try:
+        state, _ = decode_state(data[:-32], numel)
+    except StateError as exc:
+        raise StateError(f"{path} is an old PEERSTATE1 checkpoint (parameters only, no buffers) that does not "
+                         f"fit this model's state of {numel} values ({exc}); move it away to start fresh") from None
+    return state

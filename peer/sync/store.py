@@ -7,9 +7,9 @@ loop never waits for the disk.
 
 Copies, and why: a ``GlobalState`` is immutable once built (``outer_step`` and
 ``decode_state`` make new tensors), so the current state is shared by reference with the
-round, donors and checkpoints. The one serialized snapshot (``encode_state``'s bytes) is built
-lazily, once per state, and kept until the next state is adopted: donors and the checkpoint
-writer both use it.
+round, donors and checkpoints. The one serialized snapshot for donors (``encode_state``'s
+bytes) is built lazily, once per state, and kept until the next state is adopted; a checkpoint
+is serialized (as safetensors) when it is written.
 """
 
 from __future__ import annotations
@@ -25,12 +25,22 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from peer.errors import StateError
-from peer.sync.state import FORMAT, GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
+from peer.sync.state import (
+    FORMAT,
+    GlobalState,
+    decode_state,
+    encode_state,
+    read_checkpoint,
+    read_legacy_checkpoint,
+    write_checkpoint,
+)
 from peer.types import StateHeader
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.bin"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LEGACY_CHECKPOINT_FILE = "checkpoint.bin"
+"""What versions before safetensors checkpoints wrote (PEERSTATE1): loaded when it fits."""
 GENERATIONS = 3
 """Checkpoint generations kept: a newest one that fails its checks falls back to the one before."""
 
@@ -39,7 +49,8 @@ class StateStore:
     """Owns the current ``GlobalState`` of one peer.
 
     ``on_adopt(state)`` runs on the loop after every change (metrics); ``on_checkpoint(ok)``
-    runs on the executor after every checkpoint write.
+    runs on the executor after every checkpoint write. ``meta`` (run_id, task, schema_hash) goes
+    into every checkpoint's metadata; a checkpoint whose ``schema_hash`` differs is not loaded.
     """
 
     def __init__(
@@ -51,8 +62,10 @@ class StateStore:
         checkpoint_interval_s: float,
         on_adopt: Callable[[GlobalState], None] = lambda state: None,
         on_checkpoint: Callable[[bool], None] = lambda ok: None,
+        meta: dict[str, str] | None = None,
     ) -> None:
         self._state = initial
+        self._meta = dict(meta or {})
         self._numel = initial.params.numel()
         self._path = state_dir / CHECKPOINT_FILE
         self._executor = executor
@@ -106,15 +119,21 @@ class StateStore:
         return state
 
     def generations(self) -> list[Path]:
-        """The checkpoint files, newest first: ``checkpoint.bin``, ``checkpoint.1.bin``, ..."""
+        """The checkpoint files, newest first: ``checkpoint.safetensors``,
+        ``checkpoint.1.safetensors``, ..."""
         return [self._path] + [self._path.with_name(f"{self._path.stem}.{i}{self._path.suffix}")
                                for i in range(1, GENERATIONS)]
 
     async def async_load(self) -> bool:
         """Resume from the newest good checkpoint generation (read, verified and hashed on the
         executor); a torn or foreign file is logged, left alone, and the one before is tried.
-        True if resumed."""
-        for path in self.generations():
+        True if resumed. Without any, an older version's ``checkpoint.bin`` (PEERSTATE1) is
+        loaded when it fits this model, else refused with a logged reason."""
+        paths = self.generations()
+        legacy = self._path.with_name(LEGACY_CHECKPOINT_FILE)
+        if not any(p.exists() for p in paths) and legacy.exists():
+            paths = [legacy]
+        for path in paths:
             if not path.exists():
                 continue
             try:
@@ -129,7 +148,16 @@ class StateStore:
         return False
 
     def _read(self, path: Path) -> GlobalState:
-        state, _ = decode_state(read_checkpoint(path), self._numel)
+        if path.name == LEGACY_CHECKPOINT_FILE:
+            state = read_legacy_checkpoint(path, self._numel)
+            log.warning("%s is an old PEERSTATE1 checkpoint; from now on checkpoints are written as %s",
+                        path, self._path.name)
+        else:
+            state, meta = read_checkpoint(path, self._numel)
+            want = self._meta.get("schema_hash")
+            if want and meta.get("schema_hash") not in (None, want):
+                raise StateError(f"checkpoint is for another model (schema {meta['schema_hash'][:12]}, "
+                                 f"this model's is {want[:12]})")
         state.global_hash  # noqa: B018 (hashed here, off the loop, then cached)
         return state
 
@@ -150,7 +178,7 @@ class StateStore:
         ones (executor thread); False on failure."""
         try:
             self._rotate()
-            write_checkpoint(self._path, self.snapshot(state)[1])
+            write_checkpoint(self._path, state, self._meta)
             ok = True
         except OSError as exc:
             log.error("checkpoint to %s failed: %s", self._path, exc)

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from peer.errors import ConfigError, StateError
-from peer.trainer.params import assign_flat_params, flatten_params, param_count, schema_hash
+from peer.trainer.params import StateLayout, assign_flat_state, flatten_state, schema_hash, state_layout
+from peer.trainer.schedule import LRSchedule
 from peer.trainer.task import Task, init_model
 
-__all__ = ["InnerResult", "InnerTrainer", "resolve_device"]
+__all__ = ["PRECISIONS", "InnerResult", "InnerTrainer", "resolve_device"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,8 @@ log = logging.getLogger(__name__)
 class InnerResult:
     """Outcome of one inner phase.
 
-    ``delta`` is the flat float32 CPU pseudo-gradient ``theta_global - theta_local`` (the outer
-    optimizer steps along ``-delta``). ``samples`` counts training samples (sequences for
+    ``delta`` is the flat float32 CPU pseudo-gradient ``theta_global - theta_local`` over the
+    whole state, parameters and buffers (the outer optimizer steps along ``-delta``). ``samples`` counts training samples (sequences for
     language models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall
     time. If ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
     """
@@ -40,6 +43,7 @@ class InnerResult:
     steps: int
     seconds: float
     nonfinite: bool
+    lr: float = math.nan  # the inner learning rate of the last step taken
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,6 +80,12 @@ class InnerTrainer:
     ``torch.set_num_threads``, which is PROCESS-WIDE: it also affects any other torch work in
     this process. Keep it at 1 when several peers share a machine (oversubscription makes
     training ~20x slower).
+
+    The global state is the model's parameters and persistent buffers as one flat float32
+    vector (``peer.trainer.params``). ``schedule`` sets the inner learning rate at each global
+    inner step (through ``Task.inner_lr``). ``precision`` ``"bf16"`` runs the forward pass and
+    loss of the inner phase under ``torch.autocast`` (CPU and CUDA); the model, its gradients,
+    the optimizer state, the global state and evaluation stay float32.
     """
 
     def __init__(
@@ -88,6 +98,8 @@ class InnerTrainer:
         threads: int = 1,
         batch_size: int,
         inner_lr: float,
+        schedule: LRSchedule | None = None,
+        precision: str = "fp32",
     ) -> None:
         if threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
@@ -95,14 +107,20 @@ class InnerTrainer:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not (inner_lr > 0 and math.isfinite(inner_lr)):
             raise ConfigError(f"inner_lr must be a positive finite number, got {inner_lr}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self._device = resolve_device(device)
         torch.set_num_threads(threads)
         self._task = task
         self._inner_lr = inner_lr
+        self._schedule = schedule or LRSchedule()
+        self._autocast = precision == "bf16"
+        self._next_step: int | None = None  # the global step after the last phase (None: none yet)
         model = init_model(task, seed)
-        self._initial = flatten_params(model)
+        self._layout = state_layout(model)
+        self._initial = flatten_state(model)
         self._schema_hash = schema_hash(model)
-        self._numel = param_count(model)
+        self._numel = self._layout.numel
         self._model = model.to(self._device)
         self._model.train()
         # A separate copy for evaluation so evaluate() never disturbs the training model.
@@ -122,10 +140,15 @@ class InnerTrainer:
 
     @property
     def param_count(self) -> int:
+        """Length of the flat state (parameters and buffers)."""
         return self._numel
 
+    @property
+    def layout(self) -> StateLayout:
+        return self._layout
+
     def initial_params(self) -> torch.Tensor:
-        """A copy of theta_0: flat float32 CPU params of ``init_model(task, seed)``."""
+        """A copy of theta_0: the flat float32 CPU state of ``init_model(task, seed)``."""
         return self._initial.clone()
 
     def schema_hash(self) -> str:
@@ -134,7 +157,7 @@ class InnerTrainer:
     def _check_flat(self, flat: torch.Tensor) -> None:
         if flat.dim() != 1 or flat.numel() != self._numel:
             raise ValueError(
-                f"expected a flat vector of {self._numel} parameters, got shape {tuple(flat.shape)}"
+                f"expected a flat state of {self._numel} values, got shape {tuple(flat.shape)}"
             )
 
     def run_inner(
@@ -143,8 +166,10 @@ class InnerTrainer:
         steps: int,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        first_step: int = 0,
     ) -> InnerResult:
-        """Load ``global_params`` and run up to ``steps`` inner optimizer steps.
+        """Load ``global_params`` (the flat state) and run up to ``steps`` inner optimizer steps;
+        step ``i`` is global inner step ``first_step + i`` of the learning-rate schedule.
 
         The inner optimizer state persists across calls (as in DiLoCo). ``should_stop`` is
         polled before every step; when it returns True the phase ends early (``steps`` in the
@@ -157,21 +182,33 @@ class InnerTrainer:
         self._check_flat(global_params)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        if first_step < 0:
+            raise ValueError(f"first_step must be >= 0, got {first_step}")
         start = time.perf_counter()
+        if self._next_step != first_step:
+            # First phase, or a jump (joined late, resynced, resumed): say where in the schedule.
+            log.info("inner phase starts at global step %d, inner lr %.6g", first_step,
+                     self._task.inner_lr(first_step, self._inner_lr, self._schedule))
         global_cpu = global_params.detach().to(device="cpu", dtype=torch.float32)
-        assign_flat_params(self._model, global_cpu)
+        assign_flat_state(self._model, global_cpu)
         self._model.train()
         done = samples = 0
         loss_sum = 0.0
+        lr = math.nan
         nonfinite = False
         for i in range(steps):
             if should_stop is not None and should_stop():
                 break
+            lr = float(self._task.inner_lr(first_step + i, self._inner_lr, self._schedule))
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
             x, y = next(self._batches)
             x = x.to(self._device, non_blocking=True)
             y = y.to(self._device, non_blocking=True)
             self._optimizer.zero_grad(set_to_none=True)
-            loss = self._task.loss(self._model, (x, y))
+            with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                loss = self._task.loss(self._model, (x, y))
+            loss = loss.float()
             value = loss.item()
             if not math.isfinite(value):
                 nonfinite = True
@@ -183,7 +220,8 @@ class InnerTrainer:
             loss_sum += value
             if on_step is not None:
                 on_step(i, value)
-        local = flatten_params(self._model)
+        self._next_step = first_step + done
+        local = flatten_state(self._model)
         delta = global_cpu - local
         if not nonfinite and not bool(torch.isfinite(delta).all()):
             nonfinite = True
@@ -199,15 +237,17 @@ class InnerTrainer:
             steps=done,
             seconds=time.perf_counter() - start,
             nonfinite=nonfinite,
+            lr=lr,
         )
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
-        """Evaluate flat ``params`` on the task's held-out split, using a separate model copy.
+        """Evaluate the flat state ``params`` (parameters and buffers) on the task's held-out
+        split, in float32, using a separate model copy.
 
         Raises ``ValueError`` if ``params`` has the wrong shape.
         """
         self._check_flat(params)
-        assign_flat_params(self._eval_model, params.detach())
+        assign_flat_state(self._eval_model, params.detach())
         with torch.no_grad():
             return self._task.evaluate(self._eval_model, self._device)
 

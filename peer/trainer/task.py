@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from peer.errors import TaskError
+from peer.trainer.schedule import LRSchedule
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -124,6 +125,14 @@ class Task(abc.ABC):
     ) -> torch.optim.Optimizer:
         """The inner optimizer; AdamW with torch's defaults apart from ``lr``."""
         return torch.optim.AdamW(params, lr=lr)
+
+    def inner_lr(self, step: int, base_lr: float, schedule: LRSchedule) -> float:
+        """The inner learning rate at global inner step ``step`` (``round * H + i``), set on
+        every parameter group before each inner step. Default: the configured schedule
+        (``--inner-lr-schedule``), ``base_lr * schedule.factor(step)``. Override it to supply the
+        task's own scheduler; it must be a pure function of ``step`` so that every peer, also
+        one that joins late, computes the same value."""
+        return base_lr * schedule.factor(step)
 
 
 def init_model(task: Task, seed: int) -> torch.nn.Module:

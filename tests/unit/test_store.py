@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peer.errors import StateError
-from peer.sync.state import GlobalState, decode_state
+from peer.sync.state import GlobalState, checkpoint_metadata, decode_state
 from peer.sync.store import StateStore
 
 
@@ -114,8 +114,9 @@ async def test_three_generations_are_kept_and_a_bad_newest_falls_back(tmp_path, 
         store.adopt(_state(rnd, seed=rnd))
         assert await store.async_checkpoint()
     paths = store.generations()
-    assert [p.name for p in paths] == ["checkpoint.bin", "checkpoint.1.bin", "checkpoint.2.bin"]
-    assert all(p.exists() for p in paths) and not (tmp_path / "checkpoint.3.bin").exists()
+    assert [p.name for p in paths] == ["checkpoint.safetensors", "checkpoint.1.safetensors",
+                                       "checkpoint.2.safetensors"]
+    assert all(p.exists() for p in paths) and not (tmp_path / "checkpoint.3.safetensors").exists()
     # the newest is corrupt: the one before is loaded
     data = bytearray(paths[0].read_bytes())
     data[100] ^= 0xFF
@@ -123,4 +124,50 @@ async def test_three_generations_are_kept_and_a_bad_newest_falls_back(tmp_path, 
     fresh = _store(tmp_path, pool)
     assert await fresh.async_load()
     assert fresh.state.round == 3
-    assert "not resuming from" in caplog.text and "checkpoint.bin" in caplog.text
+    assert "not resuming from" in caplog.text and "checkpoint.safetensors" in caplog.text
+
+
+async def test_a_checkpoint_is_plain_safetensors_with_its_metadata(tmp_path, pool):
+    from safetensors.torch import load_file
+
+    store = _store(tmp_path, pool, meta={"run_id": "r1", "task": "digits", "schema_hash": "abc"})
+    state = _state(7, seed=3)
+    store.adopt(state)
+    assert await store.async_checkpoint()
+
+    tensors = load_file(str(store.checkpoint_path))
+    meta = checkpoint_metadata(store.checkpoint_path.read_bytes())
+
+    assert torch.equal(tensors["global"], state.params) and torch.equal(tensors["momentum"], state.momentum)
+    assert meta["round"] == "7" and meta["global_sha256"] == state.global_hash
+    assert meta["run_id"] == "r1" and meta["task"] == "digits" and meta["schema_hash"] == "abc"
+
+
+async def test_a_checkpoint_of_another_model_is_not_loaded(tmp_path, pool, caplog):
+    writer = _store(tmp_path, pool, meta={"schema_hash": "abc"})
+    writer.adopt(_state(4, seed=4))
+    assert await writer.async_checkpoint()
+
+    other = _store(tmp_path, pool, meta={"schema_hash": "def"})
+
+    assert not await other.async_load()
+    assert other.state.round == 0 and "checkpoint is for another model" in caplog.text
+
+
+async def test_an_old_peerstate1_checkpoint_is_loaded_when_it_fits_else_refused(tmp_path, pool, caplog):
+    import hashlib
+
+    from peer.sync.state import encode_state
+
+    old = _state(9, seed=9)
+    blob = encode_state(old)
+    (tmp_path / "checkpoint.bin").write_bytes(blob + hashlib.sha256(blob).digest())
+
+    fits = _store(tmp_path, pool)
+    assert await fits.async_load()
+    assert fits.state.round == 9 and torch.equal(fits.state.params, old.params)
+
+    bigger = StateStore(_state(0, n=1010), tmp_path, pool, checkpoint_interval_s=0)  # a model with buffers
+    assert not await bigger.async_load()
+    assert bigger.state.round == 0
+    assert "old PEERSTATE1 checkpoint (parameters only, no buffers)" in caplog.text

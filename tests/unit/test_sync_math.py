@@ -107,12 +107,24 @@ def test_state_with_flipped_parameter_bytes_fails_the_hash():
 
 
 def test_checkpoint_is_atomic_and_torn_files_are_refused(tmp_path):
-    path = tmp_path / "ckpt" / "checkpoint.bin"
-    blob = encode_state(_state())
-    write_checkpoint(path, blob)
-    assert read_checkpoint(path) == blob
-    assert not (path.parent / "checkpoint.bin.tmp").exists()
+    path = tmp_path / "ckpt" / "checkpoint.safetensors"
+    state = _state()
+    write_checkpoint(path, state, {"task": "digits"})
+    back, meta = read_checkpoint(path, 100)
+    assert back.round == state.round and torch.equal(back.params, state.params)
+    assert torch.equal(back.momentum, state.momentum) and meta["task"] == "digits"
+    assert not (path.parent / "checkpoint.safetensors.tmp").exists()
+    good = path.read_bytes()
     # Torn: the tail is missing.
-    path.write_bytes(path.read_bytes()[:-10])
+    path.write_bytes(good[:-10])
     with pytest.raises(StateError, match="torn or corrupt"):
-        read_checkpoint(path)
+        read_checkpoint(path, 100)
+    # Altered: one bit of the momentum flipped (safetensors itself has no checksum).
+    altered = bytearray(good)
+    altered[-3] ^= 0x01
+    path.write_bytes(bytes(altered))
+    with pytest.raises(StateError, match="sha256"):
+        read_checkpoint(path, 100)
+    path.write_bytes(good)
+    with pytest.raises(StateError, match="this model's state has 99"):
+        read_checkpoint(path, 99)

@@ -16,8 +16,9 @@ from peer.trainer import (
     InnerTrainer,
     Task,
     TaskDefaults,
-    assign_flat_params,
-    flatten_params,
+    LRSchedule,
+    assign_flat_state,
+    flatten_state,
     init_model,
     load_task,
     param_count,
@@ -169,9 +170,9 @@ def test_load_task_errors() -> None:
 def test_init_model_is_seeded_and_leaves_global_rng_alone(digits: Task) -> None:
     rng_before = torch.get_rng_state()
 
-    a = flatten_params(init_model(digits, 7))
-    b = flatten_params(init_model(digits, 7))
-    c = flatten_params(init_model(digits, 8))
+    a = flatten_state(init_model(digits, 7))
+    b = flatten_state(init_model(digits, 7))
+    c = flatten_state(init_model(digits, 8))
 
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert torch.equal(a, b)
@@ -215,10 +216,10 @@ def test_schema_and_hash() -> None:
     m3 = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
 
     assert schema_of(m1) == [
-        ("0.weight", (3, 4), "float32"),
-        ("0.bias", (3,), "float32"),
-        ("1.weight", (2, 3), "float32"),
-        ("1.bias", (2,), "float32"),
+        ("0.weight", (3, 4), "float32", "param"),
+        ("0.bias", (3,), "float32", "param"),
+        ("1.weight", (2, 3), "float32", "param"),
+        ("1.bias", (2,), "float32", "param"),
     ]
     assert schema_hash(m1) == schema_hash(m2)
     assert schema_hash(m1) != schema_hash(m3)
@@ -229,18 +230,18 @@ def test_flatten_assign_round_trip() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     flat = torch.arange(param_count(model), dtype=torch.float32)
 
-    assign_flat_params(model, flat)
-    out = flatten_params(model)
+    assign_flat_state(model, flat)
+    out = flatten_state(model)
 
     assert out.dtype == torch.float32 and out.dim() == 1
     assert torch.equal(out, flat)
     assert torch.equal(model[0].bias.detach(), torch.tensor([12.0, 13.0, 14.0]))
     out += 1  # a copy: the model is not aliased
-    assert torch.equal(flatten_params(model), flat)
+    assert torch.equal(flatten_state(model), flat)
     with pytest.raises(ValueError):
-        assign_flat_params(model, flat[:-1])
+        assign_flat_state(model, flat[:-1])
     with pytest.raises(ValueError):
-        assign_flat_params(model, flat.view(1, -1))
+        assign_flat_state(model, flat.view(1, -1))
 
 
 # --- InnerTrainer --------------------------------------------------------------------------
@@ -253,18 +254,19 @@ def test_run_inner_learns_and_returns_pseudo_gradient(digits: Task) -> None:
 
     before = trainer.evaluate(theta0)
     result = trainer.run_inner(theta0, 300, on_step=lambda i, loss: seen.append((i, loss)))
-    trained = flatten_params(trainer._model)
+    trained = flatten_state(trainer._model)
     after = trainer.evaluate(theta0 - result.delta)
 
     assert not result.nonfinite
     assert result.steps == 300 and result.samples == 300 * 32
     assert [i for i, _ in seen] == list(range(300))
+    assert result.lr == 1e-3  # constant schedule, no warm-up
     assert math.isclose(result.mean_loss, sum(v for _, v in seen) / 300, rel_tol=1e-9)
     assert torch.equal(result.delta, theta0 - trained)
     assert after["loss"] < before["loss"] - 1.0
     assert after["accuracy"] > 0.8
     # evaluate() must not disturb the training model.
-    assert torch.equal(flatten_params(trainer._model), trained)
+    assert torch.equal(flatten_state(trainer._model), trained)
     assert torch.equal(trainer.initial_params(), theta0)
 
 
@@ -327,7 +329,7 @@ def test_inner_state_round_trip(digits: Task) -> None:
     fresh = InnerTrainer(digits, seed=0, stream_id="q", batch_size=16, inner_lr=1e-3)
     fresh.load_inner_state_dict(state)
 
-    names = [n for n, _, _ in schema_of(init_model(digits, 0))]
+    names = [n for n, *_ in schema_of(init_model(digits, 0))]
     assert set(state) == {f"{n}/{k}" for n in names for k in ("step", "exp_avg", "exp_avg_sq")}
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     for key, value in fresh.inner_state_dict().items():

@@ -1,0 +1,1 @@
+"""Small tasks for tests, importable by peer processes as ``tests.tasks.<module>:<attr>``."""
