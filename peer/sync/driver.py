@@ -596,6 +596,10 @@ class RoundDriver:
                          "group's majority)",
                          state.round, state.global_hash[:12], donor, len(blob), elapsed,
                          len(blob) / max(elapsed, 1e-9) / 1e6, previous)
+                if not self._cfg.sync.overlap:
+                    # The reported eval is of the state held now (buffers included). With overlap
+                    # an inner phase holds the trainer thread: the next round's eval covers it.
+                    await self._evaluate()
                 return True
             await asyncio.sleep(0.2)
         return False

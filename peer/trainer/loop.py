@@ -223,6 +223,10 @@ class InnerTrainer:
         self._next_step = first_step + done
         local = flatten_state(self._model)
         delta = global_cpu - local
+        for start_, stop in self._layout.int_slices:
+            # Integer buffers (num_batches_tracked) keep the global value: a counter's change of
+            # H next to the float statistics would set a lossy codec's block scale and swamp them.
+            delta[start_:stop] = 0
         if not nonfinite and not bool(torch.isfinite(delta).all()):
             nonfinite = True
         if nonfinite:

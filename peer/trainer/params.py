@@ -6,11 +6,17 @@ The flat global state is, in order:
 2. every *persistent* buffer (those ``state_dict`` holds), in ``model.named_buffers()`` order:
    BatchNorm running statistics, ``num_batches_tracked`` and the like.
 
-Buffers travel as float32 whatever their dtype. Floating buffers are averaged each round like a
-parameter but without outer momentum; integer and bool buffers (``num_batches_tracked``) are
-averaged the same way and then rounded to the nearest integer, half to even (see
-``peer.sync.outer.outer_step``), so every member rounds the same bytes the same way. Integers
-are exact in float32 up to 2**24. Non-persistent buffers stay local: they are not state.
+Buffers travel as float32 whatever their dtype. Floating buffers (BatchNorm's running mean and
+variance) are averaged each round like a parameter but without outer momentum. Integer and bool
+buffers (``num_batches_tracked``, index tables) keep the global state's value: each member sends
+no change for them (``InnerTrainer.run_inner`` zeroes their slice of the delta), so they stay as
+initialised or as a checkpoint holds them, and constant ones stay intact. Why not their average:
+a counter's change of H per round, next to the float statistics in one block of a lossy codec,
+sets the block's scale and swamps them (int8 made running variances negative: NaN evaluation).
+The outer step still rounds them (``peer.sync.outer.outer_step``), so a member that sends a
+change cannot make them fractional. Within one inner phase they count as usual (BatchNorm with
+``momentum=None`` then averages the phase's own batches). Integers are exact in float32 up to
+2**24. Non-persistent buffers stay local: they are not state.
 
 ``state_layout`` describes the vector; ``flatten_state`` and ``assign_flat_state`` convert a
 model to and from it (``peer.Swarm`` and ``peer export`` use these too).

@@ -117,7 +117,7 @@ def test_a_restarted_peer_resumes_from_its_checkpoint_then_catches_up(tmp_path):
         # Execute: kill -9, let the others move on, restart with the same state dir
         os.killpg(peers[2].proc.pid, signal.SIGKILL)
         peers[2].proc.wait(10)
-        ckpt = tmp_path / "p2" / "checkpoint.bin"
+        ckpt = tmp_path / "p2" / "checkpoint.safetensors"
         assert ckpt.exists()
         wait_until(lambda: len([r for r in consistent_rounds(peers[:2]) if r > 6]) >= 3, 40, "the others go on",
                    lambda: _logs(swarm))
@@ -138,12 +138,12 @@ def test_a_torn_checkpoint_is_detected_and_not_loaded(tmp_path):
     with Swarm(tmp_path, f"torn-{os.getpid()}", ["--rounds", "3"]) as swarm:
         p = swarm.start("p0", "--peer-id", "p0")
         assert p.proc.wait(60) == 0, p.tail()
-        ckpt = tmp_path / "p0" / "checkpoint.bin"
+        ckpt = tmp_path / "p0" / "checkpoint.safetensors"
         data = ckpt.read_bytes()
         ckpt.write_bytes(data[: len(data) // 2])  # torn: half written
         again = swarm.start("p0-again", "--peer-id", "p0", "--state-dir", str(tmp_path / "p0"), "--rounds", "1")
         assert again.proc.wait(60) == 0, again.tail()
-        assert re.search(r"not resuming from .*checkpoint.bin: .*torn or corrupt", again.log())
+        assert re.search(r"not resuming from .*checkpoint.safetensors: .*torn or corrupt", again.log())
         assert "resumed from checkpoint" not in again.log()
         assert "initial eval loss" in again.log() and "at round 0" in again.log()
 
@@ -164,7 +164,7 @@ def test_sigterm_mid_training_leaves_cleanly_and_nobody_waits(tmp_path):
 
         # Assert: it said goodbye, checkpointed, and the others went on at once without it
         assert stopped_s < 10
-        assert (tmp_path / "p0" / "checkpoint.bin").exists()
+        assert (tmp_path / "p0" / "checkpoint.safetensors").exists()
         for p in others:
             # Either its Leave RPC or its "leaving" answer to a JoinRound told them first.
             wait_until(lambda p=p: re.search(rf"peer left: {leaver.peer_id} \((said goodbye|it is leaving)\)",
