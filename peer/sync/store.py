@@ -162,7 +162,7 @@ class StateStore:
         return state
 
     def _rotate(self) -> None:
-        """.1 -> .2, ...; the oldest generation falls off. ``checkpoint.bin`` itself gets a
+        """.1 -> .2, ...; the oldest generation falls off. ``checkpoint.safetensors`` itself gets a
         second name (.1, a hard link) instead of moving, so that the newest name exists at
         every instant: the new state then replaces it atomically."""
         paths = self.generations()

@@ -75,6 +75,11 @@ def test_bad_files_name_the_offending_setting(tmp_path, text, needle):
     ({"run_id": "has space"}, "run_id"),
     ({"device": "tpu"}, "device"),
     ({"error_feedback": "maybe"}, "error_feedback"),
+    ({"precision": "fp16"}, "precision must be fp32 or bf16"),
+    ({"inner_lr_schedule": "linear"}, "inner_lr_schedule must be constant or cosine"),
+    ({"inner_lr_schedule": "cosine"}, "cosine needs total_steps > warmup_steps"),
+    ({"inner_lr_schedule": "cosine", "warmup_steps": "10", "total_steps": "10"}, "total_steps > warmup_steps"),
+    ({"warmup_steps": "-1"}, "warmup_steps must be >= 0"),
 ])
 def test_bad_values_are_refused(cli, needle):
     with pytest.raises(ConfigError) as err:
@@ -101,3 +106,13 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in FIELDS if name not in readme]
     assert not missing, f"settings missing from README.md: {missing}"
+
+
+def test_schedule_and_precision_from_file_env_and_cli(tmp_path):
+    path = tmp_path / "peer.toml"
+    path.write_text('[train]\ninner_lr_schedule = "cosine"\nwarmup_steps = 5\ntotal_steps = 100\n')
+
+    cfg = load_config({"total_steps": "200"}, config_file=str(path), env={"PEER_PRECISION": "bf16"})
+
+    t = cfg.train
+    assert (t.inner_lr_schedule, t.warmup_steps, t.total_steps, t.precision) == ("cosine", 5, 200, "bf16")
