@@ -75,13 +75,20 @@ def test_bn_swarm_evaluates_its_buffers_and_exports_the_model(tmp_path):
             assert s["eval_loss"] is not None and math.isclose(s["eval_loss"], reference, rel_tol=1e-6,
                                                               abs_tol=1e-6), (p.name, s, reference, p.tail())
 
+        # Assert 3: a task whose model does not match the peer's is refused, --out left alone
+        wrong = _export(peers[0].grpc, "--credentials", str(peers[0].credentials), "--task", "digits",
+                        "--out", str(out))
+        assert wrong.returncode == 2 and "does not match the model of peer" in wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1
+        assert load_file(str(out)).keys() == set(model.state_dict())
+
         # Execute: stop one peer (it checkpoints) and export from its state dir
         peers[1].signal(signal.SIGTERM)
         assert peers[1].proc.wait(20) == 0, peers[1].tail()
         from_dir = tmp_path / "from-dir.safetensors"
         again = _export("--state-dir", str(tmp_path / "p1"), "--out", str(from_dir))
 
-    # Assert 3: the checkpoint holds the same state, loadable strictly
+    # Assert 4: the checkpoint holds the same state, loadable strictly
     assert again.returncode == 0, again.stderr
     a, b = load_file(str(out)), load_file(str(from_dir))
     assert a.keys() == b.keys() == set(model.state_dict())
@@ -89,8 +96,9 @@ def test_bn_swarm_evaluates_its_buffers_and_exports_the_model(tmp_path):
 
 
 def test_a_late_joiner_fetches_the_buffers_and_continues_the_schedule(tmp_path):
+    # bf16 autocast on CPU, too: the inner phase only; the state stays float32 and bit-identical.
     args = ["--task", TASK, "--rounds", "0", "--inner-lr-schedule", "cosine", "--warmup-steps", "15",
-            "--total-steps", "100000"]
+            "--total-steps", "100000", "--precision", "bf16"]
     with Swarm(tmp_path, f"bnlate-{os.getpid()}", args) as swarm:
         # Prepare: two peers train; a third joins once they completed two rounds
         first = [swarm.start(f"p{i}", "--peer-id", f"p{i}", wait=False) for i in range(2)]

@@ -152,3 +152,18 @@ def test_bf16_autocast_trains_on_cpu_and_keeps_the_state_float32(bn_task) -> Non
     assert torch.allclose(a.delta, b.delta, atol=5e-3)
     with pytest.raises(ConfigError, match="precision"):
         InnerTrainer(bn_task, seed=0, stream_id="a", batch_size=32, inner_lr=1e-3, precision="fp16")
+
+
+def test_a_cuda_device_that_is_not_there_is_a_clear_error() -> None:
+    from peer.trainer import resolve_device
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        assert resolve_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+        with pytest.raises(ConfigError, match=f"only {count} CUDA devices"):
+            resolve_device(f"cuda:{count}")
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="bad device"):
+        resolve_device("cuda:x")
