@@ -46,6 +46,8 @@ class Metrics:
         self.inner_steps = Counter("peer_train_inner_steps", "Inner optimizer steps taken.", registry=r)
         self.samples = Counter("peer_train_samples", "Training samples consumed.", registry=r)
         self.train_loss = Gauge("peer_train_loss", "Mean training loss of the last inner phase.", registry=r)
+        self.inner_lr = Gauge("peer_train_inner_lr", "Inner learning rate of the last inner step (the schedule's "
+                              "value at its global inner step).", registry=r)
         self.eval_loss = Gauge("peer_eval_loss", "Evaluation loss of the global parameters.", registry=r)
         self.eval_accuracy = Gauge("peer_eval_accuracy_ratio", "Evaluation accuracy of the global parameters.",
                                    registry=r)
@@ -79,7 +81,7 @@ class Metrics:
             self.rounds.labels(outcome)
         # Not measured yet: NaN (a gap on a graph), not 0, which would read as a perfect loss and
         # pull min_over_time() down in the loss alerts.
-        for gauge in (self.train_loss, self.eval_loss, self.eval_accuracy):
+        for gauge in (self.train_loss, self.eval_loss, self.eval_accuracy, self.inner_lr):
             gauge.set(math.nan)
         for direction in ("served", "received"):
             self.state_transfers.labels(direction, "ok")

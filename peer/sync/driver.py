@@ -317,6 +317,7 @@ class RoundDriver:
             return torch.zeros_like(delta), 0.0
         self.progress.loss = result.mean_loss
         self._metrics.train_loss.set(result.mean_loss)
+        self._metrics.inner_lr.set(getattr(result, "lr", math.nan))
         return delta, weight
 
     async def _evaluate(self) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from peer.sync.state import checkpoint_metadata
 from peer.trainer.schedule import LRSchedule
-from tests.integration._peers import Swarm, check_invariant, consistent_rounds, wait_until
+from tests.integration._peers import Swarm, check_invariant, consistent_rounds, metric, wait_until
 from tests.tasks.bn_digits import BNDigitsTask
 
 TASK = "tests.tasks.bn_digits:BNDigitsTask"
@@ -122,6 +122,7 @@ def test_a_late_joiner_fetches_the_buffers_and_continues_the_schedule(tmp_path):
         expected = BNDigitsTask.defaults.inner_lr * LRSchedule("cosine", 15, 100000).factor(int(step))
         assert math.isclose(float(lr), expected, rel_tol=1e-5), (step, lr, expected)
         assert STARTS_RE.search(first[0].log())[1] == "0"  # the first peers started the schedule at 0
+        assert 0 < metric(late.metrics_port, "peer_train_inner_lr") <= BNDigitsTask.defaults.inner_lr
         check_invariant(swarm.peers)
 
 
