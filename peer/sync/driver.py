@@ -268,7 +268,9 @@ class RoundDriver:
                     continue
                 rnd = self._store.state.round
                 await self._hook("inner", rnd)
-                inner = await self._inner_phase(rnd, start)
+                # With a round in flight (overlap), this phase's delta goes to the round after it,
+                # and so does its place in the inner learning-rate schedule.
+                inner = await self._inner_phase(rnd + 1 if pending is not None else rnd, start)
                 if inner is None:
                     return
                 delta, weight = inner

@@ -32,9 +32,10 @@ class InnerResult:
     """Outcome of one inner phase.
 
     ``delta`` is the flat float32 CPU pseudo-gradient ``theta_global - theta_local`` over the
-    whole state, parameters and buffers (the outer optimizer steps along ``-delta``). ``samples`` counts training samples (sequences for
-    language models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall
-    time. If ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
+    whole state, parameters and buffers (the outer optimizer steps along ``-delta``; integer
+    buffers' slices are 0). ``samples`` counts training samples (sequences for language
+    models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall time. If
+    ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
     """
 
     delta: torch.Tensor
@@ -43,7 +44,7 @@ class InnerResult:
     steps: int
     seconds: float
     nonfinite: bool
-    lr: float = math.nan  # the inner learning rate of the last step taken
+    lr: float = math.nan  # the inner learning rate of the last step taken (NaN if none)
 
 
 def resolve_device(device: str) -> torch.device:
