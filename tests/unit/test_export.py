@@ -76,3 +76,30 @@ def test_bad_export_input_is_one_line_exit_2_and_leaves_out_alone(tmp_path, trai
             "no_source": "exactly one source", "peer_and_dir": "exactly one source"}[case] in err
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "state"]
+
+
+def test_tied_weights_are_state_once_and_exported_as_save_model_does(tmp_path):
+    from safetensors.torch import load_model
+
+    from peer.export import save_model_file
+    from peer.trainer import assign_flat_state, state_layout
+
+    def tied() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    model = tied()
+    layout = state_layout(model)
+    flat = torch.arange(layout.numel, dtype=torch.float32)
+    assign_flat_state(model, flat)
+    out = tmp_path / "tied.safetensors"
+
+    save_model_file(model, out, {"round": "1"})
+    fresh = tied()
+    _, unexpected = load_model(fresh, str(out), strict=True)
+
+    assert layout.names == ("0.weight",) and layout.numel == 15
+    assert not unexpected and torch.equal(fresh[0].weight, flat.view(5, 3))
+    assert fresh[1].weight is fresh[0].weight
+    assert len(load_file(str(out))) == 1  # stored once
