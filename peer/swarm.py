@@ -195,6 +195,11 @@ class Swarm:
         return self._store.state.round
 
     @property
+    def global_hash(self) -> str:
+        """sha256 of the global parameters this peer holds (``global_sha256`` of ``peer status``)."""
+        return self._store.state.global_hash
+
+    @property
     def peer_id(self) -> str:
         return self._peer_id
 
