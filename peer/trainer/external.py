@@ -107,7 +107,7 @@ class ExternalInner:
 
     async def run(self, rnd: int, start: torch.Tensor, should_stop: Callable[[], bool]) -> InnerResult | None:
         """Post a phase from ``start`` and wait until the user's loop has taken H steps of it;
-        None when ``should_stop()`` turns true first (polled every 0.2 s) or after ``close``."""
+        None when ``should_stop()`` turns true first or ``close`` was called (polled every 0.2 s)."""
         if start.dim() != 1 or start.numel() != self._numel:
             raise ValueError(f"expected a flat vector of {self._numel} parameters, got shape {tuple(start.shape)}")
         phase = _Phase(rnd, start.detach().to(device="cpu", dtype=torch.float32), concurrent.futures.Future())
@@ -119,7 +119,7 @@ class ExternalInner:
         waiter = asyncio.wrap_future(phase.done)
         try:
             while not waiter.done():
-                if should_stop():
+                if should_stop() or self._stopped is not None:
                     return None
                 await asyncio.wait({waiter}, timeout=_POLL_S)
             return waiter.result()
@@ -183,7 +183,7 @@ class ExternalInner:
         round in between) and write its start parameters into the model; return True then,
         else False. Raises ``SwarmStopped`` when the swarm is gone."""
         phase = self._phase
-        if phase is None:
+        if phase is None or self._stopped is not None:
             with self._cond:
                 raise SwarmStopped(self._stopped or "no inner phase in progress")
         self._taken += 1
