@@ -8,9 +8,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from tests.integration._peers import PeerProc, check_invariant, credentials_for, round_hashes, wait_until
+import pytest
+import torch
+
+import peer
+from peer.sync.outer import tensor_sha256
+from peer.trainer import flatten_params
+from tests.integration._peers import PeerProc, check_invariant, credentials_for, metric, round_hashes, wait_until
 from tests.integration._peers import Swarm as Peers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +109,43 @@ def test_a_swarm_left_open_is_closed_when_the_interpreter_exits(tmp_path):
     stopped = re.search(r"peer \w+ stopped at round (\d+)", log)
     assert stopped and int(stopped[1]) >= 2, log
     assert "leaving the run" in log, log
+
+
+def test_a_swarm_inside_this_process_trains_serves_metrics_and_leaves_no_thread(tmp_path):
+    """In the test process itself, so the suite's guards (tests/conftest.py) fail the test if the
+    swarm blocks its event loop or leaves a thread behind after close()."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    returned, held = [], []
+    before = set(threading.enumerate())
+    # Prepare: alone (no discovery), H = 3
+    with peer.Swarm(model, run_id=f"lib-in-{os.getpid()}", insecure=True, inner_steps=3, listen="127.0.0.1:0",
+                    metrics_port=0, mdns=False, startup_grace_s=0.5, state_dir=str(tmp_path)) as swarm:
+        # Execute: six optimizer steps of an ordinary loop
+        for _ in range(6):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            returned.append(swarm.step(samples=8, loss=loss))
+            if returned[-1]:
+                held.append(tensor_sha256(flatten_params(model)) == swarm.global_hash)
+        port = swarm.metrics_port
+        counts = [metric(port, 'peer_rounds_total{outcome="completed"}'), metric(port, "peer_train_inner_steps_total"),
+                  metric(port, "peer_train_samples_total")]
+    swarm.close()  # idempotent
+    left = [t.name for t in threading.enumerate() if t not in before]
+
+    # Assert: a round every third step, the model held the global parameters after each,
+    # the same metrics as `peer run`, no thread left once close() returned (without waiting for
+    # the suite's garbage collection), and a closed swarm refuses further steps
+    assert returned == [False, False, True, False, False, True]
+    assert held == [True, True]
+    assert swarm.round == 2
+    assert counts == [2.0, 6.0, 48.0]
+    assert left == []
+    with pytest.raises(peer.SwarmStopped, match="closed"):
+        swarm.step()
