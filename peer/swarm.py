@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 # Settings of `peer run` that belong to the user's loop in library mode: they own the data, the
 # inner optimizer, the device and the process's torch threads, and decide when to stop.
 NOT_IN_LIBRARY = {
-    "task": "pass a peer Task as task=... to evaluate with it; the data stream is your loop's",
     "data": "your loop reads its own data",
     "batch_size": "your loop picks its batches (pass samples= to step() so that rounds weigh them)",
     "inner_lr": "your loop owns its inner optimizer",
