@@ -77,7 +77,8 @@ class Swarm:
     ``model``: the user's ``torch.nn.Module`` (on any device), trained in place. Every peer of
     the run must have the same parameter names, shapes and dtypes (the schema hash is checked in
     the handshake), and at round 0 the same initial values (same init seed), else the majority's
-    state replaces this one at the first round.
+    state replaces this one at the first round; and every peer must use the same ``outer_lr`` and
+    ``outer_momentum`` (not on the wire).
 
     ``credentials``: the run's credentials directory (``peer keys new``), or ``insecure=True``.
     ``inner_steps``: H, the ``step()`` calls per round (default 500, as in DiLoCo). Further
@@ -218,7 +219,8 @@ class Swarm:
     def close(self, timeout_s: float | None = None) -> None:
         """Leave the run as ``peer run`` does on SIGTERM (finish a round in flight within its
         grace, tell the peers, checkpoint, mDNS goodbye) and wait for the daemon's threads to
-        end (default: ``stop_grace_s`` + 5 s). Idempotent; any thread; also runs at exit."""
+        end (default: ``stop_grace_s`` + 5 s). Idempotent; any thread. Also runs at interpreter
+        exit, when the main thread has ended (a loop on another thread: close the swarm there)."""
         with self._lock:
             first = not self._closed
             self._closed = True
