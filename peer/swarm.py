@@ -125,9 +125,8 @@ class Swarm:
         self._inner: ExternalInner = daemon.external
         self._cfg = cfg
         self._peer_id = daemon.peer_id
-        self._store = daemon.store
-        self._address = ""
-        self._metrics_port = 0
+        # What the properties show once the daemon is released (close): its last values.
+        self._round, self._global_hash, self._address, self._metrics_port = 0, "", "", 0
         self._lock = threading.Lock()
         self._daemon: Daemon | None = daemon
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,12 +191,14 @@ class Swarm:
     @property
     def round(self) -> int:
         """The global round this peer holds (the rounds completed by the swarm it follows)."""
-        return self._store.state.round
+        daemon = self._daemon
+        return daemon.state.round if daemon is not None else self._round
 
     @property
     def global_hash(self) -> str:
         """sha256 of the global parameters this peer holds (``global_sha256`` of ``peer status``)."""
-        return self._store.state.global_hash
+        daemon = self._daemon
+        return daemon.state.global_hash if daemon is not None else self._global_hash
 
     @property
     def peer_id(self) -> str:
@@ -250,6 +251,7 @@ class Swarm:
             if self._daemon is None:
                 return
             self._address, self._metrics_port = daemon.address, daemon.metrics_port
+            self._round, self._global_hash = daemon.state.round, daemon.state.global_hash
             self._daemon = None
         # gRPC's asyncio poller thread lives while any of its servers or channels does; the
         # daemon's parts reference each other (callbacks), so only a collection frees them.
