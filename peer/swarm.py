@@ -127,6 +127,7 @@ class Swarm:
         self._peer_id = daemon.peer_id
         # What the properties show once the daemon is released (close): its last values.
         self._round, self._global_hash, self._address, self._metrics_port = 0, "", "", 0
+        self._completed = 0
         self._lock = threading.Lock()
         self._daemon: Daemon | None = daemon
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,6 +196,13 @@ class Swarm:
         return daemon.state.round if daemon is not None else self._round
 
     @property
+    def completed_rounds(self) -> int:
+        """Rounds this peer completed in a group since it started (a resync that skips rounds
+        moves ``round`` but does not count here)."""
+        daemon = self._daemon
+        return daemon.driver.progress.completed if daemon is not None else self._completed
+
+    @property
     def global_hash(self) -> str:
         """sha256 of the global parameters this peer holds (``global_sha256`` of ``peer status``)."""
         daemon = self._daemon
@@ -252,6 +260,7 @@ class Swarm:
                 return
             self._address, self._metrics_port = daemon.address, daemon.metrics_port
             self._round, self._global_hash = daemon.state.round, daemon.state.global_hash
+            self._completed = daemon.driver.progress.completed
             self._daemon = None
         # gRPC's asyncio poller thread lives while any of its servers or channels does; the
         # daemon's parts reference each other (callbacks), so only a collection frees them.

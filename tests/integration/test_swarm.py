@@ -44,7 +44,11 @@ def _kill(p: PeerProc) -> None:
 
 def test_a_swarm_process_catches_up_and_trains_with_two_peer_run_peers_with_equal_hashes(tmp_path):
     run_id = f"lib-{os.getpid()}"
-    with Peers(tmp_path, run_id, ["--codec", "int8"]) as peers:
+    # Rounds of 100 steps (not FAST's 10) and a short start-up grace for the joiner: between
+    # its handshake and its catch-up, a joiner is still at round 0 and yet a possible leader
+    # of the others' rounds; with rounds of milliseconds, many rounds fall into that window
+    # (an open weakness of leader rotation, not of library mode; see the report of this change).
+    with Peers(tmp_path, run_id, ["--codec", "int8", "--inner-steps", "100"]) as peers:
         # Prepare: two `peer run` peers, a few rounds ahead when the library peer starts
         a, b = peers.start("p0", wait=False), peers.start("p1", wait=False)
         a.wait_listening(60)
@@ -52,7 +56,8 @@ def test_a_swarm_process_catches_up_and_trains_with_two_peer_run_peers_with_equa
         wait_until(lambda: len(round_hashes(a.log())) >= 2, 120, "two rounds of the peer run peers",
                    lambda: a.tail() + b.tail())
         # Execute: the library peer joins, trains 4 rounds with its own loop and leaves (with block)
-        lib = _start_library_peer(tmp_path, run_id, "--rounds", "4")
+        lib = _start_library_peer(tmp_path, run_id, "--rounds", "4", "--inner-steps", "100",
+                                  "--startup-grace-s", "1")
         try:
             code = lib.proc.wait(200)
         finally:
@@ -147,7 +152,7 @@ def test_a_swarm_inside_this_process_trains_serves_metrics_and_leaves_no_thread(
     # close() returned (without waiting for the suite's garbage collection), and a closed swarm
     # refuses further steps
     assert returned == [False, False, True, False, False, True]
-    assert swarm.round == 2
+    assert swarm.round == swarm.completed_rounds == 2
     if overlap:
         assert counts[0] in (1.0, 2.0) and counts[1:] == [6.0, 48.0]  # the second round may be in flight
     else:
