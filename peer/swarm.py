@@ -76,8 +76,8 @@ class Swarm:
 
     ``model``: the user's ``torch.nn.Module`` (on any device), trained in place. Every peer of
     the run must have the same parameter names, shapes and dtypes (the schema hash is checked in
-    the handshake), and at round 0 the same initial values (same init seed), else the majority's
-    state replaces this one at the first round; and every peer must use the same ``outer_lr`` and
+    the handshake), and at round 0 the same initial values (same init seed; differing round-0
+    states are not averaged together, the resync rule picks one); and every peer must use the same ``outer_lr`` and
     ``outer_momentum`` (not on the wire).
 
     ``credentials``: the run's credentials directory (``peer keys new``), or ``insecure=True``.
