@@ -6,7 +6,8 @@ and the metrics exporter. Fault injection (``--faults``, tests only) is wired in
 
 Threads:
   - the asyncio event loop (uvloop when available): network I/O, timers, round orchestration;
-  - one trainer thread: every call into the model and inner optimizer;
+  - one trainer thread: every call into the model and inner optimizer (in library mode the
+    user's own thread trains, and this one only evaluates; see peer.swarm);
   - a codec thread: encode, decode, averaging and the outer step;
   - a state-io thread: snapshots for donors, checkpoints (so neither waits for the other);
   - the metrics HTTP thread (peer.metrics.Exporter).
@@ -38,7 +39,9 @@ from peer.service import Service
 from peer.sync.driver import RoundDriver
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
-from peer.trainer import InnerTrainer, LRSchedule, load_task
+from peer.trainer import InnerTrainer, LRSchedule, Task, flatten_state, load_task, param_count, schema_hash
+from peer.trainer.external import LIBRARY_DEFAULTS, ExternalInner
+from peer.trainer.params import StateLayout, state_layout
 from peer.trainer.runner import ThreadedInner
 from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
@@ -67,9 +70,15 @@ def load_peer_id(state_dir: Path, configured: str | None) -> str:
 
 
 class Daemon:
-    """One peer. Build with a Config, then ``await run()``; ``request_stop()`` from a signal."""
+    """One peer. Build with a Config, then ``await run()``; ``request_stop()`` from a signal.
 
-    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
+    With ``model`` (library mode, ``peer.Swarm``) the user's own loop trains that model: the
+    inner phase is an ``ExternalInner`` (``self.external``) instead of an ``InnerTrainer`` on the
+    configured task; ``eval_task``, if given, evaluates the global parameters.
+    """
+
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None, *,
+                 model: torch.nn.Module | None = None, eval_task: Task | None = None) -> None:
         if not cfg.run.run_id:
             raise ConfigError("a run id is required (--run-id, PEER_RUN_ID or [run] run_id)")
         get_codec(cfg.sync.codec)  # validates the name early, with the list of known codecs
@@ -86,15 +95,26 @@ class Daemon:
             self.peer_id = load_peer_id(self.state_dir, cfg.run.peer_id)
         else:
             raise ConfigError(NO_CREDENTIALS.format(run=cfg.run.run_id))
-        self.task = load_task(cfg.run.task, cfg.run.data)
-        self.settings = resolve_settings(cfg, self.task.defaults)
-        tc = cfg.train
-        self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=tc.device,
-                                    threads=tc.threads, batch_size=self.settings.batch_size,
-                                    inner_lr=self.settings.inner_lr, precision=tc.precision,
-                                    schedule=LRSchedule(tc.inner_lr_schedule, tc.warmup_steps, tc.total_steps))
-        self.schema_hash = self.trainer.schema_hash()
-        params = self.trainer.initial_params()
+        self.trainer: InnerTrainer | None = None
+        if model is None:
+            self.task: Task | None = load_task(cfg.run.task, cfg.run.data)
+            self.settings = resolve_settings(cfg, self.task.defaults)
+            tc = cfg.train
+            self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=tc.device,
+                                        threads=tc.threads, batch_size=self.settings.batch_size,
+                                        inner_lr=self.settings.inner_lr, precision=tc.precision,
+                                        schedule=LRSchedule(tc.inner_lr_schedule, tc.warmup_steps, tc.total_steps))
+            self.schema_hash = self.trainer.schema_hash()
+            self.layout: StateLayout = self.trainer.layout
+            params = self.trainer.initial_params()
+        else:
+            if param_count(model) == 0:
+                raise ConfigError("the model has no parameters to train together")
+            self.task = eval_task
+            self.settings = resolve_settings(cfg, eval_task.defaults if eval_task else LIBRARY_DEFAULTS)
+            self.schema_hash = schema_hash(model)
+            self.layout = state_layout(model)
+            params = flatten_state(model)
         self.numel = params.numel()
         self.metrics = Metrics(registry or CollectorRegistry())
         self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
@@ -120,14 +140,21 @@ class Daemon:
         self.membership = Membership(cfg, me, self.client, self.discovery, self.metrics,
                                      on_drop=lambda pid: self.driver.peer_left(pid),
                                      ignored_counts=self._mdns_ignored)
-        inner = ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps, on_step=self._on_step)
+        self.external: ExternalInner | None = None
+        if self.trainer is not None:
+            inner: ThreadedInner | ExternalInner = ThreadedInner(self.trainer, self.train_pool,
+                                                                 self.settings.inner_steps, on_step=self._on_step)
+        else:
+            assert model is not None
+            inner = self.external = ExternalInner(model, self.settings.inner_steps, self.train_pool,
+                                                  on_step=self._on_step, task=eval_task)
         self.driver = RoundDriver(cfg, self.settings, peer_id=self.peer_id, schema_hash=self.schema_hash,
                                   members=self.membership,
                                   client=FaultyClient(self.client, faults) if faults else self.client,
                                   store=self.store, inner=FaultyInner(inner, faults) if faults else inner,
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
-                                  param_numel=self.trainer.layout.param_numel,
-                                  int_slices=self.trainer.layout.int_slices,
+                                  param_numel=self.layout.param_numel,
+                                  int_slices=self.layout.int_slices,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
                                **({"phase_hook": hook} if hook else {}))
@@ -136,6 +163,11 @@ class Daemon:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._train_task: asyncio.Task | None = None
+
+    @property
+    def pools(self) -> tuple[ThreadPoolExecutor, ...]:
+        """The executors this daemon owns (``stop`` shuts them down without waiting)."""
+        return self.train_pool, self.codec_pool, self.io_pool
 
     @property
     def state(self) -> GlobalState:
@@ -150,7 +182,8 @@ class Daemon:
                         task=self.cfg.run.task)
 
     def _on_step(self, step: int, loss: float) -> None:
-        # The trainer thread: plain increments and thread-safe metrics only.
+        # The trainer thread (the user's, in library mode): plain increments and thread-safe
+        # metrics only.
         self.driver.progress.inner_step += 1
         self.metrics.inner_steps.inc()
 
@@ -236,7 +269,7 @@ class Daemon:
             # Listening on a wildcard: advertise what mDNS announces for us, else loopback.
             hosts = self.mdns.advertised_addresses if self.mdns is not None else []
             self.address = f"{hosts[0] if hosts else '127.0.0.1'}:{port}"
-        layout = self.trainer.layout
+        layout = self.layout
         log.info("peer %s listening on %s (grpc %s, metrics :%d), run %s, task %s (%d parameters, %d buffer "
                  "values), codec %s", self.peer_id, cfg.net.listen, self.address, self.metrics_port, cfg.run.run_id,
                  cfg.run.task, layout.param_numel, layout.numel - layout.param_numel, cfg.sync.codec)
@@ -282,10 +315,13 @@ class Daemon:
             log.warning("mDNS goodbye did not finish in time")
         if self.server is not None:
             await self.server.stop(grace_s=min(1.0, max(0.0, deadline - time.monotonic() - 0.5)))
+            # gRPC's server holds our handlers from C, out of the garbage collector's sight: only
+            # letting go of it here frees it (and lets gRPC's poller thread end in library mode).
+            self.server = None
         await self.client.close()
         if self.exporter is not None:
             await loop.run_in_executor(self.io_pool, self.exporter.stop)
-        for pool in (self.train_pool, self.codec_pool, self.io_pool):
+        for pool in self.pools:
             pool.shutdown(wait=False, cancel_futures=True)
         log.info("peer %s stopped at round %d", self.peer_id, self.store.state.round)
 
