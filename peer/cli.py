@@ -168,6 +168,10 @@ def _status(args: argparse.Namespace) -> int:
           f"{s['last_round_s']:.2f} s")
     print(f"  codec {s['codec']}, sent {human_bytes(s['bytes_sent'])}, received {human_bytes(s['bytes_received'])}")
     print(f"  peers ({len(s['peers'])}): {', '.join(s['peers']) or '-'}")
+    if s["local_ranks"]:
+        print(f"  local ranks ({len(s['local_ranks'])}): " + ", ".join(
+            f"{r['rank']} pid {r['pid']} {r['device']} {'up' if r['alive'] else 'DEAD'} {r['samples']} samples"
+            for r in s["local_ranks"]))
     print(f"  global sha256 {s['global_sha256']}")
     print("  connection: mutual TLS with the run's credentials" if args.credentials else
           "  connection: plain TCP: this daemon runs --insecure (anyone on its network can join the run)")

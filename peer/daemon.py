@@ -6,7 +6,9 @@ and the metrics exporter. Fault injection (``--faults``, tests only) is wired in
 
 Threads:
   - the asyncio event loop (uvloop when available): network I/O, timers, round orchestration;
-  - one trainer thread: every call into the model and inner optimizer;
+  - one trainer thread: every call into the model and inner optimizer (with ``local_workers``
+    > 1 also the collectives with the other local ranks, which are child processes: see
+    peer.trainer.workers);
   - a codec thread: encode, decode, averaging and the outer step;
   - a state-io thread: snapshots for donors, checkpoints (so neither waits for the other);
   - the metrics HTTP thread (peer.metrics.Exporter).
@@ -40,6 +42,7 @@ from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.trainer import InnerTrainer, load_task
 from peer.trainer.runner import ThreadedInner
+from peer.trainer.workers import LocalRanks, RankSpec
 from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
 
@@ -88,14 +91,27 @@ class Daemon:
             raise ConfigError(NO_CREDENTIALS.format(run=cfg.run.run_id))
         self.task = load_task(cfg.run.task, cfg.run.data)
         self.settings = resolve_settings(cfg, self.task.defaults)
-        self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=cfg.train.device,
-                                    threads=cfg.train.threads, batch_size=self.settings.batch_size,
-                                    inner_lr=self.settings.inner_lr)
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
+        self._failure: str | None = None
+        self.local_ranks: LocalRanks | None = None
+        if cfg.train.local_workers > 1:
+            spec = RankSpec(task=cfg.run.task, data=cfg.run.data, seed=cfg.run.seed, stream_id=self.peer_id,
+                            device=cfg.train.device, threads=cfg.train.threads, batch_size=self.settings.batch_size,
+                            inner_lr=self.settings.inner_lr, rank=0, world=cfg.train.local_workers, store_port=0,
+                            timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0)
+            self.local_ranks = LocalRanks(spec, self.train_pool, self.settings.inner_steps, on_step=self._on_step,
+                                          on_failure=self.fail, on_samples=self._on_rank_samples,
+                                          task=self.task)
+            self.trainer: InnerTrainer = self.local_ranks.trainer
+        else:
+            self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id,
+                                        device=cfg.train.device, threads=cfg.train.threads,
+                                        batch_size=self.settings.batch_size, inner_lr=self.settings.inner_lr)
+        self.metrics.local_ranks.set(cfg.train.local_workers)
         self.schema_hash = self.trainer.schema_hash()
         params = self.trainer.initial_params()
         self.numel = params.numel()
-        self.metrics = Metrics(registry or CollectorRegistry())
-        self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
         self.codec_pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
         self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="state-io")
         self.address = ""
@@ -116,7 +132,8 @@ class Daemon:
         self.membership = Membership(cfg, me, self.client, self.discovery, self.metrics,
                                      on_drop=lambda pid: self.driver.peer_left(pid),
                                      ignored_counts=self._mdns_ignored)
-        inner = ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps, on_step=self._on_step)
+        inner = self.local_ranks or ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps,
+                                                  on_step=self._on_step)
         self.driver = RoundDriver(cfg, self.settings, peer_id=self.peer_id, schema_hash=self.schema_hash,
                                   members=self.membership,
                                   client=FaultyClient(self.client, faults) if faults else self.client,
@@ -124,7 +141,8 @@ class Daemon:
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
-                               **({"phase_hook": hook} if hook else {}))
+                               **({"phase_hook": hook} if hook else {}),
+                               **({"local_ranks": self.local_ranks.ranks} if self.local_ranks else {}))
         self.server: PeerServer | None = None
         self.exporter: Exporter | None = None
         self._stopping = False
@@ -147,6 +165,17 @@ class Daemon:
         # The trainer thread: plain increments and thread-safe metrics only.
         self.driver.progress.inner_step += 1
         self.metrics.inner_steps.inc()
+
+    def _on_rank_samples(self, per_rank: list[int]) -> None:
+        for rank, samples in enumerate(per_rank):
+            self.metrics.rank_samples.labels(str(rank)).inc(samples)
+
+    def fail(self, why: str) -> None:
+        """Stop this peer and exit non-zero (a local rank died). Call on the loop."""
+        if self._failure is None:
+            self._failure = why
+            log.error("peer %s fails: %s; leaving the run", self.peer_id, why)
+        self.request_stop()
 
     def _mdns_ignored(self) -> dict[str, int]:
         if self.mdns is None:
@@ -190,7 +219,7 @@ class Daemon:
             stop.cancel()
         finally:
             await self.stop()
-        return status
+        return 1 if self._failure is not None else status
 
     async def start(self) -> None:
         """Resume, listen, export metrics, start discovery and membership upkeep (no training)."""
@@ -199,6 +228,9 @@ class Daemon:
             self._stop_event.set()
         cfg = self.cfg
         await self.store.async_load()
+        if self.local_ranks is not None:
+            # Before the swarm sees this peer: ranks that cannot meet fail the start.
+            await self.local_ranks.start()
         self.server = PeerServer(self.service, cfg.net.listen, identity=self.identity, chunk_bytes=cfg.sync.chunk_bytes,
                                  chunk_idle_timeout_s=cfg.timeouts.chunk_idle_timeout_s,
                                  max_concurrent_rpcs=cfg.net.max_concurrent_rpcs,
@@ -263,6 +295,8 @@ class Daemon:
             self._train_task.cancel()
             await asyncio.gather(self._train_task, return_exceptions=True)
         await self.driver.close()
+        if self.local_ranks is not None:
+            await self.local_ranks.close()
         await self.membership.stop()
         loop = asyncio.get_running_loop()
         # Tell the others first so that nobody waits for us, then say goodbye on mDNS.
