@@ -135,7 +135,8 @@ class DataParallelTrainer(InnerTrainer):
 
     Every rank calls ``run_inner`` once per phase, in the same order; rank 0 gives the global
     parameters and ``should_stop``, the others pass ``None``. ``store`` is the group's store
-    (rank 0 posts the phases in it); ``task`` saves loading ``spec.task`` again. Not thread safe; one thread per process calls it.
+    (rank 0 posts the phases in it); ``task`` saves loading ``spec.task`` again. Not thread
+    safe; one thread per process calls it.
     """
 
     def __init__(self, spec: RankSpec, store: dist.Store, task: Task | None = None) -> None:
@@ -367,7 +368,7 @@ class LocalRanks:
             dead = self._dead()
             if dead and not init.done():
                 # The group can no longer form; init_process_group gives up at its timeout.
-                raise LocalRankError(f"local rank {dead[0]} exited with {dead[1]} before the ranks met")
+                raise LocalRankError(f"{self._describe(dead)} before the ranks met")
         init.result()
         self._group = True
         log.info("%d local ranks formed a %s group", self.world, dist.get_backend())
@@ -380,12 +381,17 @@ class LocalRanks:
                 return r, code
         return None
 
+    def _describe(self, dead: tuple[int, int]) -> str:
+        rank, code = dead
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        return f"local rank {rank} (pid {self._procs[rank - 1].pid}) {how}"
+
     async def _watch_ranks(self) -> None:
         while not self._closing:
             dead = self._dead()
             if dead is not None:
                 self._failed = True
-                message = f"local rank {dead[0]} (pid {self._procs[dead[0] - 1].pid}) exited with {dead[1]}"
+                message = self._describe(dead)
                 log.error("%s; this peer stops", message)
                 if self._on_failure is not None:
                     self._on_failure(message)
@@ -396,9 +402,19 @@ class LocalRanks:
         if self._failed or self._dead():
             raise LocalRankError("a local rank is gone; not starting an inner phase")
         before = list(self.trainer.rank_samples)
-        result = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: self.trainer.run_inner(start, self._steps, should_stop=should_stop,
-                                                           on_step=self._on_step))
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self.trainer.run_inner(start, self._steps, should_stop=should_stop,
+                                                               on_step=self._on_step))
+        except LocalRankError as exc:
+            # A collective fails as soon as a rank's sockets close; name the rank if it died.
+            deadline = time.monotonic() + 1.0
+            while (dead := self._dead()) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self._failed = True
+            if dead is None:
+                raise
+            raise LocalRankError(f"{self._describe(dead)} during the inner phase of round {rnd}") from exc
         if self._on_samples is not None:
             self._on_samples([now - then for now, then in zip(self.trainer.rank_samples, before)])
         return result
@@ -434,10 +450,9 @@ class LocalRanks:
 
     def _stop_group(self) -> None:
         # On the trainer thread, after any phase in flight: the workers wait for a command.
-        if self._dead():
-            return  # a collective with a dead rank would only wait for the timeout
-        self.trainer.post("stop")
-        dist.destroy_process_group()
+        if not self._dead():
+            self.trainer.post("stop")
+        dist.destroy_process_group()  # local clean-up, no collective
         self._group = False
 
 
