@@ -41,6 +41,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -362,7 +363,26 @@ class LocalRanks:
             log.info("local rank %d started: pid %d, device %s, data stream %s", r, proc.pid, self._devices[r],
                      rank_stream_id(self.spec.stream_id, r))
         loop = asyncio.get_running_loop()
-        init = loop.run_in_executor(self._executor, _group_init, self.spec, self._store)
+        init: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not init.done():
+                init.set_result(None) if exc is None else init.set_exception(exc)
+
+        def form() -> None:
+            try:
+                _group_init(self.spec, self._store)
+                error = None
+            except BaseException as exc:  # handed to the loop, which raises it
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:
+                pass  # the loop is closed: start() already failed and nobody waits
+
+        # A daemon thread, not the executor: when a worker dies before the ranks meet, this
+        # waits for it until the timeout, and must not keep the process from exiting meanwhile.
+        threading.Thread(target=form, name="local-ranks-init", daemon=True).start()
         while not init.done():
             await asyncio.wait({init}, timeout=0.2)
             dead = self._dead()
@@ -459,6 +479,21 @@ class LocalRanks:
 # ---------------------------------------------------------------------------------------------- a worker
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (a worker still meeting the others
+    would otherwise wait for a dead rank 0 until the timeout). Elsewhere the phase wait's
+    parent check and failing collectives end it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise LocalRankError(f"rank 0 (pid {parent_pid}) is gone")
+
+
 def worker_main(spec_json: str) -> int:
     """The body of ranks 1..N-1: join the group, then run phases until told to stop."""
     spec = RankSpec.from_json(spec_json)
@@ -469,6 +504,7 @@ def worker_main(spec_json: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
     try:
+        _die_with_parent(spec.parent_pid)
         store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
                               timeout=timedelta(seconds=spec.timeout_s))
         trainer = DataParallelTrainer(spec, store)
