@@ -213,7 +213,8 @@ class DataParallelTrainer(InnerTrainer):
     def _phase(self, global_params, steps, should_stop, on_step) -> InnerResult:
         start = time.perf_counter()
         dev = self._device
-        flat = (global_params.detach().to(device=dev, dtype=torch.float32).contiguous() if self.rank == 0
+        # A copy on rank 0: the global parameters are never written, whatever the backend does.
+        flat = (global_params.detach().to(device=dev, dtype=torch.float32, copy=True) if self.rank == 0
                 else torch.empty(self._numel, dtype=torch.float32, device=dev))
         dist.broadcast(flat, src=0)
         global_cpu = flat.to("cpu") if dev.type != "cpu" else flat
