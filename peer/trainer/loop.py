@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.errors import ConfigError, StateError
-from peer.trainer.params import assign_flat_params, flatten_params, param_count, schema_hash
+from peer.trainer.params import assign_flat_params, flat_on_device, flatten_params, param_count, schema_hash
 from peer.trainer.task import Task, init_model
 
 __all__ = ["InnerResult", "InnerTrainer", "resolve_device"]
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 class InnerResult:
     """Outcome of one inner phase.
 
-    ``delta`` is the flat float32 CPU pseudo-gradient ``theta_global - theta_local`` (the outer
-    optimizer steps along ``-delta``). ``samples`` counts training samples (sequences for
+    ``delta`` is the flat float32 pseudo-gradient ``theta_global - theta_local`` (the outer
+    optimizer steps along ``-delta``), on the model's device: a GPU's delta is encoded there and
+    only the encoded bytes reach the host (see ``peer.codec.base``). ``samples`` counts training samples (sequences for
     language models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall
     time. If ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
     """
@@ -183,8 +184,7 @@ class InnerTrainer:
             loss_sum += value
             if on_step is not None:
                 on_step(i, value)
-        local = flatten_params(self._model)
-        delta = global_cpu - local
+        delta = global_cpu.to(self._device) - flat_on_device(self._model)
         if not nonfinite and not bool(torch.isfinite(delta).all()):
             nonfinite = True
         if nonfinite:

@@ -50,6 +50,15 @@ def flatten_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(params)
 
 
+def flat_on_device(model: torch.nn.Module) -> torch.Tensor:
+    """A new 1-D float32 tensor of all parameters in schema order, on the parameters' device
+    (``flatten_params`` copies to the host)."""
+    params = [p.detach().reshape(-1).to(torch.float32) for p in model.parameters()]
+    if not params:
+        return torch.empty(0, dtype=torch.float32)
+    return torch.cat(params)
+
+
 def assign_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
     """Copy the 1-D vector ``flat`` (any device, float dtype) into ``model``'s parameters in place.
 

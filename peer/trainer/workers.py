@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from peer.errors import ConfigError, PeerError
 from peer.trainer.loop import InnerResult, InnerTrainer, resolve_device
-from peer.trainer.params import assign_flat_params, flatten_params
+from peer.trainer.params import assign_flat_params, flat_on_device
 from peer.trainer.task import Task, load_task
 from peer.types import LocalRank
 
@@ -217,7 +217,6 @@ class DataParallelTrainer(InnerTrainer):
         flat = (global_params.detach().to(device=dev, dtype=torch.float32, copy=True) if self.rank == 0
                 else torch.empty(self._numel, dtype=torch.float32, device=dev))
         dist.broadcast(flat, src=0)
-        global_cpu = flat.to("cpu") if dev.type != "cpu" else flat
         assign_flat_params(self._model, flat)
         self._model.train()
         sizes = [p.numel() for p in self._params]
@@ -280,8 +279,7 @@ class DataParallelTrainer(InnerTrainer):
             loss_sum += step_loss
             if on_step is not None:
                 on_step(i, step_loss)
-        local = flatten_params(self._model)
-        delta = global_cpu - local
+        delta = flat - flat_on_device(self._model)  # on the device, as InnerTrainer's
         if not nonfinite and not bool(torch.isfinite(delta).all()):
             nonfinite = True
         if nonfinite:
