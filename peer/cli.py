@@ -101,14 +101,20 @@ def _run(args: argparse.Namespace) -> int:
     # Before torch is imported, so that OpenMP starts with this many threads; InnerTrainer sets
     # torch's own count.
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.threads))
+    from peer.trainer.workers import Torchrun, torchrun_worker
+
+    # Under torchrun, rank 0 is the peer and the other ranks serve its inner phases.
+    torchrun = Torchrun.from_env(os.environ)
+    if torchrun is not None and torchrun.rank > 0:
+        return torchrun_worker(torchrun, cfg.timeouts.local_rank_timeout_s)
     from peer.daemon import run_daemon
 
     try:
         import uvloop
 
-        return uvloop.run(run_daemon(cfg))
+        return uvloop.run(run_daemon(cfg, torchrun))
     except ImportError:  # pragma: no cover (uvloop is a dependency; not on every platform)
-        return asyncio.run(run_daemon(cfg))
+        return asyncio.run(run_daemon(cfg, torchrun))
 
 
 def _peers(args: argparse.Namespace) -> int:

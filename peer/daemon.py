@@ -42,7 +42,7 @@ from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.trainer import InnerTrainer, load_task
 from peer.trainer.runner import ThreadedInner
-from peer.trainer.workers import LocalRanks, RankSpec
+from peer.trainer.workers import LocalRanks, RankSpec, Torchrun
 from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
 
@@ -70,9 +70,14 @@ def load_peer_id(state_dir: Path, configured: str | None) -> str:
 
 
 class Daemon:
-    """One peer. Build with a Config, then ``await run()``; ``request_stop()`` from a signal."""
+    """One peer. Build with a Config, then ``await run()``; ``request_stop()`` from a signal.
 
-    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
+    ``torchrun``: this process is rank 0 of a torchrun launch, whose other ranks serve its inner
+    phases (instead of ``local_workers`` ranks this peer starts itself).
+    """
+
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None,
+                 torchrun: Torchrun | None = None) -> None:
         if not cfg.run.run_id:
             raise ConfigError("a run id is required (--run-id, PEER_RUN_ID or [run] run_id)")
         get_codec(cfg.sync.codec)  # validates the name early, with the list of known codecs
@@ -95,20 +100,25 @@ class Daemon:
         self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
         self._failure: str | None = None
         self.local_ranks: LocalRanks | None = None
-        if cfg.train.local_workers > 1:
+        world = cfg.train.local_workers
+        if torchrun is not None:
+            if world not in (1, torchrun.world):
+                raise ConfigError(f"local_workers {world} under torchrun with {torchrun.world} ranks: leave it out")
+            world = torchrun.world
+        if world > 1:
             spec = RankSpec(task=cfg.run.task, data=cfg.run.data, seed=cfg.run.seed, stream_id=self.peer_id,
                             device=cfg.train.device, threads=cfg.train.threads, batch_size=self.settings.batch_size,
-                            inner_lr=self.settings.inner_lr, rank=0, world=cfg.train.local_workers, store_port=0,
+                            inner_lr=self.settings.inner_lr, rank=0, world=world, store_port=0,
                             timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0)
             self.local_ranks = LocalRanks(spec, self.train_pool, self.settings.inner_steps, on_step=self._on_step,
                                           on_failure=self.fail, on_samples=self._on_rank_samples,
-                                          task=self.task)
+                                          task=self.task, torchrun=torchrun)
             self.trainer: InnerTrainer = self.local_ranks.trainer
         else:
             self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id,
                                         device=cfg.train.device, threads=cfg.train.threads,
                                         batch_size=self.settings.batch_size, inner_lr=self.settings.inner_lr)
-        self.metrics.local_ranks.set(cfg.train.local_workers)
+        self.metrics.local_ranks.set(world)
         self.schema_hash = self.trainer.schema_hash()
         params = self.trainer.initial_params()
         self.numel = params.numel()
@@ -323,7 +333,7 @@ def install_signal_handlers(daemon: Daemon) -> None:
         loop.add_signal_handler(sig, daemon.request_stop)
 
 
-async def run_daemon(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+async def run_daemon(cfg: Config, torchrun: Torchrun | None = None) -> int:
+    daemon = Daemon(cfg, torchrun=torchrun)
     install_signal_handlers(daemon)
     return await daemon.run()

@@ -27,8 +27,15 @@ swarm goes on without it. A worker exits when rank 0 says ``stop``, when its par
 gone, or when a collective fails; it ignores SIGINT and SIGTERM (a Ctrl-C in a terminal reaches
 the whole process group: rank 0 decides when the ranks stop).
 
-Not here: running under ``torchrun`` (the ranks are always started by rank 0); buffers such as
-BatchNorm statistics are rank 0's own (the flat parameters are what the ranks share).
+Under ``torchrun`` (``torchrun --nproc-per-node N --no-python peer run ...``, one machine) the
+launcher starts the ranks instead: rank 0 runs the daemon, ranks 1..N-1 run ``torchrun_worker``.
+They meet through the launcher's store (under the prefix ``peer/``); rank 0 posts each worker's
+spec there and each worker its pid. Rank 0 cannot watch processes it did not start: a dead
+rank shows as a failing collective (rank 0 then exits 1), and torchrun ends the other ranks and
+exits non-zero.
+
+Not here: buffers such as BatchNorm statistics are rank 0's own (the flat parameters are what
+the ranks share).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -57,8 +64,8 @@ from peer.trainer.params import assign_flat_params, flat_on_device
 from peer.trainer.task import Task, load_task
 from peer.types import LocalRank
 
-__all__ = ["DataParallelTrainer", "LocalRankError", "LocalRanks", "RankSpec", "rank_device",
-           "rank_stream_id"]
+__all__ = ["DataParallelTrainer", "LocalRankError", "LocalRanks", "RankSpec", "Torchrun", "rank_device",
+           "rank_stream_id", "torchrun_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +138,47 @@ class RankSpec:
             raise ConfigError(f"bad local rank spec: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Torchrun:
+    """This process is one rank of a ``torchrun`` launch on one machine (read from its env)."""
+
+    rank: int
+    world: int
+    master_addr: str
+    master_port: int
+    agent_store: bool  # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Torchrun | None:
+        """None unless ``env`` is a torchrun rank's with ``WORLD_SIZE`` > 1. Raises
+        ``ConfigError`` for malformed values or ranks over several machines (one peer is one
+        machine: use ``--nnodes 1``)."""
+        if "WORLD_SIZE" not in env or "RANK" not in env:
+            return None
+        try:
+            world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+            port = int(env["MASTER_PORT"])
+            addr = env["MASTER_ADDR"]
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"torchrun environment is incomplete or malformed: {exc}") from None
+        if world <= 1:
+            return None
+        if local_world != world:
+            raise ConfigError(f"one peer spans one machine: torchrun gave {world} ranks over several machines "
+                              f"({local_world} here); run one torchrun per machine with --nnodes 1")
+        if not 0 <= rank < world:
+            raise ConfigError(f"torchrun RANK {rank} is outside WORLD_SIZE {world}")
+        return cls(rank, world, addr, port, env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+
+    def store(self, timeout_s: float) -> dist.Store:
+        """The launcher's store, under the prefix ``peer/`` (rank 0 hosts it if the agent does not)."""
+        base = dist.TCPStore(self.master_addr, self.master_port, self.world,
+                             is_master=self.rank == 0 and not self.agent_store,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return dist.PrefixStore("peer/", base)
+
+
 class DataParallelTrainer(InnerTrainer):
     """``InnerTrainer`` whose inner phase is data-parallel over a process group (see the module).
 
@@ -168,7 +216,7 @@ class DataParallelTrainer(InnerTrainer):
         key = f"phase/{self._seq}"
         while True:
             if os.getppid() != parent_pid:
-                raise LocalRankError(f"rank {self.rank}: rank 0 (pid {parent_pid}) is gone")
+                raise LocalRankError(f"rank {self.rank}: the parent process (pid {parent_pid}) is gone")
             try:
                 if self._store.check([key]):
                     break
@@ -306,6 +354,7 @@ class LocalRanks:
     Every call into torch runs on ``executor`` (one thread). ``start`` and ``close`` are
     loop-only coroutines; ``on_failure(message)`` is called on the loop, once, when a worker
     dies while the peer is not stopping (the daemon stops and exits non-zero);
+    ``torchrun``: the ranks were started by torchrun (nothing is spawned here);
     ``on_samples(per_rank)`` is called on the loop after every phase with each rank's samples
     of that phase.
     """
@@ -313,7 +362,8 @@ class LocalRanks:
     def __init__(self, spec: RankSpec, executor: Executor, steps: int,
                  on_step: Callable[[int, float], None] | None = None,
                  on_failure: Callable[[str], None] | None = None,
-                 on_samples: Callable[[list[int]], None] | None = None, task: Task | None = None) -> None:
+                 on_samples: Callable[[list[int]], None] | None = None, task: Task | None = None,
+                 torchrun: Torchrun | None = None) -> None:
         if spec.rank != 0 or spec.world < 2:
             raise ConfigError(f"LocalRanks is rank 0 of 2 or more ranks, got rank {spec.rank} of {spec.world}")
         if spec.timeout_s <= 0:
@@ -325,12 +375,21 @@ class LocalRanks:
         self._on_failure = on_failure
         self._on_samples = on_samples
         self._timeout_s = spec.timeout_s
-        # The store first: its port goes into every worker's spec.
-        self._store = dist.TCPStore("127.0.0.1", 0, spec.world, is_master=True,
-                                    timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
-        self.spec = RankSpec(**{**asdict(spec), "store_port": self._store.port, "parent_pid": os.getpid()})
+        self._torchrun = torchrun
+        if torchrun is not None:
+            if torchrun.rank != 0 or torchrun.world != spec.world:
+                raise ConfigError(f"torchrun rank {torchrun.rank} of {torchrun.world} cannot lead {spec.world} ranks")
+            self._store = torchrun.store(spec.timeout_s)
+            port = torchrun.master_port
+        else:
+            # The store first: its port goes into every worker's spec.
+            self._store = dist.TCPStore("127.0.0.1", 0, spec.world, is_master=True,
+                                        timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+            port = self._store.port
+        self.spec = RankSpec(**{**asdict(spec), "store_port": port, "parent_pid": os.getpid()})
         self.trainer = DataParallelTrainer(self.spec, self._store, task)
         self._procs: list[subprocess.Popen] = []
+        self._pids = [os.getpid()] + [0] * (spec.world - 1)
         self._devices = [rank_device(spec.device, r, spec.world) for r in range(spec.world)]
         self._closing = False
         self._failed = False
@@ -344,8 +403,10 @@ class LocalRanks:
     def ranks(self) -> tuple[LocalRank, ...]:
         """Every local rank, rank 0 first (any thread)."""
         out = [LocalRank(0, os.getpid(), str(self.trainer.device), True, self.trainer.rank_samples[0])]
-        for r, proc in enumerate(self._procs, start=1):
-            out.append(LocalRank(r, proc.pid, self._devices[r], proc.poll() is None, self.trainer.rank_samples[r]))
+        for r in range(1, self.world):
+            # A torchrun rank's liveness is only known by the collectives: alive until one fails.
+            alive = self._procs[r - 1].poll() is None if self._procs else not self._failed
+            out.append(LocalRank(r, self._pids[r], self._devices[r], alive, self.trainer.rank_samples[r]))
         return tuple(out)
 
     async def start(self) -> None:
@@ -356,9 +417,13 @@ class LocalRanks:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads), "PYTHONUNBUFFERED": "1"}
         for r in range(1, self.world):
             spec = RankSpec(**{**asdict(self.spec), "rank": r})
+            if self._torchrun is not None:
+                self._store.set(f"spec/{r}", spec.to_json())  # the worker waits for it
+                continue
             proc = subprocess.Popen([sys.executable, "-m", "peer.trainer.workers", spec.to_json()], env=env,
                                     stdin=subprocess.DEVNULL)
             self._procs.append(proc)
+            self._pids[r] = proc.pid
             log.info("local rank %d started: pid %d, device %s, data stream %s", r, proc.pid, self._devices[r],
                      rank_stream_id(self.spec.stream_id, r))
         loop = asyncio.get_running_loop()
@@ -390,6 +455,12 @@ class LocalRanks:
                 raise LocalRankError(f"{self._describe(dead)} before the ranks met")
         init.result()
         self._group = True
+        if self._torchrun is not None:
+            # Every worker posted its pid before it joined the group, which just formed.
+            for r in range(1, self.world):
+                self._pids[r] = int(self._store.get(f"pid/{r}"))
+                log.info("local rank %d (torchrun): pid %d, device %s, data stream %s", r, self._pids[r],
+                         self._devices[r], rank_stream_id(self.spec.stream_id, r))
         log.info("%d local ranks formed a %s group", self.world, dist.get_backend())
         self._watch = asyncio.create_task(self._watch_ranks(), name="local-ranks")
 
@@ -490,33 +561,66 @@ def _die_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        raise LocalRankError(f"rank 0 (pid {parent_pid}) is gone")
+        raise LocalRankError(f"the parent process (pid {parent_pid}) is gone")
+
+
+def _serve(spec: RankSpec, store: dist.Store, parent_pid: int) -> None:
+    """Join the group, then run phases until rank 0 says stop."""
+    torch.set_num_threads(spec.threads)
+    trainer = DataParallelTrainer(spec, store)
+    _group_init(spec, store)
+    while True:
+        command, steps = trainer.wait_command(parent_pid)
+        if command == "stop":
+            break
+        trainer.run_inner(None, steps)
+    dist.destroy_process_group()
+
+
+def _worker_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s rank {rank}: %(message)s")
 
 
 def worker_main(spec_json: str) -> int:
-    """The body of ranks 1..N-1: join the group, then run phases until told to stop."""
+    """A rank 1..N-1 that rank 0 started: the process's exit status."""
     spec = RankSpec.from_json(spec_json)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s rank {spec.rank}: %(message)s")
+    _worker_logging(spec.rank)
     # Rank 0 decides when the ranks stop (a Ctrl-C reaches the whole process group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(spec.threads)
     try:
         _die_with_parent(spec.parent_pid)
         store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
                               timeout=timedelta(seconds=spec.timeout_s))
-        trainer = DataParallelTrainer(spec, store)
-        _group_init(spec, store)
-        while True:
-            command, steps = trainer.wait_command(spec.parent_pid)
-            if command == "stop":
-                break
-            trainer.run_inner(None, steps)
-        dist.destroy_process_group()
+        _serve(spec, store, spec.parent_pid)
         return 0
     except (PeerError, RuntimeError, dist.DistError) as exc:
         log.error("local rank %d stops: %s", spec.rank, exc)
+        return 1
+
+
+def torchrun_worker(torchrun: Torchrun, timeout_s: float) -> int:
+    """A rank 1..N-1 that torchrun started: wait for rank 0's spec, then serve; the exit status.
+
+    SIGINT and SIGTERM (torchrun forwards both to every rank) are left to rank 0, which stops
+    the ranks in order after the phase in flight; a rank whose agent is gone dies with it.
+    """
+    _worker_logging(torchrun.rank)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    agent = os.getppid()  # torchrun's agent: when it is gone, so is this rank
+    try:
+        _die_with_parent(agent)
+        store = torchrun.store(timeout_s)
+        store.set(f"pid/{torchrun.rank}", str(os.getpid()))
+        spec = RankSpec.from_json(store.get(f"spec/{torchrun.rank}").decode("utf-8", "replace"))
+        if spec.rank != torchrun.rank or spec.world != torchrun.world:
+            raise LocalRankError(f"rank 0 sent the spec of rank {spec.rank} of {spec.world}")
+        _serve(spec, store, agent)
+        return 0
+    except (PeerError, RuntimeError, dist.DistError) as exc:
+        log.error("local rank %d (torchrun) stops: %s", torchrun.rank, exc)
         return 1
 
 

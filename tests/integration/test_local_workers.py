@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ import torch
 from peer.trainer.params import assign_flat_params, flatten_params
 from peer.trainer.task import init_model, load_task
 from peer.trainer.workers import LocalRankError, LocalRanks, RankSpec
-from tests.integration._peers import Swarm, metric, round_hashes, wait_until
+from tests.integration._peers import Swarm, consistent_rounds, metric, round_hashes, wait_until
 
 SEED, BATCH, LR, STEPS = 3, 16, 1e-3, 3
 
@@ -114,6 +115,18 @@ def test_bad_local_rank_settings_are_refused(tmp_path):
         RankSpec.from_json('{"task": "digits"}')
 
 
+def _together(a, b) -> list[int]:
+    """The rounds both peers completed since their first round in one group; asserts that the
+    two logged the same global hash after each of them."""
+    ha, hb = round_hashes(a.log()), round_hashes(b.log())
+    shared = consistent_rounds([a, b])
+    assert shared, (ha, hb)
+    common = [r for r in sorted(set(ha) & set(hb)) if r >= shared[0]]
+    assert all(ha[r] == hb[r] for r in common), {r: (ha[r], hb[r]) for r in common}
+    assert len(common) >= 3, (ha, hb)
+    return common
+
+
 def _logs(swarm: Swarm) -> str:
     return "\n".join(f"--- {p.name}\n{p.tail(30)}" for p in swarm.peers)
 
@@ -127,19 +140,15 @@ def test_a_two_rank_peer_and_a_plain_peer_train_together_and_a_dead_rank_ends_on
         plain = swarm.start("plain", wait=False)
         for p in (wide, plain):
             p.wait_listening(90)
-        # Execute: three rounds together
-        wait_until(lambda: all(len(round_hashes(p.log())) >= 3 for p in (wide, plain)), 90,
-                   "three rounds on both peers", lambda: _logs(swarm))
+        # Execute: three rounds together (each may train alone until it sees the other)
+        wait_until(lambda: len(consistent_rounds([wide, plain])) >= 3, 90, "three rounds in one group",
+                   lambda: _logs(swarm))
         status = wide.status()
         samples_rank1 = metric(wide.metrics_port, 'peer_train_rank_samples_total{rank="1"}')
         worker = int(re.search(r"local rank 1 started: pid (\d+)", wide.log())[1])
 
-        # Assert 1: identical global hashes after every round both completed, in groups of two
-        hw, hp = round_hashes(wide.log()), round_hashes(plain.log())
-        common = sorted(set(hw) & set(hp))
-        assert len(common) >= 3, _logs(swarm)
-        assert all(hw[r] == hp[r] for r in common), {r: (hw[r], hp[r]) for r in common}
-        assert re.search(r"round \d+ done: 2 peers", wide.log())
+        # Assert 1: once together, identical global hashes after every round both completed
+        common = _together(wide, plain)
         # Assert 2: the two-rank peer counts twice the samples of the one-rank peer per round
         for r in common:
             weights = [json.loads((dump / p.peer_id / f"round{r:05d}.json").read_text())["weight"]
@@ -162,3 +171,27 @@ def test_a_two_rank_peer_and_a_plain_peer_train_together_and_a_dead_rank_ends_on
         wait_until(lambda: max(round_hashes(plain.log())) >= before + 2, 60,
                    "the plain peer to complete two more rounds", lambda: _logs(swarm))
         assert plain.alive()
+
+
+def test_a_peer_under_torchrun_trains_with_its_ranks(tmp_path):
+    dump = tmp_path / "dump"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python"]
+    with Swarm(tmp_path, f"torchrun-{os.getpid()}", ["--device", "cpu", "--dump-dir", str(dump), "--rounds", "0"]) \
+            as swarm:
+        # Prepare: rank 0 of a torchrun launch is the peer; a plain peer trains with it
+        wide = swarm.start("torchrun", netns_argv=torchrun, wait=False)
+        plain = swarm.start("plain", wait=False)
+        for p in (wide, plain):
+            p.wait_listening(90)
+        status = wait_until(lambda: (s := wide.status())["local_ranks"] and s, 60, "the ranks in status",
+                            lambda: _logs(swarm))
+        # Execute: three rounds together
+        wait_until(lambda: len(consistent_rounds([wide, plain])) >= 3, 90, "three rounds in one group",
+                   lambda: _logs(swarm))
+        # Assert: equal hashes after every round together, twice the weight, the torchrun rank in status
+        common = _together(wide, plain)
+    for r in common:
+        weights = [json.loads((dump / p.peer_id / f"round{r:05d}.json").read_text())["weight"] for p in (wide, plain)]
+        assert weights[0] == 2 * weights[1] > 0, (r, weights)
+    worker = int(re.search(r"local rank 1 \(torchrun\): pid (\d+)", wide.log())[1])
+    assert [(r["rank"], r["pid"] == worker, r["alive"]) for r in status["local_ranks"]][1] == (1, True, True)
