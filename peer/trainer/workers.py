@@ -489,8 +489,11 @@ class LocalRanks:
             await asyncio.sleep(0.2)
 
     async def run(self, rnd: int, start: torch.Tensor, should_stop: Callable[[], bool]) -> InnerResult:
-        if self._failed or self._dead():
-            raise LocalRankError("a local rank is gone; not starting an inner phase")
+        if (dead := self._dead()) is not None:
+            self._failed = True
+            raise LocalRankError(f"{self._describe(dead)}; not starting the inner phase of round {rnd}")
+        if self._failed:
+            raise LocalRankError(f"a local rank is gone; not starting the inner phase of round {rnd}")
         before = list(self.trainer.rank_samples)
         try:
             result = await asyncio.get_running_loop().run_in_executor(

@@ -101,9 +101,3 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in FIELDS if name not in readme]
     assert not missing, f"settings missing from README.md: {missing}"
-
-
-@pytest.mark.parametrize("bad", ["0", "65"])
-def test_local_workers_out_of_range_is_refused(bad):
-    with pytest.raises(ConfigError, match="local_workers"):
-        load_config({"local_workers": bad}, env={})
