@@ -30,9 +30,10 @@ class InnerResult:
 
     ``delta`` is the flat float32 pseudo-gradient ``theta_global - theta_local`` (the outer
     optimizer steps along ``-delta``), on the model's device: a GPU's delta is encoded there and
-    only the encoded bytes reach the host (see ``peer.codec.base``). ``samples`` counts training samples (sequences for
-    language models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall
-    time. If ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
+    only the encoded bytes reach the host (see ``peer.codec.base``). ``samples`` counts
+    training samples (sequences for language models). ``mean_loss`` is over the steps taken
+    (NaN if none). ``seconds`` is wall time. If ``nonfinite`` is True a loss or parameter
+    became NaN/Inf: do not send ``delta``.
     """
 
     delta: torch.Tensor
