@@ -415,11 +415,9 @@ class LocalRanks:
         Raises ``LocalRankError`` when a worker exits or the group does not form in time.
         """
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads), "PYTHONUNBUFFERED": "1"}
-        for r in range(1, self.world):
-            spec = RankSpec(**{**asdict(self.spec), "rank": r})
-            if self._torchrun is not None:
-                self._store.set(f"spec/{r}", spec.to_json())  # the worker waits for it
-                continue
+        specs = [RankSpec(**{**asdict(self.spec), "rank": r}) for r in range(1, self.world)]
+        for spec in specs if self._torchrun is None else ():
+            r = spec.rank
             proc = subprocess.Popen([sys.executable, "-m", "peer.trainer.workers", spec.to_json()], env=env,
                                     stdin=subprocess.DEVNULL)
             self._procs.append(proc)
@@ -434,8 +432,16 @@ class LocalRanks:
                 init.set_result(None) if exc is None else init.set_exception(exc)
 
         def form() -> None:
+            # Store calls block: on this thread, not the loop.
             try:
+                if self._torchrun is not None:
+                    for spec in specs:
+                        self._store.set(f"spec/{spec.rank}", spec.to_json())  # the worker waits for it
                 _group_init(self.spec, self._store)
+                if self._torchrun is not None:
+                    # Every worker posted its pid before it joined the group, which just formed.
+                    for spec in specs:
+                        self._pids[spec.rank] = int(self._store.get(f"pid/{spec.rank}"))
                 error = None
             except BaseException as exc:  # handed to the loop, which raises it
                 error = exc
@@ -456,9 +462,7 @@ class LocalRanks:
         init.result()
         self._group = True
         if self._torchrun is not None:
-            # Every worker posted its pid before it joined the group, which just formed.
             for r in range(1, self.world):
-                self._pids[r] = int(self._store.get(f"pid/{r}"))
                 log.info("local rank %d (torchrun): pid %d, device %s, data stream %s", r, self._pids[r],
                          self._devices[r], rank_stream_id(self.spec.stream_id, r))
         log.info("%d local ranks formed a %s group", self.world, dist.get_backend())
