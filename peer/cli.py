@@ -116,14 +116,20 @@ def _run(args: argparse.Namespace) -> int:
     # Before torch is imported, so that OpenMP starts with this many threads; InnerTrainer sets
     # torch's own count.
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.threads))
+    from peer.trainer.workers import Torchrun, torchrun_worker
+
+    # Under torchrun, rank 0 is the peer and the other ranks serve its inner phases.
+    torchrun = Torchrun.from_env(os.environ)
+    if torchrun is not None and torchrun.rank > 0:
+        return torchrun_worker(torchrun, cfg.timeouts.local_rank_timeout_s)
     from peer.daemon import run_daemon
 
     try:
         import uvloop
 
-        return uvloop.run(run_daemon(cfg))
+        return uvloop.run(run_daemon(cfg, torchrun))
     except ImportError:  # pragma: no cover (uvloop is a dependency; not on every platform)
-        return asyncio.run(run_daemon(cfg))
+        return asyncio.run(run_daemon(cfg, torchrun))
 
 
 def _peers(args: argparse.Namespace) -> int:
@@ -183,6 +189,10 @@ def _status(args: argparse.Namespace) -> int:
           f"{s['last_round_s']:.2f} s")
     print(f"  codec {s['codec']}, sent {human_bytes(s['bytes_sent'])}, received {human_bytes(s['bytes_received'])}")
     print(f"  peers ({len(s['peers'])}): {', '.join(s['peers']) or '-'}")
+    if s["local_ranks"]:
+        print(f"  local ranks ({len(s['local_ranks'])}): " + ", ".join(
+            f"{r['rank']} pid {r['pid']} {r['device']} {'up' if r['alive'] else 'DEAD'} {r['samples']} samples"
+            for r in s["local_ranks"]))
     print(f"  global sha256 {s['global_sha256']}")
     print("  connection: mutual TLS with the run's credentials" if args.credentials else
           "  connection: plain TCP: this daemon runs --insecure (anyone on its network can join the run)")

@@ -27,6 +27,8 @@ def status_dict(s: StatusInfo) -> dict:
         "bytes_received": s.bytes_received, "last_round_s": s.last_round_s,
         "rounds_completed": s.rounds_completed, "rounds_failed": s.rounds_failed,
         "metrics_port": s.peer.metrics_port,
+        "local_ranks": [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": r.alive, "samples": r.samples}
+                        for r in s.local_ranks],
     }
 
 

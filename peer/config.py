@@ -76,6 +76,9 @@ class TrainConfig:
     precision: str = "fp32"
     # torch threads in this process; several peers on one machine must share its cores.
     threads: int = 1
+    # Ranks on this machine training as one peer (data-parallel, torch.distributed: gloo on CPU,
+    # NCCL with rank r on cuda:r); the swarm sees one member. See peer.trainer.workers.
+    local_workers: int = 1
     inner_steps: int | None = None
     batch_size: int | None = None
     inner_lr: float | None = None
@@ -147,6 +150,9 @@ class TimeoutConfig:
     # A call that found no connection waits this long for one before the peer counts as gone
     # (its channel may be in reconnect backoff from before the peer listened).
     reconnect_wait_s: float = 2.0
+    # The local ranks (local_workers > 1) must meet within this long, and one collective
+    # between them (a gradient all-reduce) may take at most this long.
+    local_rank_timeout_s: float = 300.0
     # How long a failing leader is skipped (see leader_failure_limit).
     leader_backoff_s: float = 60.0
     # How long a member that keeps missing deadlines is left out (see exclude_after_misses).
@@ -339,6 +345,10 @@ def validate(cfg: Config) -> None:
     """Range checks that need no other module; raises ConfigError."""
     checks = [
         (cfg.train.threads >= 1, "threads must be >= 1"),
+        (1 <= cfg.train.local_workers <= 64, "local_workers must be in [1, 64]"),
+        (cfg.train.local_workers == 1 or (cfg.train.precision == "fp32" and cfg.train.inner_lr_schedule == "constant"),
+         "local_workers > 1 runs fp32 with a constant inner learning rate for now (precision and "
+         "inner_lr_schedule are not supported with local ranks yet)"),
         (cfg.train.inner_steps is None or cfg.train.inner_steps >= 1, "inner_steps must be >= 1"),
         (cfg.train.batch_size is None or cfg.train.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.sync.outer_lr is None or cfg.sync.outer_lr > 0, "outer_lr must be > 0"),

@@ -7,7 +7,9 @@ and the metrics exporter. Fault injection (``--faults``, tests only) is wired in
 Threads:
   - the asyncio event loop (uvloop when available): network I/O, timers, round orchestration;
   - one trainer thread: every call into the model and inner optimizer (in library mode the
-    user's own thread trains, and this one only evaluates; see peer.swarm);
+    user's own thread trains, and this one only evaluates; see peer.swarm; with
+    ``local_workers`` > 1 also the collectives with the other local ranks, which are child
+    processes: see peer.trainer.workers);
   - a codec thread: encode, decode, averaging and the outer step;
   - a state-io thread: snapshots for donors, checkpoints (so neither waits for the other);
   - the metrics HTTP thread (peer.metrics.Exporter).
@@ -43,6 +45,7 @@ from peer.trainer import InnerTrainer, LRSchedule, Task, flatten_state, load_tas
 from peer.trainer.external import LIBRARY_DEFAULTS, ExternalInner
 from peer.trainer.params import StateLayout, state_layout
 from peer.trainer.runner import ThreadedInner
+from peer.trainer.workers import LocalRanks, RankSpec, Torchrun
 from peer.transport import GrpcPeerClient, PeerServer
 from peer.types import PROTOCOL_VERSION, PeerInfo
 
@@ -75,10 +78,14 @@ class Daemon:
     With ``model`` (library mode, ``peer.Swarm``) the user's own loop trains that model: the
     inner phase is an ``ExternalInner`` (``self.external``) instead of an ``InnerTrainer`` on the
     configured task; ``eval_task``, if given, evaluates the global parameters.
+
+    ``torchrun``: this process is rank 0 of a torchrun launch, whose other ranks serve its inner
+    phases (instead of ``local_workers`` ranks this peer starts itself).
     """
 
     def __init__(self, cfg: Config, registry: CollectorRegistry | None = None, *,
-                 model: torch.nn.Module | None = None, eval_task: Task | None = None) -> None:
+                 model: torch.nn.Module | None = None, eval_task: Task | None = None,
+                 torchrun: Torchrun | None = None) -> None:
         if not cfg.run.run_id:
             raise ConfigError("a run id is required (--run-id, PEER_RUN_ID or [run] run_id)")
         get_codec(cfg.sync.codec)  # validates the name early, with the list of known codecs
@@ -95,19 +102,41 @@ class Daemon:
             self.peer_id = load_peer_id(self.state_dir, cfg.run.peer_id)
         else:
             raise ConfigError(NO_CREDENTIALS.format(run=cfg.run.run_id))
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
+        self._failure: str | None = None
+        self.local_ranks: LocalRanks | None = None
         self.trainer: InnerTrainer | None = None
+        world = cfg.train.local_workers
         if model is None:
             self.task: Task | None = load_task(cfg.run.task, cfg.run.data)
             self.settings = resolve_settings(cfg, self.task.defaults)
+            if torchrun is not None:
+                if world not in (1, torchrun.world):
+                    raise ConfigError(f"local_workers {world} under torchrun with {torchrun.world} ranks: leave it out")
+                world = torchrun.world
             tc = cfg.train
-            self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=tc.device,
-                                        threads=tc.threads, batch_size=self.settings.batch_size,
-                                        inner_lr=self.settings.inner_lr, precision=tc.precision,
-                                        schedule=LRSchedule(tc.inner_lr_schedule, tc.warmup_steps, tc.total_steps))
+            if world > 1:
+                spec = RankSpec(task=cfg.run.task, data=cfg.run.data, seed=cfg.run.seed, stream_id=self.peer_id,
+                                device=tc.device, threads=tc.threads, batch_size=self.settings.batch_size,
+                                inner_lr=self.settings.inner_lr, rank=0, world=world, store_port=0,
+                                timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0)
+                self.local_ranks = LocalRanks(spec, self.train_pool, self.settings.inner_steps, on_step=self._on_step,
+                                              on_failure=self.fail, on_samples=self._on_rank_samples,
+                                              task=self.task, torchrun=torchrun)
+                self.trainer = self.local_ranks.trainer
+            else:
+                self.trainer = InnerTrainer(self.task, seed=cfg.run.seed, stream_id=self.peer_id, device=tc.device,
+                                            threads=tc.threads, batch_size=self.settings.batch_size,
+                                            inner_lr=self.settings.inner_lr, precision=tc.precision,
+                                            schedule=LRSchedule(tc.inner_lr_schedule, tc.warmup_steps,
+                                                                tc.total_steps))
             self.schema_hash = self.trainer.schema_hash()
             self.layout: StateLayout = self.trainer.layout
             params = self.trainer.initial_params()
         else:
+            if world > 1 or torchrun is not None:
+                raise ConfigError("library mode (peer.Swarm) trains on the caller's thread: local_workers must be 1")
             if param_count(model) == 0:
                 raise ConfigError("the model has no parameters to train together")
             self.task = eval_task
@@ -115,9 +144,8 @@ class Daemon:
             self.schema_hash = schema_hash(model)
             self.layout = state_layout(model)
             params = flatten_state(model)
+        self.metrics.local_ranks.set(world)
         self.numel = params.numel()
-        self.metrics = Metrics(registry or CollectorRegistry())
-        self.train_pool = ThreadPoolExecutor(1, thread_name_prefix="trainer")
         self.codec_pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
         self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="state-io")
         self.address = ""
@@ -141,13 +169,14 @@ class Daemon:
                                      on_drop=lambda pid: self.driver.peer_left(pid),
                                      ignored_counts=self._mdns_ignored)
         self.external: ExternalInner | None = None
-        if self.trainer is not None:
-            inner: ThreadedInner | ExternalInner = ThreadedInner(self.trainer, self.train_pool,
-                                                                 self.settings.inner_steps, on_step=self._on_step)
+        if model is not None:
+            inner: ThreadedInner | ExternalInner | LocalRanks = ExternalInner(
+                model, self.settings.inner_steps, self.train_pool, on_step=self._on_step, task=eval_task)
+            self.external = inner
         else:
-            assert model is not None
-            inner = self.external = ExternalInner(model, self.settings.inner_steps, self.train_pool,
-                                                  on_step=self._on_step, task=eval_task)
+            assert self.trainer is not None
+            inner = self.local_ranks or ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps,
+                                                      on_step=self._on_step)
         self.driver = RoundDriver(cfg, self.settings, peer_id=self.peer_id, schema_hash=self.schema_hash,
                                   members=self.membership,
                                   client=FaultyClient(self.client, faults) if faults else self.client,
@@ -157,7 +186,8 @@ class Daemon:
                                   int_slices=self.layout.int_slices,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
-                               **({"phase_hook": hook} if hook else {}))
+                               **({"phase_hook": hook} if hook else {}),
+                               **({"local_ranks": self.local_ranks.ranks} if self.local_ranks else {}))
         self.server: PeerServer | None = None
         self.exporter: Exporter | None = None
         self._stopping = False
@@ -186,6 +216,17 @@ class Daemon:
         # metrics only.
         self.driver.progress.inner_step += 1
         self.metrics.inner_steps.inc()
+
+    def _on_rank_samples(self, per_rank: list[int]) -> None:
+        for rank, samples in enumerate(per_rank):
+            self.metrics.rank_samples.labels(str(rank)).inc(samples)
+
+    def fail(self, why: str) -> None:
+        """Stop this peer and exit non-zero (a local rank died). Call on the loop."""
+        if self._failure is None:
+            self._failure = why
+            log.error("peer %s fails: %s; leaving the run", self.peer_id, why)
+        self.request_stop()
 
     def _mdns_ignored(self) -> dict[str, int]:
         if self.mdns is None:
@@ -229,7 +270,7 @@ class Daemon:
             stop.cancel()
         finally:
             await self.stop()
-        return status
+        return 1 if self._failure is not None else status
 
     async def start(self) -> None:
         """Resume, listen, export metrics, start discovery and membership upkeep (no training)."""
@@ -238,6 +279,9 @@ class Daemon:
             self._stop_event.set()
         cfg = self.cfg
         await self.store.async_load()
+        if self.local_ranks is not None:
+            # Before the swarm sees this peer: ranks that cannot meet fail the start.
+            await self.local_ranks.start()
         self.server = PeerServer(self.service, cfg.net.listen, identity=self.identity, chunk_bytes=cfg.sync.chunk_bytes,
                                  chunk_idle_timeout_s=cfg.timeouts.chunk_idle_timeout_s,
                                  max_concurrent_rpcs=cfg.net.max_concurrent_rpcs,
@@ -303,6 +347,8 @@ class Daemon:
             self._train_task.cancel()
             await asyncio.gather(self._train_task, return_exceptions=True)
         await self.driver.close()
+        if self.local_ranks is not None:
+            await self.local_ranks.close()
         await self.membership.stop()
         loop = asyncio.get_running_loop()
         # Tell the others first so that nobody waits for us, then say goodbye on mDNS.
@@ -332,7 +378,7 @@ def install_signal_handlers(daemon: Daemon) -> None:
         loop.add_signal_handler(sig, daemon.request_stop)
 
 
-async def run_daemon(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+async def run_daemon(cfg: Config, torchrun: Torchrun | None = None) -> int:
+    daemon = Daemon(cfg, torchrun=torchrun)
     install_signal_handlers(daemon)
     return await daemon.run()

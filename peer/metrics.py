@@ -45,6 +45,10 @@ class Metrics:
         self.live_peers = Gauge("peer_swarm_live_peers", "Peers of this run this peer is connected to.", registry=r)
         self.inner_steps = Counter("peer_train_inner_steps", "Inner optimizer steps taken.", registry=r)
         self.samples = Counter("peer_train_samples", "Training samples consumed.", registry=r)
+        self.local_ranks = Gauge("peer_train_local_ranks", "Local ranks (processes) this peer trains with.",
+                                 registry=r)
+        self.rank_samples = Counter("peer_train_rank_samples", "Training samples consumed, by local rank.",
+                                    ["rank"], registry=r)
         self.train_loss = Gauge("peer_train_loss", "Mean training loss of the last inner phase.", registry=r)
         self.inner_lr = Gauge("peer_train_inner_lr", "Inner learning rate of the last inner step (the schedule's "
                               "value at its global inner step).", registry=r)

@@ -14,7 +14,9 @@ from peer.metrics import Metrics
 from peer.sync.driver import RoundDriver
 from peer.sync.round import PhaseHook, no_hook
 from peer.sync.store import StateStore
-from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
+from peer.types import (
+    HandshakeReply, JoinReply, JoinRequest, LocalRank, PeerInfo, ReduceHeader, StateHeader, StatusInfo,
+)
 
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class Service:
         store: StateStore,
         metrics: Metrics,
         phase_hook: PhaseHook = no_hook,
+        local_ranks: Callable[[], tuple[LocalRank, ...]] = tuple,
     ) -> None:
         self._cfg = cfg
         self._me = me
@@ -38,6 +41,7 @@ class Service:
         self._store = store
         self._metrics = metrics
         self._hook = phase_hook
+        self._local_ranks = local_ranks
         self._refused_callers: set[str] = set()
 
     def handshake(self, info: PeerInfo, observed_host: str) -> HandshakeReply:
@@ -50,7 +54,7 @@ class Service:
                           peers=tuple(sorted(self._membership.known)), bytes_sent=p.bytes_sent,
                           bytes_received=p.bytes_received, last_round_s=p.last_round_s, phase=p.phase,
                           samples=p.samples, rounds_completed=p.completed, rounds_failed=p.failed,
-                          codec=self._cfg.sync.codec)
+                          codec=self._cfg.sync.codec, local_ranks=self._local_ranks())
 
     async def join_round(self, req: JoinRequest) -> JoinReply:
         return await self._driver.join(req)

@@ -36,6 +36,17 @@ class HandshakeReply:
 
 
 @dataclass(frozen=True)
+class LocalRank:
+    """One local rank of a peer that spans several processes (``--local-workers``)."""
+
+    rank: int
+    pid: int
+    device: str
+    alive: bool
+    samples: int
+
+
+@dataclass(frozen=True)
 class StatusInfo:
     peer: PeerInfo
     inner_step: int = 0
@@ -51,6 +62,7 @@ class StatusInfo:
     rounds_completed: int = 0
     rounds_failed: int = 0
     codec: str = ""
+    local_ranks: tuple[LocalRank, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
 """The codec contract and the validation every codec shares.
 
-A codec turns a 1-D float32 CPU tensor into wire bytes and back. The wire layout is fully
+A codec turns a 1-D float32 tensor into wire bytes and back. The wire layout is fully
 determined by ``(codec.name, numel)``: there is no header, so a receiver must know both from the
 surrounding message. Codecs are stateless and pure; any instance may be called from any thread.
+
+Two implementations give the same bytes: the host path (numpy and torch, chunked to stay in
+cache) for CPU tensors, and a torch-only path that runs on the tensor's own device
+(``encode_torch`` / ``decode_torch``). A CUDA tensor is encoded on the GPU and only the payload
+crosses PCIe (int8: a quarter of the float32 bytes); a payload decodes straight onto a device.
+The torch-only path also runs on CPU, which is how the tests pin it to the host path's bytes.
 """
 
 from __future__ import annotations
@@ -66,11 +72,12 @@ def abs_max(x: torch.Tensor) -> float:
 
 
 class Codec(abc.ABC):
-    """Encode a 1-D float32 CPU tensor to bytes and back.
+    """Encode a 1-D float32 tensor to bytes and back.
 
     Subclasses set ``name``, ``bits_per_value`` and ``lossy`` and implement ``encoded_size``,
-    ``_encode``, ``_decode`` and ``error_bound``; the public ``encode``/``decode`` validate first.
-    Every method raises ``CodecError`` (and nothing else on purpose) for bad input.
+    ``_encode``, ``_decode`` (host path), ``_encode_torch``, ``_decode_torch`` (any device) and
+    ``error_bound``; the public ``encode``/``decode`` validate first. Every method raises
+    ``CodecError`` (and nothing else on purpose) for bad input.
     """
 
     name: str
@@ -78,28 +85,52 @@ class Codec(abc.ABC):
     lossy: bool
 
     def encode(self, x: torch.Tensor) -> bytes:
-        """Encode ``x`` (1-D float32 CPU, finite) to exactly ``encoded_size(x.numel())`` bytes.
+        """Encode ``x`` (1-D float32, finite, any device) to exactly ``encoded_size(x.numel())``
+        bytes: on the host path for a CPU tensor, on ``x``'s device otherwise (then only the
+        payload is copied to the host).
 
-        Raises ``CodecError`` for a tensor of the wrong shape, dtype or device, or one holding
-        NaN or infinity: every receiver would reject such a payload, so the sender refuses it.
+        Raises ``CodecError`` for a tensor of the wrong shape or dtype, or one holding NaN or
+        infinity: every receiver would reject such a payload, so the sender refuses it.
         """
+        x = self._check_input(x)
+        if x.device.type == "cpu":
+            return self._encode(x)
+        return self._encode_torch(x).cpu().numpy().tobytes()
+
+    def encode_torch(self, x: torch.Tensor) -> bytes:
+        """``encode`` by the torch-only path on ``x``'s device, also for a CPU tensor (the
+        same bytes as the host path). Raises ``CodecError`` like ``encode``."""
+        return self._encode_torch(self._check_input(x)).cpu().numpy().tobytes()
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise CodecError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+        if x.dim() != 1 or x.dtype != torch.float32 or x.device.type == "meta":
             raise CodecError(
-                f"{self.name}: expected a 1-D float32 CPU tensor, got shape {tuple(x.shape)} "
+                f"{self.name}: expected a 1-D float32 tensor, got shape {tuple(x.shape)} "
                 f"dtype {x.dtype} device {x.device}"
             )
         check_numel(x.numel())
-        return self._encode(x.detach().contiguous())
+        return x.detach().contiguous()
 
-    def decode(self, data: Buffer, numel: int) -> torch.Tensor:
-        """Decode ``data`` into a new writable 1-D float32 CPU tensor of ``numel`` elements.
+    def decode(self, data: Buffer, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode ``data`` into a new writable 1-D float32 tensor of ``numel`` elements on
+        ``device`` (default CPU; another device gets the payload, not the float32 values, over
+        its bus and decodes there).
 
         The payload size, ``numel`` and any per-block scales are checked before the output is
         allocated. Raises ``CodecError`` for a wrong-size payload, a bad ``numel``, a non-finite
         or negative scale, or values that decode to NaN or infinity.
         """
+        dev = torch.device("cpu" if device is None else device)
+        return self._decode_checked(data, numel, dev, torch_path=dev.type != "cpu")
+
+    def decode_torch(self, data: Buffer, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``decode`` by the torch-only path on ``device``, also on CPU (the same values as
+        the host path). Raises ``CodecError`` like ``decode``."""
+        return self._decode_checked(data, numel, torch.device(device), torch_path=True)
+
+    def _decode_checked(self, data: Buffer, numel: int, device: torch.device, torch_path: bool) -> torch.Tensor:
         numel = check_numel(numel)
         view = as_byte_view(data)
         expected = self.encoded_size(numel)
@@ -109,8 +140,8 @@ class Codec(abc.ABC):
                 f"expected {expected} for numel {numel}"
             )
         if numel == 0:
-            return torch.empty(0, dtype=torch.float32)
-        out = self._decode(view, numel)
+            return torch.empty(0, dtype=torch.float32, device=device)
+        out = self._decode_torch(view, numel, device) if torch_path else self._decode(view, numel)
         if not all_finite(out):
             raise CodecError(f"{self.name}: payload decodes to non-finite values")
         return out
@@ -136,5 +167,20 @@ class Codec(abc.ABC):
     def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
         """Decode a payload already checked to be ``encoded_size(numel)`` bytes, ``numel > 0``."""
 
+    @abc.abstractmethod
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """``_encode`` in torch ops on ``x``'s device: the payload as a uint8 tensor there."""
+
+    @abc.abstractmethod
+    def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
+        """``_decode`` in torch ops on ``device`` (payload checked as for ``_decode``)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def payload_to(view: memoryview, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """The bytes of ``view`` from ``offset`` as a uint8 tensor on ``device`` (one host copy:
+    a tensor may not alias a read-only buffer)."""
+    host = torch.from_numpy(np.frombuffer(view, dtype=np.uint8, offset=offset).copy())
+    return host.to(device)

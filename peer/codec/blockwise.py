@@ -19,6 +19,11 @@ with no header. The packed values are, per codec:
          block's elements. Decode: ``-scale`` for bit 1, ``+scale`` for bit 0. Padding bits are 0.
 
 A block of zeros has scale 0 and decodes to zeros. Rounding is round-half-to-even.
+
+The torch-only path (``encode_torch``/``decode_torch``, and ``encode``/``decode`` of a tensor on
+another device) does the same arithmetic on the whole tensor at once on its device, and gives
+the host path's bytes: every step is exact or correctly rounded (absmax, one division, rounding,
+one multiplication). Only sign1's scale is a sum, whose order a GPU may change in the last bit.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import sys
 import numpy as np
 import torch
 
-from peer.codec.base import Codec, check_numel
+from peer.codec.base import Codec, check_numel, payload_to
 from peer.errors import CodecError
 
 if sys.byteorder != "little":  # scales are written through native float32 views
@@ -144,6 +149,31 @@ class _BlockCodec(Codec):
             raise CodecError(f"{self.name}: payload has a negative scale")
         return torch.from_numpy(scales)
 
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        head = 4 * self.nblocks(n)
+        payload = torch.empty(head + self._packed_size(n), dtype=torch.uint8, device=x.device)
+        if n:
+            scales = payload[:head].view(torch.float32)
+            self._pack(x, scales, payload[head:])
+            if not bool(torch.isfinite(scales).all()):
+                raise CodecError(f"{self.name}: cannot encode NaN or infinite values")
+        return payload
+
+    def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
+        scales = self._read_scales(view, numel).to(device)
+        body = payload_to(view, device, offset=4 * scales.numel())
+        return self._unpack(body, scales, numel)
+
+    def _pack(self, x: torch.Tensor, scales: torch.Tensor, body: torch.Tensor) -> None:
+        """The torch-only encode of all of ``x``: scales into ``scales``, values into ``body``
+        (a uint8 tensor), on ``x``'s device."""
+        raise NotImplementedError
+
+    def _unpack(self, body: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
+        """The torch-only decode on ``body``'s device: ``numel`` float32 values."""
+        raise NotImplementedError
+
     def _encode_chunk(
         self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
     ) -> None:
@@ -207,6 +237,14 @@ class Int8Codec(_AbsmaxCodec):
         np.copyto(out.numpy(), body.view(np.int8), casting="unsafe")  # int8 -> float32, exact
         _scale_into(out, scales, self.block)
 
+    def _pack(self, x: torch.Tensor, scales: torch.Tensor, body: torch.Tensor) -> None:
+        body.view(torch.int8).copy_(self._quantize(x, scales, torch.empty_like(x)))
+
+    def _unpack(self, body: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
+        out = body.view(torch.int8).to(torch.float32)
+        _scale_into(out, scales, self.block)
+        return out
+
 
 def _int4_table() -> np.ndarray:
     """Byte -> (low value, high value) as float32; nibble 0 (never produced) decodes to 0."""
@@ -255,6 +293,28 @@ class Int4Codec(_AbsmaxCodec):
             out_np[numel - 1] = _INT4_TABLE[body[pairs], 0]
         _scale_into(out, scales, self.block)
 
+    def _pack(self, x: torch.Tensor, scales: torch.Tensor, body: torch.Tensor) -> None:
+        nibbles = self._quantize(x, scales, torch.empty_like(x)).add_(8).to(torch.uint8)
+        n = nibbles.numel()
+        pairs = n // 2
+        if pairs:
+            two = nibbles[: 2 * pairs].view(pairs, 2)
+            torch.bitwise_left_shift(two[:, 1], 4, out=body[:pairs])
+            body[:pairs].bitwise_or_(two[:, 0])
+        if n % 2:
+            body[pairs] = nibbles[n - 1]  # high nibble 0
+
+    def _unpack(self, body: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
+        table = torch.from_numpy(_INT4_TABLE).to(body.device)
+        out = torch.empty(numel, dtype=torch.float32, device=body.device)
+        pairs = numel // 2
+        index = body.long()
+        out[: 2 * pairs].view(pairs, 2).copy_(table[index[:pairs]])
+        if numel % 2:
+            out[numel - 1] = table[index[pairs], 0]
+        _scale_into(out, scales, self.block)
+        return out
+
 
 class Sign1Codec(_BlockCodec):
     """1-bit sign with a per-block float32 scale ``mean|x|`` (default block 256).
@@ -269,14 +329,19 @@ class Sign1Codec(_BlockCodec):
     default_block = 256
 
     def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-block mean of ``|x|`` as float32; float64 only if a float32 sum overflows."""
+        """Per-block mean of ``|x|`` as float32; in float64 for a block whose float32 sum
+        overflows (decided per block, so the host path's chunks and the torch-only path's whole
+        tensor agree)."""
         parts = []
         for view, _ in _block_views(x, self.block):
             total = torch.linalg.vector_norm(view, 1, dim=1)
-            if not bool(torch.isfinite(total).all()):
-                total = torch.linalg.vector_norm(view, 1, dim=1, dtype=torch.float64)
-            parts.append((total / view.shape[1]).to(torch.float32))
-        return torch.cat(parts) if parts else torch.empty(0)
+            mean = total / view.shape[1]
+            overflow = ~torch.isfinite(total)
+            if bool(overflow.any()):
+                wide = torch.linalg.vector_norm(view, 1, dim=1, dtype=torch.float64) / view.shape[1]
+                mean = torch.where(overflow, wide.to(torch.float32), mean)
+            parts.append(mean)
+        return torch.cat(parts) if parts else torch.empty(0, device=x.device)
 
     def error_bound(self, x: torch.Tensor) -> float:
         if x.numel() == 0:
@@ -292,6 +357,25 @@ class Sign1Codec(_BlockCodec):
     ) -> None:
         scales.copy_(self._mean_abs(x))
         body[:] = np.packbits((x < 0).numpy(), bitorder="little")
+
+    def _pack(self, x: torch.Tensor, scales: torch.Tensor, body: torch.Tensor) -> None:
+        scales.copy_(self._mean_abs(x))
+        negative = (x < 0).to(torch.uint8)
+        pad = -x.numel() % 8
+        if pad:
+            negative = torch.cat([negative, negative.new_zeros(pad)])
+        shifts = torch.arange(8, dtype=torch.uint8, device=x.device)
+        # LSB first, as numpy.packbits(bitorder="little"); distinct bits, so the sum is an OR.
+        body.copy_((negative.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8))
+
+    def _unpack(self, body: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
+        shifts = torch.arange(8, dtype=torch.uint8, device=body.device)
+        negative = ((body[:, None] >> shifts) & 1).view(-1)[:numel].bool()
+        out = torch.empty(numel, dtype=torch.float32, device=body.device)
+        pos, neg = scales[:, None], scales.neg()[:, None]
+        for (dst, rows), (sign, _) in zip(_block_views(out, self.block), _block_views(negative, self.block)):
+            torch.where(sign, neg[rows], pos[rows], out=dst)
+        return out
 
     def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
         bits = np.unpackbits(body, count=out.numel(), bitorder="little")

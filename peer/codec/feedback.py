@@ -55,10 +55,13 @@ class ErrorFeedback:
             raise CodecError(f"error feedback expects {self._numel} elements, got {shape}")
         if not self._codec.lossy:
             return [self._codec.encode(x[s:e]) for s, e in bounds], self._residual
+        if self._residual.device != x.device:
+            # The residual lives where the deltas do (a GPU: encoded there, see peer.codec.base).
+            self._residual = self._residual.to(x.device)
         corrected = x.to(torch.float32) + self._residual  # a new tensor: x is the caller's
         payloads = [self._codec.encode(corrected[s:e]) for s, e in bounds]
         for (s, e), data in zip(bounds, payloads):
-            corrected[s:e].sub_(self._codec.decode(data, e - s))
+            corrected[s:e].sub_(self._codec.decode(data, e - s, device=corrected.device))
         return payloads, corrected
 
     def commit(self, residual: torch.Tensor) -> None:
@@ -67,4 +70,4 @@ class ErrorFeedback:
 
     def reset(self) -> None:
         """Forget the residual (after a resync, when the carried error no longer applies)."""
-        self._residual = torch.zeros(self._numel, dtype=torch.float32)
+        self._residual = torch.zeros(self._numel, dtype=torch.float32, device=self._residual.device)

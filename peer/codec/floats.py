@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from peer.codec.base import Codec, abs_max, check_numel
+from peer.codec.base import Codec, abs_max, check_numel, payload_to
 from peer.errors import CodecError
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -45,6 +45,13 @@ class Fp32Codec(Codec):
         # astype copies: the result owns its memory and is writable.
         values = np.frombuffer(view, dtype="<f4", count=numel).astype(np.float32)
         return torch.from_numpy(values)
+
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        _reject_non_finite(self.name, x)
+        return x.view(torch.uint8)  # little-endian hosts and devices
+
+    def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
+        return payload_to(view, device).view(torch.float32)
 
 
 class _HalfWidthCodec(Codec):
@@ -91,6 +98,14 @@ class Fp16Codec(_HalfWidthCodec):
         halves = np.frombuffer(view, dtype="<u2", count=numel).copy()
         return torch.from_numpy(halves).view(torch.float16).to(torch.float32)
 
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        amax = _reject_non_finite(self.name, x)
+        src = x.clamp(-_FP16_MAX, _FP16_MAX) if amax > _FP16_MAX else x
+        return src.to(torch.float16).view(torch.uint8)
+
+    def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
+        return payload_to(view, device).view(torch.float16).to(torch.float32)
+
 
 class Bf16Codec(_HalfWidthCodec):
     """bfloat16 (torch's round-to-nearest-even cast); float32 range, 8 significant bits."""
@@ -113,4 +128,13 @@ class Bf16Codec(_HalfWidthCodec):
         widened = np.frombuffer(view, dtype="<u2", count=numel).astype(np.uint32)
         widened <<= 16
         return torch.from_numpy(widened.view(np.float32))
+
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        amax = _reject_non_finite(self.name, x)
+        src = x.clamp(-_BF16_MAX, _BF16_MAX) if amax > _BF16_MAX else x
+        return src.to(torch.bfloat16).view(torch.uint8)
+
+    def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
+        # bfloat16 -> float32 is exact (the bits shifted up), as on the host path.
+        return payload_to(view, device).view(torch.bfloat16).to(torch.float32)
 

@@ -282,7 +282,7 @@ class RoundDriver:
                     start = self._store.state.params
                     continue
                 # Re-base this phase's progress onto the newest global parameters.
-                start = self._store.state.params - delta
+                start = self._store.state.params - delta.to(self._store.state.params.device)
                 pending = self._tasks.spawn(self.round(delta, weight), "round")
         finally:
             if pending is not None and not pending.done():
@@ -613,6 +613,6 @@ def dump_round(out: Path, rnd: int, delta: torch.Tensor, weight: float, avg: tor
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / f"round{rnd:05d}-delta.npy", delta.numpy())
-    np.save(out / f"round{rnd:05d}-avg.npy", avg.numpy())
+    np.save(out / f"round{rnd:05d}-delta.npy", delta.cpu().numpy())
+    np.save(out / f"round{rnd:05d}-avg.npy", avg.cpu().numpy())
     (out / f"round{rnd:05d}.json").write_text(json.dumps({"round": rnd, "weight": weight, "codec": codec}))

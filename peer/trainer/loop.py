@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from peer.errors import ConfigError, StateError
-from peer.trainer.params import StateLayout, assign_flat_state, flatten_state, schema_hash, state_layout
+from peer.trainer.params import (
+    StateLayout, assign_flat_state, flat_on_device, flatten_state, schema_hash, state_layout,
+)
 from peer.trainer.schedule import LRSchedule
 from peer.trainer.task import Task, init_model
 
@@ -31,11 +33,13 @@ log = logging.getLogger(__name__)
 class InnerResult:
     """Outcome of one inner phase.
 
-    ``delta`` is the flat float32 CPU pseudo-gradient ``theta_global - theta_local`` over the
-    whole state, parameters and buffers (the outer optimizer steps along ``-delta``; integer
-    buffers' slices are 0). ``samples`` counts training samples (sequences for language
-    models). ``mean_loss`` is over the steps taken (NaN if none). ``seconds`` is wall time. If
-    ``nonfinite`` is True a loss or parameter became NaN/Inf: do not send ``delta``.
+    ``delta`` is the flat float32 pseudo-gradient ``theta_global - theta_local`` over the whole
+    state, parameters and buffers (the outer optimizer steps along ``-delta``; integer buffers'
+    slices are 0), on the model's device: a GPU's delta is encoded there and only the encoded
+    bytes reach the host (see ``peer.codec.base``). ``samples`` counts training samples
+    (sequences for language models). ``mean_loss`` is over the steps taken (NaN if none).
+    ``seconds`` is wall time. If ``nonfinite`` is True a loss or parameter became NaN/Inf: do
+    not send ``delta``.
     """
 
     delta: torch.Tensor
@@ -222,8 +226,7 @@ class InnerTrainer:
             if on_step is not None:
                 on_step(i, value)
         self._next_step = first_step + done
-        local = flatten_state(self._model)
-        delta = global_cpu - local
+        delta = global_cpu.to(self._device) - flat_on_device(self._model)
         for start_, stop in self._layout.int_slices:
             # Integer buffers (num_batches_tracked) keep the global value: a counter's change of
             # H next to the float statistics would set a lossy codec's block scale and swamp them.

@@ -35,6 +35,7 @@ __all__ = [
     "StateEntry",
     "StateLayout",
     "assign_flat_state",
+    "flat_on_device",
     "flatten_state",
     "param_count",
     "schema_hash",
@@ -138,6 +139,15 @@ def param_count(model: torch.nn.Module) -> int:
 def flatten_state(model: torch.nn.Module) -> torch.Tensor:
     """A new 1-D float32 CPU tensor: parameters then persistent buffers, in layout order."""
     parts = [t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for _, t, _ in _state_tensors(model)]
+    if not parts:
+        return torch.empty(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def flat_on_device(model: torch.nn.Module) -> torch.Tensor:
+    """A new 1-D float32 tensor of the flat state (parameters, then persistent buffers), on the
+    model's device (``flatten_state`` copies to the host)."""
+    parts = [t.detach().reshape(-1).to(torch.float32) for _, t, _ in _state_tensors(model)]
     if not parts:
         return torch.empty(0, dtype=torch.float32)
     return torch.cat(parts)

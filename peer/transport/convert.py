@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from peer.transport.gen import peer_pb2 as pb
 from peer.types import (
-    Group, HandshakeReply, JoinOutcome, JoinReply, JoinRequest, Member, PeerInfo, ReduceHeader, StateHeader,
-    StatusInfo,
+    Group, HandshakeReply, JoinOutcome, JoinReply, JoinRequest, LocalRank, Member, PeerInfo, ReduceHeader,
+    StateHeader, StatusInfo,
 )
 
 
@@ -35,13 +35,21 @@ _STATUS_FIELDS = ("inner_step", "loss", "eval_loss", "eval_accuracy", "bytes_sen
                   "last_round_s", "phase", "samples", "rounds_completed", "rounds_failed", "codec")
 
 
+_RANK_FIELDS = ("rank", "pid", "device", "alive", "samples")
+
+
 def status_to_pb(s: StatusInfo) -> pb.StatusResponse:
     return pb.StatusResponse(peer=info_to_pb(s.peer), peers=list(s.peers),
+                             local_ranks=[pb.LocalRank(**{f: getattr(r, f) for f in _RANK_FIELDS})
+                                          for r in s.local_ranks],
                              **{f: getattr(s, f) for f in _STATUS_FIELDS})
 
 
 def status_from_pb(m: pb.StatusResponse) -> StatusInfo:
-    return StatusInfo(peer=info_from_pb(m.peer), peers=tuple(m.peers), **{f: getattr(m, f) for f in _STATUS_FIELDS})
+    return StatusInfo(peer=info_from_pb(m.peer), peers=tuple(m.peers),
+                      local_ranks=tuple(LocalRank(**{f: getattr(r, f) for f in _RANK_FIELDS})
+                                        for r in m.local_ranks),
+                      **{f: getattr(m, f) for f in _STATUS_FIELDS})
 
 
 def join_request_to_pb(r: JoinRequest) -> pb.JoinRoundRequest:

@@ -10,7 +10,7 @@ import pytest
 
 from peer.client import human_bytes, status_dict
 from peer.endpoint import ENDPOINT_FILE, Endpoint, read_endpoint, write_endpoint
-from peer.types import PeerInfo, StatusInfo
+from peer.types import LocalRank, PeerInfo, StatusInfo
 
 
 def test_endpoint_round_trip_names_this_process(tmp_path):
@@ -86,7 +86,8 @@ def _status(**kw) -> StatusInfo:
 def test_status_dict_has_every_field_and_nan_becomes_none():
     s = status_dict(_status(inner_step=350, loss=0.5, eval_loss=math.nan, peers=("p2", "p3"), bytes_sent=10,
                             bytes_received=20, last_round_s=1.5, phase="inner", samples=64, rounds_completed=7,
-                            rounds_failed=1, codec="int8"))
+                            rounds_failed=1, codec="int8",
+                            local_ranks=(LocalRank(0, 11, "cpu", True, 32), LocalRank(1, 12, "cpu", False, 32))))
 
     assert s == {
         "peer_id": "p1", "run_id": "lab1", "task": "fashion", "address": "10.0.0.1:7070", "round": 7,
@@ -94,6 +95,8 @@ def test_status_dict_has_every_field_and_nan_becomes_none():
         "peers": ["p2", "p3"], "phase": "inner", "codec": "int8", "samples": 64, "bytes_sent": 10,
         "bytes_received": 20, "last_round_s": 1.5, "rounds_completed": 7, "rounds_failed": 1,
         "metrics_port": 9470,
+        "local_ranks": [{"rank": 0, "pid": 11, "device": "cpu", "alive": True, "samples": 32},
+                        {"rank": 1, "pid": 12, "device": "cpu", "alive": False, "samples": 32}],
     }
     json.dumps(s, allow_nan=False)  # what `peer status --json` prints is strict JSON
 

@@ -12,7 +12,7 @@ from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.server import observed_host
 from peer.types import (
-    Group, HandshakeReply, JoinOutcome, JoinReply, JoinRequest, Member, PeerInfo, ReduceHeader, StateHeader,
+    Group, HandshakeReply, JoinOutcome, JoinReply, JoinRequest, LocalRank, Member, PeerInfo, ReduceHeader, StateHeader,
     StatusInfo,
 )
 
@@ -36,7 +36,8 @@ def _roundtrip(to_pb, from_pb, value):
     (convert.status_to_pb, convert.status_from_pb,
      StatusInfo(peer=INFO, inner_step=5, loss=1.5, eval_loss=1.25, eval_accuracy=0.5, peers=("b", "c"),
                 bytes_sent=10, bytes_received=20, last_round_s=0.5, phase="inner", samples=64,
-                rounds_completed=3, rounds_failed=1, codec="int8")),
+                rounds_completed=3, rounds_failed=1, codec="int8",
+                local_ranks=(LocalRank(0, 100, "cuda:0", True, 64), LocalRank(1, 101, "cuda:1", False, 32)))),
     (convert.join_request_to_pb, convert.join_request_from_pb,
      JoinRequest(run_id="lab", peer_id="a", round=4, global_hash="h", weight=320.0, address="h:1")),
     (convert.join_reply_to_pb, convert.join_reply_from_pb, JoinReply(JoinOutcome.GROUP, group=GROUP)),
@@ -59,8 +60,9 @@ def test_unknown_join_outcome_from_a_newer_peer_is_a_refusal():
 
 def test_every_status_field_is_converted():
     # A field added to StatusInfo but forgotten in convert would silently read as its default.
-    names = {f.name for f in dataclasses.fields(StatusInfo)} - {"peer", "peers"}
+    names = {f.name for f in dataclasses.fields(StatusInfo)} - {"peer", "peers", "local_ranks"}
     assert names == set(convert._STATUS_FIELDS)
+    assert {f.name for f in dataclasses.fields(LocalRank)} == set(convert._RANK_FIELDS)
 
 
 def test_malformed_bytes_do_not_parse():

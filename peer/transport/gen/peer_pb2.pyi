@@ -54,7 +54,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("peer", "inner_step", "loss", "eval_loss", "peers", "bytes_sent", "bytes_received", "last_round_s", "phase", "samples", "rounds_completed", "rounds_failed", "codec", "eval_accuracy")
+    __slots__ = ("peer", "inner_step", "loss", "eval_loss", "peers", "bytes_sent", "bytes_received", "last_round_s", "phase", "samples", "rounds_completed", "rounds_failed", "codec", "eval_accuracy", "local_ranks")
     PEER_FIELD_NUMBER: _ClassVar[int]
     INNER_STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class StatusResponse(_message.Message):
     ROUNDS_FAILED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANKS_FIELD_NUMBER: _ClassVar[int]
     peer: PeerInfo
     inner_step: int
     loss: float
@@ -83,7 +84,22 @@ class StatusResponse(_message.Message):
     rounds_failed: int
     codec: str
     eval_accuracy: float
-    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., inner_step: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., last_round_s: _Optional[float] = ..., phase: _Optional[str] = ..., samples: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., codec: _Optional[str] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+    local_ranks: _containers.RepeatedCompositeFieldContainer[LocalRank]
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., inner_step: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., last_round_s: _Optional[float] = ..., phase: _Optional[str] = ..., samples: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., codec: _Optional[str] = ..., eval_accuracy: _Optional[float] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ...) -> None: ...
+
+class LocalRank(_message.Message):
+    __slots__ = ("rank", "pid", "device", "alive", "samples")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    pid: int
+    device: str
+    alive: bool
+    samples: int
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., alive: _Optional[bool] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class JoinRoundRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "round", "global_hash", "weight", "address")

@@ -1,0 +1,124 @@
+"""GPU checks of issue 14 (see bench/gpu_check.sh). NOT YET RUN ON A GPU.
+
+1. Codecs: a tensor on the device encodes to the same bytes as the same tensor on the host
+   (sign1 may differ in a scale's last bit: its scale is a sum, whose order a GPU changes; that
+   is reported, not failed), and a payload decodes onto the device to the host's values.
+2. Bytes over the bus: int8 of a delta on the device moves a quarter of the float32 bytes;
+   the time of encode-on-device + copy of the payload against copy-to-host + host encode.
+3. With 2+ CUDA devices: two local ranks (NCCL) take the steps of one process averaging both
+   ranks' gradients (as tests/integration/test_local_workers.py does with gloo).
+
+``--device cpu`` runs the same code on the host (what the CPU-only dev machine could check).
+Prints one line per check and ``ALL OK`` at the end; exits 1 on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def codecs(device: str) -> None:
+    from peer.codec import CODEC_NAMES, get_codec
+
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1, 255, 257, 100_003, 2**20 + 13, 10_000_000]
+    for name in CODEC_NAMES:
+        codec = get_codec(name)
+        for n in sizes:
+            host = torch.randn(n, generator=gen) * 0.01
+            data_host = codec.encode(host)
+            on_dev = host.to(device)
+            data_dev = codec.encode(on_dev) if device != "cpu" else codec.encode_torch(on_dev)
+            if data_dev != data_host:
+                diff = sum(a != b for a, b in zip(data_dev, data_host))
+                if name == "sign1":
+                    print(f"codec {name} n={n}: {diff} of {len(data_host)} bytes differ (scale sums; reported)")
+                else:
+                    raise SystemExit(f"FAIL codec {name} n={n}: {diff} of {len(data_host)} bytes differ")
+            a = codec.decode(data_host, n)
+            b = codec.decode(data_host, n, device=device) if device != "cpu" else codec.decode_torch(data_host, n)
+            if b.device.type != torch.device(device).type or not torch.equal(a.view(torch.int32),
+                                                                               b.cpu().view(torch.int32)):
+                raise SystemExit(f"FAIL decode {name} n={n} on {device}")
+        print(f"codec {name}: {device} bytes == host bytes, decode on {device} == host decode ({len(sizes)} sizes)")
+
+
+def bus(device: str) -> None:
+    from peer.codec import get_codec
+
+    codec = get_codec("int8")
+    n = 50_000_000
+    x = torch.randn(n, device=device) * 0.01
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    def best(fn, reps=5):
+        fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    on_device = best(lambda: codec.encode(x) if device != "cpu" else codec.encode_torch(x))
+    via_host = best(lambda: codec.encode(x.cpu()))
+    payload = codec.encoded_size(n)
+    print(f"int8 bus: {n} floats, payload {payload / 4 / n:.3f} of the float32 bytes; encode on {device} + copy "
+          f"payload {on_device * 1e3:.1f} ms vs copy float32 + host encode {via_host * 1e3:.1f} ms")
+
+
+def local_ranks() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peer.trainer.workers import LocalRanks, RankSpec
+
+    spec = RankSpec(task="digits", data=None, seed=3, stream_id="s", device="cuda", threads=1, batch_size=16,
+                    inner_lr=1e-3, rank=0, world=2, store_port=0, timeout_s=120.0, parent_pid=0)
+    executor = ThreadPoolExecutor(1)
+    ranks = LocalRanks(spec, executor, 3)
+
+    async def run():
+        await ranks.start()
+        try:
+            start = ranks.trainer.initial_params()
+            res = await ranks.run(0, start, lambda: False)
+            return res, ranks.ranks()
+        finally:
+            await ranks.close()
+
+    res, info = asyncio.run(run())
+    executor.shutdown()
+    if res.samples != 2 * 16 * 3 or res.delta.device.type != "cuda" or not bool(torch.isfinite(res.delta).all()):
+        raise SystemExit(f"FAIL local ranks: samples {res.samples}, delta on {res.delta.device}")
+    print(f"local ranks (nccl): {[(r.rank, r.device, r.samples) for r in info]}, delta on {res.delta.device}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --device cpu to run the host variant)")
+    print(f"device {args.device}" + (f": {torch.cuda.get_device_name()}" if args.device != "cpu" else ""))
+    codecs(args.device)
+    bus(args.device)
+    if args.device != "cpu" and torch.cuda.device_count() >= 2:
+        local_ranks()
+    else:
+        print("local ranks (nccl): skipped, needs 2 CUDA devices")
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
