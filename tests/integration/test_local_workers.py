@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from peer.trainer.params import assign_flat_params, flatten_params
+from peer.trainer.params import assign_flat_state, flatten_state
 from peer.trainer.task import init_model, load_task
 from peer.trainer.workers import LocalRankError, LocalRanks, RankSpec
 from tests.integration._peers import Swarm, consistent_rounds, metric, round_hashes, wait_until
@@ -35,10 +35,10 @@ def _reference(phases: int) -> list[torch.Tensor]:
     model = init_model(task, SEED)
     opt = task.make_inner_optimizer(model.parameters(), LR)
     streams = [task.batches(SEED, "s", BATCH), task.batches(SEED, "s/rank1", BATCH)]
-    start = flatten_params(model)
+    start = flatten_state(model)
     deltas = []
     for _ in range(phases):
-        assign_flat_params(model, start)
+        assign_flat_state(model, start)
         for _ in range(STEPS):
             summed = None
             total = 0
@@ -55,7 +55,7 @@ def _reference(phases: int) -> list[torch.Tensor]:
                 p.grad = avg[offset: offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
             opt.step()
-        delta = start - flatten_params(model)
+        delta = start - flatten_state(model)
         deltas.append(delta)
         start = start - delta
     return deltas
