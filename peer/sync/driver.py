@@ -92,6 +92,10 @@ class Members(Protocol):
     def live(self) -> dict[str, str]: ...
     def is_member(self, peer_id: str) -> bool: ...
     def ahead(self) -> int: ...
+    def majority_round(self) -> int:
+        """The highest round more than half of the reachable members have reached."""
+    def round_of(self, peer_id: str) -> int:
+        """The round ``peer_id`` reported last (-1 if unknown)."""
     def attested(self) -> Any | None:
         """The state a majority of the reachable members reports: ``.round``, ``.global_hash``,
         ``.donors`` [(peer id, address)]; None without a majority."""
@@ -170,11 +174,13 @@ class RoundDriver:
         self._group_leader = peer_id
         self._misses: dict[str, int] = {}  # member -> rounds in a row its part missed our cut-off
         self._excluded: dict[str, float] = {}  # member -> monotonic time until which it is left out
+        self._heard: dict[str, float] = {}  # member -> when it last joined a round here or sent us a part
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
                                      leaders=self._candidates,
                                      current_round=lambda: store.state.round,
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
-                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded)
+                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded,
+                                     swarm_round=members.majority_round, stalled_before=self._stalled_before)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
@@ -207,6 +213,7 @@ class RoundDriver:
             self._invalid("bad_join", f"{req.peer_id} asked to join with weight {req.weight} / hash "
                           f"{req.global_hash[:16]!r}")
             return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a sha256 hex hash")
+        self._heard[req.peer_id] = time.monotonic()
         return await self.matchmaker.join(req)
 
     def peer_left(self, peer_id: str) -> None:
@@ -214,6 +221,7 @@ class RoundDriver:
         # A member that comes back starts with a clean record.
         self._misses.pop(peer_id, None)
         self._leader_failures.pop(peer_id, None)
+        self._heard.pop(peer_id, None)
 
     def rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
         """An owner left a part out of the average (counted, logged; the round goes on)."""
@@ -331,8 +339,9 @@ class RoundDriver:
         group, or why there is none."""
         req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=rnd,
                           global_hash=self._store.state.global_hash, weight=weight, address=self._address())
-        # The leader answers within its own matchmaking timeout; allow a margin for the network.
-        timeout = self.deadlines.matchmaking_timeout() + 2.0
+        # The leader answers within its own matchmaking timeout, which adapts to what it has
+        # seen (not what we have): wait for the configured cap, plus a margin for the network.
+        timeout = self._cfg.sync.matchmaking_timeout_s + 2.0
         deadline = time.monotonic() + timeout
         unreachable: set[str] = set()
         hint: tuple[str, str] | None = None
@@ -418,6 +427,15 @@ class RoundDriver:
         leader skipped for failing still trains, and a lagging one must be able to catch up)."""
         return {pid: a for pid, a in self._members.live().items() if not self._is_excluded(pid)}
 
+    def _stalled_before(self, peer_id: str, rnd: int) -> bool:
+        """Whether ``peer_id`` is stuck behind round ``rnd``: it reported (heartbeat) a round two
+        or more before ``rnd`` and has not joined a round here or sent this peer a part for three
+        heartbeat intervals. A group need not wait for it: it must resync before it can join.
+        (Heartbeat rounds lag with fast rounds, hence the second condition.)"""
+        quiet_s = 3 * self._cfg.timeouts.heartbeat_interval_s
+        return (self._members.round_of(peer_id) < rnd - 1
+                and time.monotonic() - self._heard.get(peer_id, 0.0) > quiet_s)
+
     def _is_excluded(self, peer_id: str) -> bool:
         return self._excluded.get(peer_id, 0.0) > time.monotonic()
 
@@ -427,8 +445,10 @@ class RoundDriver:
         (and of its leader choice) for ``exclude_backoff_s``, so one stalled peer does not make
         every round wait. (Missing a leader's matchmaking timeout does not count: a peer that
         joins late, restarts or resyncs does that honestly.)"""
+        now = time.monotonic()
         for pid in delivered:
             self._misses.pop(pid, None)
+            self._heard[pid] = now
         for pid in missing:
             if pid == self._me:
                 continue
@@ -473,6 +493,10 @@ class RoundDriver:
             self._fail(rnd, "no_group", formed.message)
             if formed.outcome == JoinOutcome.WRONG_ROUND:
                 target = formed.leader_round
+                if target < rnd:
+                    # The leader is behind and does not match our round yet: give it a moment
+                    # instead of asking again at once.
+                    await asyncio.sleep(min(1.0, self.deadlines.matchmaking_timeout()))
             else:
                 target = max(formed.leader_round, rnd + 1)
             if target > rnd:
