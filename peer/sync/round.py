@@ -47,6 +47,7 @@ import torch
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
+from peer.sync.confirm import answer_digest
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ class Matchmaker:
         leaders: Callable[[], Iterable[str]] | None = None,
         swarm_round: Callable[[], int] = lambda: -1,
         stalled_before: Callable[[str, int], bool] = lambda peer_id, rnd: False,
+        on_group: Callable[[Group], None] = lambda group: None,
     ) -> None:
+        self._on_group = on_group
         self._leaders = leaders
         self._swarm_round = swarm_round
         self._stalled_before = stalled_before
@@ -296,6 +299,7 @@ class Matchmaker:
                  len(members), wait, "" if complete else f" (matchmaking timeout; missing: {', '.join(missing)})",
                  f" (left out for hash mismatch: {', '.join(left_out)})" if left_out else "")
         self._on_formed(wait, complete)
+        self._on_group(group)
         m.formed.set_result(group)
 
 
@@ -452,6 +456,7 @@ class ReduceStats:
     received_bytes: int = 0
     encoded_bytes: int = 0
     contributors: list[int] = field(default_factory=list)
+    answer_digests: list[str] = field(default_factory=list)  # each owner's answer, in member order
 
 
 class Reducer:
@@ -560,11 +565,12 @@ class Reducer:
                 raise RoundError("shard_missing", f"round {group.round}: averaged shard missing from "
                                  + "; ".join(missing))
 
-            def decode_all() -> torch.Tensor:
-                return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+            def decode_all() -> tuple[torch.Tensor, list[str]]:
+                avg = torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+                return avg, [answer_digest(p) for _, p in results]
 
             try:
-                avg = await loop.run_in_executor(self._executor, decode_all)
+                avg, stats.answer_digests = await loop.run_in_executor(self._executor, decode_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
             if not all_finite(avg):

@@ -99,3 +99,21 @@ def test_a_stalled_member_holds_up_nobody(tmp_path):
         fast = [float(s) for p in honest
                 for s in re.findall(r"group \w+ formed with 3 peers after ([0-9.]+) s\n", p.log())]
         assert fast and min(fast) < 2.0, fast
+
+
+def test_an_owner_answering_one_member_differently_fails_that_member_only(tmp_path):
+    # The rogue owns a shard in every group and answers the first member that calls with other
+    # (valid, checksummed) bytes. The members compare what they received through the leader
+    # before applying it: the member that got other bytes fails the round and resyncs; the rest
+    # complete it with one hash (the invariant holds: no group's members disagree).
+    # Once two members got other bytes from it, a leader leaves it out of its groups.
+    swarm, honest, rogue = _run(tmp_path, "split", "owner_split@*")
+    with swarm:
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
+        detected = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="owner_mismatch"}')
+                       for p in [*honest, rogue])
+        failed = sum(p.log().count("(answers_differ)") for p in honest)
+        assert detected >= 1 and failed >= 1, (detected, failed, _logs(swarm))
+        wait_until(lambda: sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="owner_mismatch"}')
+                               for p in honest) >= 1, 60, "an honest leader to leave the rogue out", lambda: _logs(swarm))
+        assert all(p.alive() for p in swarm.peers)
