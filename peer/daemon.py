@@ -34,7 +34,7 @@ from peer.discovery import CombinedDiscovery, MdnsDiscovery, StaticDiscovery
 from peer.credentials import Identity, load_run_ca, node_identity
 from peer.endpoint import write_endpoint
 from peer.errors import ConfigError
-from peer.faults import FaultPlan, FaultyClient, FaultyInner
+from peer.faults import FaultPlan, FaultyClient, FaultyInner, FaultyService
 from peer.membership import Membership
 from peer.metrics import Exporter, Metrics
 from peer.service import Service
@@ -90,7 +90,7 @@ class Daemon:
             raise ConfigError("a run id is required (--run-id, PEER_RUN_ID or [run] run_id)")
         get_codec(cfg.sync.codec)  # validates the name early, with the list of known codecs
         self.cfg = cfg
-        faults = FaultPlan.parse(cfg.faults)
+        faults = self._faults = FaultPlan.parse(cfg.faults)
         hook = faults.at if faults else None
         self.state_dir = Path(cfg.run.state_dir or Path("peer-state") / cfg.run.run_id)
         if cfg.net.credentials:
@@ -282,7 +282,8 @@ class Daemon:
         if self.local_ranks is not None:
             # Before the swarm sees this peer: ranks that cannot meet fail the start.
             await self.local_ranks.start()
-        self.server = PeerServer(self.service, cfg.net.listen, identity=self.identity, chunk_bytes=cfg.sync.chunk_bytes,
+        handler = FaultyService(self.service, self._faults) if self._faults else self.service
+        self.server = PeerServer(handler, cfg.net.listen, identity=self.identity, chunk_bytes=cfg.sync.chunk_bytes,
                                  chunk_idle_timeout_s=cfg.timeouts.chunk_idle_timeout_s,
                                  max_concurrent_rpcs=cfg.net.max_concurrent_rpcs,
                                  max_streams_per_connection=cfg.net.max_streams_per_connection)

@@ -15,10 +15,13 @@ A rogue member (it holds valid credentials and lies; the honest peers must survi
   scale        send its delta times -10 (a sign-flipped, amplified update)
   huge         send a delta of finite values near float32's maximum
   claim_ahead  report a round 1,000,000 ahead of its own in Status and Handshake
+  bad_group    as leader, hand followers a group with a deadline of 1e9 s and an unknown codec
+  owner_split  as owner, answer the first member that calls in each group with different (valid) bytes
 
 The daemon wires a plan in through hooks, so the round code never imports this module: the
 phase hook (``FaultPlan.at``), a ``PeerClient`` wrapper (``FaultyClient``), the transport's
-tamper hook (``FaultPlan.tamper``) and an inner-phase wrapper (``FaultyInner``).
+tamper hook (``FaultPlan.tamper``), an inner-phase wrapper (``FaultyInner``) and a wrapper of
+the transport's handler (``FaultyService``, for what this peer answers others).
 
 Phases: ``inner`` (before the inner phase), ``join`` (before group formation), ``reduce`` (after
 the group formed, before parts are sent), ``owner`` (after this peer's owned shard was averaged,
@@ -41,7 +44,8 @@ from peer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan", "inflate", "scale", "huge", "claim_ahead")
+ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan", "inflate", "scale", "huge", "claim_ahead", "bad_group",
+           "owner_split")
 PHASES = ("inner", "join", "reduce", "owner", "outer", "serve_state")
 
 
@@ -147,6 +151,35 @@ class FaultyInner:
 
     async def evaluate(self, params):
         return await self._inner.evaluate(params)
+
+
+class FaultyService:
+    """The transport's handler, lying in what it answers: a bad group to followers
+    (``bad_group``), different averaged bytes to one member (``owner_split``)."""
+
+    def __init__(self, inner: Any, plan: FaultPlan) -> None:
+        self._inner = inner
+        self._plan = plan
+        self._split: set[str] = set()  # groups in which one member got other bytes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def join_round(self, req):
+        reply = await self._inner.join_round(req)
+        if reply.group is not None and self._plan._match("bad_group", req.round):
+            reply = replace(reply, group=replace(reply.group, reduce_deadline_s=1e9, codec="int3"))
+        return reply
+
+    async def reduce_part(self, header, payload):
+        answer_header, answer = await self._inner.reduce_part(header, payload)
+        if self._plan._match("owner_split", header.round) and header.group_id not in self._split:
+            if len(self._split) > 1000:
+                self._split.clear()
+            self._split.add(header.group_id)
+            # Valid bytes (the transport frames and checksums them), different values.
+            answer = corrupt_bytes(answer)
+        return answer_header, answer
 
 
 def corrupt_bytes(payload: bytes) -> bytes:

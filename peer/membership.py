@@ -116,6 +116,17 @@ class Membership:
     def is_member(self, peer_id: str) -> bool:
         return peer_id in self._known
 
+    def majority_round(self) -> int:
+        """The highest round that more than half of the reachable members have reached, as
+        they report it (-1 with no member): one member's claim cannot raise it."""
+        rounds = sorted((k.info.round for k in self._known.values() if k.misses == 0), reverse=True)
+        return rounds[len(rounds) // 2] if rounds else -1
+
+    def round_of(self, peer_id: str) -> int:
+        """The round ``peer_id`` reported in its last handshake or heartbeat (-1 if unknown)."""
+        known = self._known.get(peer_id)
+        return -1 if known is None else known.info.round
+
     def attested(self) -> Attested | None:
         """The ``(round, global hash)`` that more than half of the members this peer can reach
         (those that answered their last ping) report, with those members as donors; None when

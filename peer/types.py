@@ -73,6 +73,8 @@ class JoinRequest:
     global_hash: str
     weight: float
     address: str
+    confirm_group: str = ""  # set: a confirmation of group ``confirm_group``'s answers, not a join
+    answer_digests: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class JoinOutcome(enum.IntEnum):
     HASH_MISMATCH = 4
     TOO_LATE = 5
     REFUSED = 6
+    CONFIRMED = 7
+    ANSWERS_DIFFER = 8
 
 
 @dataclass(frozen=True)

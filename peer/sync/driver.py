@@ -30,6 +30,7 @@ from peer.codec import all_finite
 from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
+from peer.sync.confirm import AnswerChecks
 from peer.sync.outer import outer_step
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
@@ -92,6 +93,10 @@ class Members(Protocol):
     def live(self) -> dict[str, str]: ...
     def is_member(self, peer_id: str) -> bool: ...
     def ahead(self) -> int: ...
+    def majority_round(self) -> int:
+        """The highest round more than half of the reachable members have reached."""
+    def round_of(self, peer_id: str) -> int:
+        """The round ``peer_id`` reported last (-1 if unknown)."""
     def attested(self) -> Any | None:
         """The state a majority of the reachable members reports: ``.round``, ``.global_hash``,
         ``.donors`` [(peer id, address)]; None without a majority."""
@@ -177,11 +182,16 @@ class RoundDriver:
         self._group_leader = peer_id
         self._misses: dict[str, int] = {}  # member -> rounds in a row its part missed our cut-off
         self._excluded: dict[str, float] = {}  # member -> monotonic time until which it is left out
+        self._mismatched: dict[str, set[str]] = {}  # owner -> members that received other bytes from it
+        self._heard: dict[str, float] = {}  # member -> when it last joined a round here or sent us a part
+        self.answers = AnswerChecks(on_mismatch=self._answers_differ, on_invalid=self._invalid)
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
                                      leaders=self._candidates,
                                      current_round=lambda: store.state.round,
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
-                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded)
+                                     on_formed=self.deadlines.observe_formation, excluded=self._is_excluded,
+                                     swarm_round=members.majority_round, stalled_before=self._stalled_before,
+                                     on_group=self.answers.formed)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
@@ -210,10 +220,13 @@ class RoundDriver:
         if req.run_id != self._run_id or not self._members.is_member(req.peer_id) or self._stopping:
             why = "leaving" if self._stopping else f"{req.peer_id} of run {req.run_id!r} is not a known peer here"
             return JoinReply(JoinOutcome.REFUSED, why)
+        if req.confirm_group:
+            return await self.answers.confirm(req)
         if not (0 <= req.weight < float("inf")) or len(req.global_hash) > 64:
             self._invalid("bad_join", f"{req.peer_id} asked to join with weight {req.weight} / hash "
                           f"{req.global_hash[:16]!r}")
             return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a sha256 hex hash")
+        self._heard[req.peer_id] = time.monotonic()
         return await self.matchmaker.join(req)
 
     def peer_left(self, peer_id: str) -> None:
@@ -221,6 +234,7 @@ class RoundDriver:
         # A member that comes back starts with a clean record.
         self._misses.pop(peer_id, None)
         self._leader_failures.pop(peer_id, None)
+        self._heard.pop(peer_id, None)
 
     def rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
         """An owner left a part out of the average (counted, logged; the round goes on)."""
@@ -239,6 +253,7 @@ class RoundDriver:
     async def close(self) -> None:
         await self._tasks.cancel_all()
         self.matchmaker.close()
+        self.answers.close()
 
     # ----------------------------------------------------------------- the loop
 
@@ -341,8 +356,9 @@ class RoundDriver:
         group, or why there is none."""
         req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=rnd,
                           global_hash=self._store.state.global_hash, weight=weight, address=self._address())
-        # The leader answers within its own matchmaking timeout; allow a margin for the network.
-        timeout = self.deadlines.matchmaking_timeout() + 2.0
+        # The leader answers within its own matchmaking timeout, which adapts to what it has
+        # seen (not what we have): wait for the configured cap, plus a margin for the network.
+        timeout = self._cfg.sync.matchmaking_timeout_s + 2.0
         deadline = time.monotonic() + timeout
         unreachable: set[str] = set()
         hint: tuple[str, str] | None = None
@@ -428,6 +444,15 @@ class RoundDriver:
         leader skipped for failing still trains, and a lagging one must be able to catch up)."""
         return {pid: a for pid, a in self._members.live().items() if not self._is_excluded(pid)}
 
+    def _stalled_before(self, peer_id: str, rnd: int) -> bool:
+        """Whether ``peer_id`` is stuck behind round ``rnd``: it reported (heartbeat) a round two
+        or more before ``rnd`` and has not joined a round here or sent this peer a part for three
+        heartbeat intervals. A group need not wait for it: it must resync before it can join.
+        (Heartbeat rounds lag with fast rounds, hence the second condition.)"""
+        quiet_s = 3 * self._cfg.timeouts.heartbeat_interval_s
+        return (self._members.round_of(peer_id) < rnd - 1
+                and time.monotonic() - self._heard.get(peer_id, 0.0) > quiet_s)
+
     def _is_excluded(self, peer_id: str) -> bool:
         return self._excluded.get(peer_id, 0.0) > time.monotonic()
 
@@ -437,8 +462,10 @@ class RoundDriver:
         (and of its leader choice) for ``exclude_backoff_s``, so one stalled peer does not make
         every round wait. (Missing a leader's matchmaking timeout does not count: a peer that
         joins late, restarts or resyncs does that honestly.)"""
+        now = time.monotonic()
         for pid in delivered:
             self._misses.pop(pid, None)
+            self._heard[pid] = now
         for pid in missing:
             if pid == self._me:
                 continue
@@ -465,6 +492,54 @@ class RoundDriver:
             log.warning("skipping %s as leader for %.0f s: %s", leader, self._cfg.timeouts.leader_backoff_s,
                         why or f"{failures} of its rounds failed in a row")
 
+    async def _confirm(self, group: Group, digests: list[str], leader: str) -> bool:
+        """Ask the group's leader whether the answers this peer received (their digests) are the
+        ones the group's majority received (``peer.sync.confirm``); False when they are not. A
+        leader that cannot say (gone, too slow) does not fail the round: the next round's hash
+        check still catches a member that applied something else."""
+        req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=group.round,
+                          global_hash=self._store.state.global_hash, weight=0.0, address=self._address(),
+                          confirm_group=group.group_id, answer_digests=tuple(digests))
+        if leader == self._me:
+            reply = await self.answers.confirm(req)
+        else:
+            address = self._members.live().get(leader)
+            if address is None:
+                log.warning("round %d: leader %s is gone; applying the answers unconfirmed", group.round, leader)
+                return True
+            try:
+                reply = await self._client.join_round(address, req, group.reduce_deadline_s + 2.0)
+            except (PeerUnavailable, RoundError) as exc:
+                log.warning("round %d: leader %s did not confirm the answers (%s); applying them", group.round,
+                            leader, exc)
+                return True
+        if reply.outcome == JoinOutcome.ANSWERS_DIFFER:
+            self._invalid("owner_mismatch", reply.message)
+            return False
+        if reply.outcome != JoinOutcome.CONFIRMED:
+            log.warning("round %d: leader %s did not confirm the answers (%s); applying them", group.round, leader,
+                        reply.message)
+        return True
+
+    def _answers_differ(self, group: Group, owners: list[str], members: list[str]) -> None:
+        """As leader: owners of ``group`` answered its members differently (detected, counted)."""
+        self._metrics.invalid_claims.labels("owner_mismatch").inc()
+        log.warning("round %d group %s: owners answered members differently (owners whose answers differ: %s; "
+                    "members outside the majority, whose round fails: %s)", group.round, group.group_id,
+                    ", ".join(owners) or "-", ", ".join(members) or "-")
+        # One mismatch does not say who lied (a member may misreport what it received), but an
+        # owner whose answers differed for two different members is the common factor: it is
+        # left out of the groups this peer leads for a while.
+        for owner in owners:
+            victims = self._mismatched.setdefault(owner, set())
+            victims.update(m for m in members if m != owner)
+            if len(victims) >= 2 and not self._is_excluded(owner):
+                self._mismatched.pop(owner, None)
+                self._excluded[owner] = time.monotonic() + self._cfg.timeouts.exclude_backoff_s
+                self._metrics.excluded.labels("owner_mismatch").inc()
+                log.warning("leaving %s out of groups for %.0f s: its answers differed for members %s",
+                            owner, self._cfg.timeouts.exclude_backoff_s, ", ".join(sorted(victims)))
+
     def _invalid(self, reason: str, message: str) -> None:
         self._metrics.invalid_claims.labels(reason).inc()
         log.warning("refused what a peer claimed (%s): %s", reason, message)
@@ -483,6 +558,10 @@ class RoundDriver:
             self._fail(rnd, "no_group", formed.message)
             if formed.outcome == JoinOutcome.WRONG_ROUND:
                 target = formed.leader_round
+                if target < rnd:
+                    # The leader is behind and does not match our round yet: give it a moment
+                    # instead of asking again at once.
+                    await asyncio.sleep(min(1.0, self.deadlines.matchmaking_timeout()))
             else:
                 target = max(formed.leader_round, rnd + 1)
             if target > rnd:
@@ -505,6 +584,12 @@ class RoundDriver:
                 log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
             return None
         self._leader_outcome(leader, True)
+        if not await self._confirm(group, stats.answer_digests, leader):
+            self._fail(rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
+                       "keeping the previous state")
+            t = self._cfg.timeouts
+            await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0)
+            return None
         t2 = time.monotonic()
         reduce_s = t2 - t1
         self._metrics.round_phase_seconds.labels("reduce").observe(reduce_s)

@@ -47,6 +47,7 @@ import torch
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
+from peer.sync.confirm import answer_digest
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,14 @@ class Matchmaker:
         on_formed: Callable[[float, bool], None] | None = None,
         excluded: Callable[[str], bool] = lambda peer_id: False,
         leaders: Callable[[], Iterable[str]] | None = None,
+        swarm_round: Callable[[], int] = lambda: -1,
+        stalled_before: Callable[[str, int], bool] = lambda peer_id, rnd: False,
+        on_group: Callable[[Group], None] = lambda group: None,
     ) -> None:
+        self._on_group = on_group
         self._leaders = leaders
+        self._swarm_round = swarm_round
+        self._stalled_before = stalled_before
         self._excluded = excluded
         self._me = peer_id
         self._numel = numel
@@ -189,7 +196,9 @@ class Matchmaker:
         if self._excluded(req.peer_id):
             return JoinReply(JoinOutcome.TOO_LATE, f"{req.peer_id} is left out of groups for a while: it missed the "
                              f"deadline in several rounds in a row")
-        current = self._current_round()
+        # A leader whose own training lags (a slow disk, a stalled trainer) still leads: it
+        # matches rounds up to the one the majority of members attests, not only its own.
+        current = max(self._current_round(), self._swarm_round())
         if req.round < current:
             return JoinReply(JoinOutcome.WRONG_ROUND,
                              f"round {req.round} is over; the leader is at round {current}", leader_round=current)
@@ -238,19 +247,27 @@ class Matchmaker:
         # only its own delta): give them up to two more timeouts to arrive. Peers that died are
         # dropped from the live set by the daemon's heartbeat in the meantime.
         for _ in range(2):
-            if len(m.joins) > 1 or not self._live():
+            others = self._expected(m.round) - {self._me}
+            if len(m.joins) > 1 or not others:
                 break
             log.info("round %d: only this peer joined so far; waiting %.1f s more for %s", m.round, delay,
-                     ", ".join(sorted(self._live())))
+                     ", ".join(sorted(others)))
             await asyncio.sleep(delay)
         m.timer = None
         self._form(m)
 
+    def _expected(self, rnd: int) -> set[str]:
+        """Whom the group of round ``rnd`` waits for: the live peers, this one included, but
+        not those stuck two or more rounds behind it (``stalled_before``; this one: by its own
+        round): they must resync before they can join, and waiting for them would make every
+        round wait for a stalled peer."""
+        own = {self._me} if self._current_round() >= rnd - 1 else set()
+        return own | {pid for pid in self._live() if not self._stalled_before(pid, rnd)}
+
     def _maybe_form(self, m: _Match) -> None:
         if m.formed is None or m.formed.done():
             return
-        expected = {self._me, *self._live()}
-        if expected <= set(m.joins):
+        if self._expected(m.round) <= set(m.joins):
             self._form(m, complete=True)
 
     def _form(self, m: _Match, complete: bool = False) -> None:
@@ -277,11 +294,12 @@ class Matchmaker:
         left_out = sorted(set(m.joins) - {x.peer_id for x in members})
         m.formed_at = time.monotonic()
         wait = m.formed_at - m.first_join
-        missing = sorted({self._me, *self._live()} - set(m.joins))
+        missing = sorted(self._expected(m.round) - set(m.joins))
         log.info("round %d: group %s formed with %d peers after %.2f s%s%s", m.round, group.group_id,
                  len(members), wait, "" if complete else f" (matchmaking timeout; missing: {', '.join(missing)})",
                  f" (left out for hash mismatch: {', '.join(left_out)})" if left_out else "")
         self._on_formed(wait, complete)
+        self._on_group(group)
         m.formed.set_result(group)
 
 
@@ -438,6 +456,7 @@ class ReduceStats:
     received_bytes: int = 0
     encoded_bytes: int = 0
     contributors: list[int] = field(default_factory=list)
+    answer_digests: list[str] = field(default_factory=list)  # each owner's answer, in member order
 
 
 class Reducer:
@@ -546,11 +565,12 @@ class Reducer:
                 raise RoundError("shard_missing", f"round {group.round}: averaged shard missing from "
                                  + "; ".join(missing))
 
-            def decode_all() -> torch.Tensor:
-                return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+            def decode_all() -> tuple[torch.Tensor, list[str]]:
+                avg = torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+                return avg, [answer_digest(p) for _, p in results]
 
             try:
-                avg = await loop.run_in_executor(self._executor, decode_all)
+                avg, stats.answer_digests = await loop.run_in_executor(self._executor, decode_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
             if not all_finite(avg):

@@ -54,12 +54,14 @@ def status_from_pb(m: pb.StatusResponse) -> StatusInfo:
 
 def join_request_to_pb(r: JoinRequest) -> pb.JoinRoundRequest:
     return pb.JoinRoundRequest(run_id=r.run_id, peer_id=r.peer_id, round=r.round, global_hash=r.global_hash,
-                               weight=r.weight, address=r.address)
+                               weight=r.weight, address=r.address, confirm_group=r.confirm_group,
+                               answer_digests=list(r.answer_digests))
 
 
 def join_request_from_pb(m: pb.JoinRoundRequest) -> JoinRequest:
     return JoinRequest(run_id=m.run_id, peer_id=m.peer_id, round=m.round, global_hash=m.global_hash,
-                       weight=m.weight, address=m.address)
+                       weight=m.weight, address=m.address, confirm_group=m.confirm_group,
+                       answer_digests=tuple(m.answer_digests))
 
 
 def group_to_pb(g: Group) -> pb.Group:

@@ -71,3 +71,49 @@ def test_a_sign_flipped_amplified_delta_is_bounded_by_a_robust_rule(tmp_path, ru
     swarm, honest, rogue = _run(tmp_path, f"scale-{rule[0]}", "scale@*", ("--aggregation", *rule))
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
+
+
+def test_a_leader_handing_out_bad_groups_is_refused_and_skipped(tmp_path):
+    # The rogue leads about a quarter of the rounds (rotation); its groups name a deadline of
+    # 1e9 s and a codec nobody runs. Followers check every group where it arrives.
+    swarm, honest, rogue = _run(tmp_path, "group", "bad_group@*")
+    with swarm:
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
+        refused = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="bad_group"}') for p in honest)
+        skipped = sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="failing_leader"}') for p in honest)
+        assert refused >= 1 and skipped >= 1, (refused, skipped, _logs(swarm))
+        assert all(p.alive() for p in swarm.peers)
+
+
+def test_a_stalled_member_holds_up_nobody(tmp_path):
+    # The rogue joins its first group, then its trainer and round stall for ever; its server,
+    # heartbeat and matchmaker go on answering (a hung GPU, a deadlocked training loop). Rounds
+    # it leads by rotation still form, and groups stop waiting for it once it is stuck behind.
+    swarm, honest, rogue = _run(tmp_path, "stall", "stall@*:outer", ("--matchmaking-timeout-s", "5"))
+    with swarm:
+        wait_until(lambda: len(consistent_rounds(honest)) >= 8, 120, "eight rounds by the honest peers",
+                   lambda: _logs(swarm))
+        assert check_invariant(honest) >= 8
+        assert rogue.alive() and rogue.status()["round"] <= 1
+        # Once it is stuck, groups form without waiting the matchmaking timeout for it.
+        fast = [float(s) for p in honest
+                for s in re.findall(r"group \w+ formed with 3 peers after ([0-9.]+) s\n", p.log())]
+        assert fast and min(fast) < 2.0, fast
+
+
+def test_an_owner_answering_one_member_differently_fails_that_member_only(tmp_path):
+    # The rogue owns a shard in every group and answers the first member that calls with other
+    # (valid, checksummed) bytes. The members compare what they received through the leader
+    # before applying it: the member that got other bytes fails the round and resyncs; the rest
+    # complete it with one hash (the invariant holds: no group's members disagree).
+    # Once two members got other bytes from it, a leader leaves it out of its groups.
+    swarm, honest, rogue = _run(tmp_path, "split", "owner_split@*")
+    with swarm:
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
+        detected = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="owner_mismatch"}')
+                       for p in [*honest, rogue])
+        failed = sum(p.log().count("(answers_differ)") for p in honest)
+        assert detected >= 1 and failed >= 1, (detected, failed, _logs(swarm))
+        wait_until(lambda: sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="owner_mismatch"}')
+                               for p in honest) >= 1, 60, "an honest leader to leave the rogue out", lambda: _logs(swarm))
+        assert all(p.alive() for p in swarm.peers)

@@ -82,6 +82,13 @@ class FakeMembers:
                 return Attested(rnd, digest, tuple((p, p) for p in sorted(backers)))
         return None
 
+    def round_of(self, peer_id):
+        return self.net[peer_id].store.state.round if peer_id in self.view else -1
+
+    def majority_round(self):
+        rounds = sorted((self.net[p].store.state.round for p in self.view if not self.net[p].down), reverse=True)
+        return rounds[len(rounds) // 2] if rounds else -1
+
     def ahead(self):
         found = self.attested()
         return -1 if found is None else found.round

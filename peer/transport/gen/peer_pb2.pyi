@@ -102,20 +102,24 @@ class LocalRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., alive: _Optional[bool] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class JoinRoundRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "round", "global_hash", "weight", "address")
+    __slots__ = ("run_id", "peer_id", "round", "global_hash", "weight", "address", "confirm_group", "answer_digests")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_HASH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     round: int
     global_hash: str
     weight: float
     address: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., weight: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
+    confirm_group: str
+    answer_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., weight: _Optional[float] = ..., address: _Optional[str] = ..., confirm_group: _Optional[str] = ..., answer_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "shard_start", "shard_end", "weight")
@@ -160,6 +164,8 @@ class JoinRoundResponse(_message.Message):
         HASH_MISMATCH: _ClassVar[JoinRoundResponse.Outcome]
         TOO_LATE: _ClassVar[JoinRoundResponse.Outcome]
         REFUSED: _ClassVar[JoinRoundResponse.Outcome]
+        CONFIRMED: _ClassVar[JoinRoundResponse.Outcome]
+        ANSWERS_DIFFER: _ClassVar[JoinRoundResponse.Outcome]
     OUTCOME_UNSPECIFIED: JoinRoundResponse.Outcome
     GROUP: JoinRoundResponse.Outcome
     NOT_LEADER: JoinRoundResponse.Outcome
@@ -167,6 +173,8 @@ class JoinRoundResponse(_message.Message):
     HASH_MISMATCH: JoinRoundResponse.Outcome
     TOO_LATE: JoinRoundResponse.Outcome
     REFUSED: JoinRoundResponse.Outcome
+    CONFIRMED: JoinRoundResponse.Outcome
+    ANSWERS_DIFFER: JoinRoundResponse.Outcome
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
