@@ -37,12 +37,14 @@ class HandshakeRefused(PeerError):
 class RoundError(PeerError):
     """A round that could not complete for this peer (a missing shard, a vanished owner, ...).
 
-    ``reason`` is a short, bounded label used as a metric label.
+    ``reason`` is a short, bounded label used as a metric label; ``culprits`` the peers this peer
+    itself proved at fault (an owner whose answer failed a check computed here).
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, culprits: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.reason = reason
+        self.culprits = culprits
 
 
 class StateError(PeerError):

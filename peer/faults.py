@@ -17,6 +17,7 @@ A rogue member (it holds valid credentials and lies; the honest peers must survi
   claim_ahead  report a round 1,000,000 ahead of its own in Status and Handshake
   bad_group    as leader, hand followers a group with a deadline of 1e9 s and an unknown codec
   owner_split  as owner, answer the first member that calls in each group with different (valid) bytes
+  owner_inflate  as owner, answer every member with the average times 1000 (valid bytes)
 
 The daemon wires a plan in through hooks, so the round code never imports this module: the
 phase hook (``FaultPlan.at``), a ``PeerClient`` wrapper (``FaultyClient``), the transport's
@@ -40,12 +41,13 @@ from typing import Any
 
 import torch
 
+from peer.codec import get_codec
 from peer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan", "inflate", "scale", "huge", "claim_ahead", "bad_group",
-           "owner_split")
+           "owner_split", "owner_inflate")
 PHASES = ("inner", "join", "reduce", "owner", "outer", "serve_state")
 
 
@@ -179,6 +181,10 @@ class FaultyService:
             self._split.add(header.group_id)
             # Valid bytes (the transport frames and checksums them), different values.
             answer = corrupt_bytes(answer)
+        if self._plan._match("owner_inflate", header.round):
+            codec = get_codec(answer_header.codec)
+            answer = codec.encode(codec.decode(answer, header.numel) * 1000.0)
+            answer_header = replace(answer_header, total_bytes=len(answer))
         return answer_header, answer
 
 

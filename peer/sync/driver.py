@@ -472,10 +472,7 @@ class RoundDriver:
             misses = self._misses[pid] = self._misses.get(pid, 0) + 1
             if misses >= self._cfg.sync.exclude_after_misses:
                 self._misses.pop(pid, None)
-                self._excluded[pid] = time.monotonic() + self._cfg.timeouts.exclude_backoff_s
-                self._metrics.excluded.labels("missed_deadline").inc()
-                log.warning("leaving %s out of groups for %.0f s: its part missed the deadline in %d rounds in a row",
-                            pid, self._cfg.timeouts.exclude_backoff_s, misses)
+                self._exclude(pid, "missed_deadline", f"its part missed the deadline in {misses} rounds in a row")
 
     def _leader_outcome(self, leader: str, ok: bool, why: str = "") -> None:
         """Count a leader's failed rounds; ``leader_failure_limit`` in a row (or one bad group)
@@ -535,10 +532,16 @@ class RoundDriver:
             victims.update(m for m in members if m != owner)
             if len(victims) >= 2 and not self._is_excluded(owner):
                 self._mismatched.pop(owner, None)
-                self._excluded[owner] = time.monotonic() + self._cfg.timeouts.exclude_backoff_s
-                self._metrics.excluded.labels("owner_mismatch").inc()
-                log.warning("leaving %s out of groups for %.0f s: its answers differed for members %s",
-                            owner, self._cfg.timeouts.exclude_backoff_s, ", ".join(sorted(victims)))
+                self._exclude(owner, "owner_mismatch", f"its answers differed for members {', '.join(sorted(victims))}")
+
+    def _exclude(self, peer_id: str, reason: str, why: str) -> None:
+        """Leave ``peer_id`` out of the groups this peer leads, and of its leader choice, for
+        ``exclude_backoff_s`` (counted by ``reason``)."""
+        if peer_id == self._me:
+            return
+        self._excluded[peer_id] = time.monotonic() + self._cfg.timeouts.exclude_backoff_s
+        self._metrics.excluded.labels(reason).inc()
+        log.warning("leaving %s out of groups for %.0f s: %s", peer_id, self._cfg.timeouts.exclude_backoff_s, why)
 
     def _invalid(self, reason: str, message: str) -> None:
         self._metrics.invalid_claims.labels(reason).inc()
@@ -575,8 +578,13 @@ class RoundDriver:
         try:
             avg, stats = await self.reducer.run(group, delta, weight)
         except RoundError as exc:
-            self._leader_outcome(leader, False)
+            if not exc.culprits:  # a failure no one in particular was proved to cause
+                self._leader_outcome(leader, False)
             self._fail(rnd, exc.reason, str(exc))
+            if exc.reason == "answer_norm":
+                self._invalid("answer_norm", str(exc))
+                for owner in exc.culprits:
+                    self._exclude(owner, "answer_norm", "its averaged shard was larger than any honest average")
             # Peers that completed the round show round rnd+1 at their next heartbeat; if nobody
             # did (a vanished owner fails the round for all), everyone keeps round rnd and goes on.
             t = self._cfg.timeouts

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter as Tally
@@ -119,6 +120,20 @@ def check_group(group: Group, *, me: str, round: int, codec: str, numel: int, ma
         raise bad("shard bounds differ from the ones computed here")
     if not all(m.weight >= 0 and m.weight < float("inf") for m in group.members):
         raise bad("a weight is not finite and >= 0")
+
+
+def answer_limit(own_part_norm: float, group_size: int, norm_outlier_factor: float) -> float | None:
+    """The largest norm this member accepts for an owner's averaged shard, given the norm of
+    its own part of that shard (None: it sent nothing to bound it with, a withheld delta).
+    Every rule keeps a shard's average within sqrt(K) x the largest part it kept (the mean and
+    centered clipping within that part itself), and owners keep parts within
+    ``norm_outlier_factor`` x the median part norm; honest members' parts of one shard are of
+    one order (the same model, the same optimizer), and 4x covers a lossy codec's error and
+    error feedback. A gross lie (an answer scaled up) fails it; a subtle one is the robust
+    rules' and the digest comparison's business."""
+    if not own_part_norm > 0:
+        return None
+    return 4.0 * math.sqrt(group_size) * norm_outlier_factor * own_part_norm
 
 
 @dataclass
@@ -565,16 +580,31 @@ class Reducer:
                 raise RoundError("shard_missing", f"round {group.round}: averaged shard missing from "
                                  + "; ".join(missing))
 
-            def decode_all() -> tuple[torch.Tensor, list[str]]:
-                avg = torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
-                return avg, [answer_digest(p) for _, p in results]
+            factor = self._aggregation.norm_outlier_factor
+
+            def decode_all() -> tuple[torch.Tensor, list[str], list[tuple[str, float, float]]]:
+                shards = [codec.decode(p, m.shard_end - m.shard_start) for m, p in results]
+                too_large = []
+                for (m, _), shard in zip(results, shards):
+                    own = float(torch.linalg.vector_norm(delta[m.shard_start:m.shard_end], dtype=torch.float64))
+                    limit = answer_limit(own, len(group.members), factor) if weight > 0 else None
+                    norm = float(torch.linalg.vector_norm(shard, dtype=torch.float64))
+                    if limit is not None and norm > limit:
+                        too_large.append((m.peer_id, norm, limit))
+                return torch.cat(shards), [answer_digest(p) for _, p in results], too_large
 
             try:
-                avg, stats.answer_digests = await loop.run_in_executor(self._executor, decode_all)
+                avg, stats.answer_digests, too_large = await loop.run_in_executor(self._executor, decode_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
             if not all_finite(avg):
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard holds NaN or Inf")
+            if too_large:
+                # Treated as missing: this member fails the round and resyncs.
+                raise RoundError("answer_norm", f"round {group.round}: the averaged shard of "
+                                 + ", ".join(f"{pid} has norm {norm:.3g} (at most {limit:.3g} by this "
+                                             f"member's part)" for pid, norm, limit in too_large),
+                                 culprits=tuple(pid for pid, _, _ in too_large))
             if ef is not None and residual is not None:
                 ef.commit(residual)
             return avg, stats

@@ -117,3 +117,17 @@ def test_an_owner_answering_one_member_differently_fails_that_member_only(tmp_pa
         wait_until(lambda: sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="owner_mismatch"}')
                                for p in honest) >= 1, 60, "an honest leader to leave the rogue out", lambda: _logs(swarm))
         assert all(p.alive() for p in swarm.peers)
+
+
+def test_an_owner_inflating_its_answer_is_caught_by_every_member_and_left_out(tmp_path):
+    # The rogue answers every member with its shard's average times 1000 (valid, checksummed,
+    # the same bytes for all: the digest comparison cannot see it). Each member bounds an
+    # owner's answer by the norms the members announced when joining; the bound fails, the
+    # round fails for that member, and it leaves the owner out of the groups it leads.
+    swarm, honest, rogue = _run(tmp_path, "inflate", "owner_inflate@*")
+    with swarm:
+        _honest_rounds_stay_finite_and_learn(swarm, honest)
+        caught = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="answer_norm"}') for p in honest)
+        left_out = sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="answer_norm"}') for p in honest)
+        assert caught >= 1 and left_out >= 1, (caught, left_out, _logs(swarm))
+        assert all(p.alive() for p in swarm.peers)
