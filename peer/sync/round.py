@@ -226,9 +226,12 @@ class Matchmaker:
             self._drop(old)
         m = self._matches.get(req.round)
         if m is not None and m.formed is not None and m.formed.done() and not m.formed.cancelled():
-            # A group of this round formed, and its deadline has long passed, yet peers still ask
-            # for this round: nobody completed it (an owner vanished). Form it again.
-            if time.monotonic() > m.formed_at + m.formed.result().reduce_deadline_s + 2.0:
+            # A group of this round formed, and its deadline has long passed (or one of its own
+            # members asks again: members ask again only after giving the round up), yet peers
+            # still ask for this round: nobody completed it (an owner vanished). Form it again.
+            previous = m.formed.result()
+            if (previous.member(req.peer_id) is not None
+                    or time.monotonic() > m.formed_at + previous.reduce_deadline_s + 2.0):
                 log.info("round %d: the previous group did not complete it; forming a new one", req.round)
                 self._drop(req.round)
                 m = None
