@@ -66,6 +66,7 @@ class PeerWorker:
         from peer.codec import get_codec
 
         self.codec = get_codec(a.codec)
+        self._prepared = {0: self._inputs(0)}
         return {"peer_id": self.d.peer_id}
 
     def _phase(self, phase: str) -> float:
@@ -78,8 +79,10 @@ class PeerWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        mine = delta(a.seed, a.rank, r, a.params)
-        exact, bound_in = _exact_and_bound(a.seed, a.peers, r, a.params, self.codec)
+        # Inputs are built before the parent's barrier (the previous round prepared them), so
+        # that every peer starts the round at the same moment: building them after the release
+        # skewed the starts by up to ~0.1 s, which the matchmaking phase then showed as waiting.
+        mine, exact, bound_in = self._prepared.pop(r, None) or self._inputs(r)
         tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
         t0 = time.perf_counter()
@@ -94,8 +97,16 @@ class PeerWorker:
             # + float32 rounding of the average (the exact mean is float64).
             out["err_bound"] = (2 * bound_in + (self.codec.error_bound(exact.float()) if self.codec.lossy else 0.0)
                                 + float(exact.abs().max()) * 2.0**-22)
-        del torch
+        del torch, mine, exact
+        self._prepared[r + 1] = self._inputs(r + 1)
         return out
+
+    def _inputs(self, r: int) -> tuple:
+        from bench.deltas import delta
+
+        a = self.a
+        return (delta(a.seed, a.rank, r, a.params),
+                *_exact_and_bound(a.seed, a.peers, r, a.params, self.codec))
 
     async def teardown(self) -> None:
         try:
@@ -142,6 +153,7 @@ class GlooWorker:
         dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=a.rank, world_size=a.peers,
                                 timeout=datetime.timedelta(seconds=120))
         dist.barrier()
+        self._prepared = {0: self._inputs(0)}
         return {}
 
     async def do_round(self, r: int) -> dict:
@@ -150,16 +162,24 @@ class GlooWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        t = delta(a.seed, a.rank, r, a.params)
-        exact, _ = _exact_and_bound(a.seed, a.peers, r, a.params, None)
+        t, exact = self._prepared.pop(r, None) or self._inputs(r)  # built before the barrier (see PeerWorker)
         tx0 = read_tx_bytes(a.iface)
         t0 = time.perf_counter()
         dist.all_reduce(t)
         t.div_(a.peers)
         seconds = time.perf_counter() - t0
         tx1 = read_tx_bytes(a.iface)
-        return {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
-                "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
+        out = {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
+               "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
+        del t, exact
+        self._prepared[r + 1] = self._inputs(r + 1)
+        return out
+
+    def _inputs(self, r: int) -> tuple:
+        from bench.deltas import delta
+
+        a = self.a
+        return delta(a.seed, a.rank, r, a.params), _exact_and_bound(a.seed, a.peers, r, a.params, None)[0]
 
     async def teardown(self) -> None:
         import torch.distributed as dist
