@@ -127,12 +127,16 @@ class _BlockCodec(Codec):
         return payload.tobytes()
 
     def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32)
+        self._decode_into(view, out)
+        return out
+
+    def _decode_into(self, view: memoryview, out: torch.Tensor) -> None:
+        numel = out.numel()
         scales = self._read_scales(view, numel)
         body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
-        out = torch.empty(numel, dtype=torch.float32)
         for elems, rows, packed in self._chunks(numel):
             self._decode_chunk(body[packed], scales[rows], out[elems])
-        return out
 
     def _read_scales(self, view: memoryview, numel: int) -> torch.Tensor:
         """Parse and validate the scale prefix; a copy, so the payload buffer is not aliased."""

@@ -46,6 +46,9 @@ class Fp32Codec(Codec):
         values = np.frombuffer(view, dtype="<f4", count=numel).astype(np.float32)
         return torch.from_numpy(values)
 
+    def _decode_into(self, view: memoryview, out: torch.Tensor) -> None:
+        np.copyto(out.numpy(), np.frombuffer(view, dtype="<f4", count=out.numel()))
+
 
 class _HalfWidthCodec(Codec):
     """A 16-bit float format: 2 bytes a value, clamped to ``max_value``, round to nearest.

@@ -30,7 +30,7 @@ from peer.codec import all_finite
 from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
-from peer.sync.outer import outer_step
+from peer.sync.outer import outer_step_hashed
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
     no_hook,
@@ -533,13 +533,12 @@ class RoundDriver:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
         None if it made the parameters or momentum non-finite: never adopted, served or saved."""
         s = self._store.state
-        params, buf = outer_step(s.params, avg, s.momentum, lr=self._settings.outer_lr,
-                                 momentum=self._settings.outer_momentum)
-        if not (all_finite(params) and all_finite(buf)):
+        # One sweep: step, finiteness and the sha256 the next round's consistency check needs.
+        params, buf, digest, finite = outer_step_hashed(s.params, avg, s.momentum, lr=self._settings.outer_lr,
+                                                        momentum=self._settings.outer_momentum)
+        if not finite:
             return None
-        state = GlobalState(rnd + 1, params, buf)
-        state.global_hash  # noqa: B018 (computed here, then cached)
-        return state
+        return GlobalState(rnd + 1, params, buf).with_hash(digest)
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self.progress.failed += 1

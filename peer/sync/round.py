@@ -44,7 +44,7 @@ async def no_hook(phase: str, rnd: int) -> None:
 
 import torch
 
-from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
+from peer.codec import Codec, ErrorFeedback, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
@@ -346,8 +346,7 @@ class OwnedShard:
             raise RoundError("corrupt", f"part from {peer_id} does not decode: {exc}") from None
         finally:
             self._pending -= 1
-        if not all_finite(part):
-            raise RoundError("nonfinite", f"part from {peer_id} holds NaN or Inf")
+        # (decode refuses a payload that decodes to NaN or Inf: a CodecError above)
         if self.result.done():
             raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")
         self._parts[peer_id] = (weight, part)
@@ -547,14 +546,17 @@ class Reducer:
                                  + "; ".join(missing))
 
             def decode_all() -> torch.Tensor:
-                return torch.cat([codec.decode(p, m.shard_end - m.shard_start) for m, p in results])
+                # Each averaged shard straight into its slice of the one averaged delta: no
+                # per-shard tensors and no concatenation. decode_into refuses NaN/Inf per shard.
+                avg = torch.empty(group.numel, dtype=torch.float32)
+                for m, p in results:
+                    codec.decode_into(p, avg[m.shard_start:m.shard_end])
+                return avg
 
             try:
                 avg = await loop.run_in_executor(self._executor, decode_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
-            if not all_finite(avg):
-                raise RoundError("bad_reply", f"round {group.round}: an averaged shard holds NaN or Inf")
             if ef is not None and residual is not None:
                 ef.commit(residual)
             return avg, stats

@@ -39,6 +39,12 @@ class GlobalState:
         # decode_state build new ones), and peers ask for the hash on every status and join.
         return tensor_sha256(self.params)
 
+    def with_hash(self, digest: str) -> GlobalState:
+        """Record ``global_hash`` computed elsewhere (the outer step hashes the parameters as
+        it writes them, ``outer_step_hashed``); it must be ``tensor_sha256(params)``. Returns self."""
+        self.__dict__["global_hash"] = digest  # where cached_property keeps its value
+        return self
+
 
 def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytes:
     """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state)."""
