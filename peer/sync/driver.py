@@ -33,7 +33,7 @@ from peer.metrics import Metrics
 from peer.sync.outer import outer_step_hashed
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
-    no_hook,
+    no_hook, offload,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -508,7 +508,7 @@ class RoundDriver:
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
-        state = await loop.run_in_executor(self._executor, self._outer, rnd, avg)
+        state = await offload(self._executor, avg.numel(), self._outer, rnd, avg)
         if state is None:
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
