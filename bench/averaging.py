@@ -181,7 +181,10 @@ def shape_links(hosts, link: str) -> str:
 
 
 def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmup: int = 1,
-        link: str | None = None, seed: int = 0, timeout_s: float = 600.0, insecure: bool = False) -> dict:
+        link: str | None = None, seed: int = 0, timeout_s: float = 600.0, insecure: bool = False,
+        memory: bool = False) -> dict:
+    """``memory`` (peer only): workers hold what a real peer holds and report peak RSS instead
+    of the error against the exact mean (see ``bench.memory``)."""
     if peers < 2:
         raise BenchError("--peers must be >= 2")
     if system == "gloo" and codec != "fp32":
@@ -232,6 +235,8 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
                 common += ["--iface", iface]
             if result["tls"]:
                 common += ["--credentials", credentials]
+            if memory:
+                common += ["--memory"]
             if system == "hivemind":
                 cmd = [str(HIVEMIND_PYTHON), "-m", "bench._hm_worker", *common, *extra]
             else:
@@ -251,8 +256,7 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
             else:
                 for rank in range(peers):
                     workers.append(Worker(rank, argv(rank, []), log_dir, dict(env, BENCH_RANK=str(rank))))
-                for w in workers:
-                    w.expect("ready", min(deadline, time.monotonic() + 120))
+                ready = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers]
             per_round = []
             for r in range(warmup + rounds):
                 for w in workers:
@@ -269,6 +273,11 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
             for w in workers:
                 w.kill()
     result.update(_aggregate(system, peers, params, codec, per_round))
+    if memory and system == "peer":
+        result["ready_peak_rss_bytes"] = max(r.get("peak_rss_bytes", 0) for r in ready)
+        result["peak_rss_bytes"] = max(m["peak_rss_bytes"] for msgs in per_round for m in msgs)
+        for where in ("round", "snapshot"):
+            result[f"{where}_peak_rss_bytes"] = max(m[f"{where}_peak_rss_bytes"] for msgs in per_round for m in msgs)
     return result
 
 

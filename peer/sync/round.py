@@ -329,10 +329,11 @@ class OwnedShard:
         self._codec = codec
         self._executor = executor
         self._expected = {m.peer_id: m for m in group.members}
-        self._parts: dict[str, tuple[float, torch.Tensor]] = {}
+        self._parts: dict[str, tuple[float, torch.Tensor | None]] = {}  # tensors dropped once averaged
         self._pending = 0
         self.result: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
         self._finishing: asyncio.Future | None = None
+        self._averaging = False
         self._timer = asyncio.get_running_loop().call_later(cutoff_s, self._cutoff)
 
     @property
@@ -373,8 +374,9 @@ class OwnedShard:
             self.result.set_exception(RoundError("no_parts", "no part arrived before the owner's cut-off"))
 
     async def _finish(self) -> None:
-        if self.result.done():
-            return
+        if self.result.done() or self._averaging:
+            return  # (the cut-off and the last part can both get here: one averages)
+        self._averaging = True
         self._timer.cancel()
         order = sorted(self._parts)
         agg = self._aggregation
@@ -391,6 +393,10 @@ class OwnedShard:
             return self._codec.encode(result), sorted(outliers)
 
         payload, outliers = await offload(self._executor, self.numel * len(order), reduce)
+        # The decoded parts (4 bytes a parameter of the model over the group's shards) are not
+        # needed once averaged; the shard itself stays registered until the deadline, to answer
+        # late streams, and must not keep them alive that long.
+        self._parts = {p: (w, None) for p, (w, _) in self._parts.items()}
         for peer_id in outliers:
             self._on_rejected(peer_id, RoundError("norm_outlier", f"part of {peer_id} for shard "
                                                   f"{self.me.shard_start}-{self.me.shard_end} has a norm over "

@@ -7,9 +7,10 @@ loop never waits for the disk.
 
 Copies, and why: a ``GlobalState`` is immutable once built (``outer_step`` and
 ``decode_state`` make new tensors), so the current state is shared by reference with the
-round, donors and checkpoints. The one serialized snapshot (``encode_state``'s bytes) is built
-lazily, once per state, and kept until the next state is adopted: donors and the checkpoint
-writer both use it.
+round, donors and checkpoints. The one serialized snapshot (``encode_state``'s bytes, 8 bytes
+a parameter: params and momentum) is built lazily, once per state, and kept until a snapshot
+of a later state replaces it: donors and the checkpoint writer both use it. The previous
+snapshot is let go before the next is built, so at most one is held here.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class StateStore:
         with self._snapshot_lock:
             if self._snapshot is not None and self._snapshot[0] is state:
                 return self._snapshot[1]
+            # Let go of the previous snapshot (and the previous state it keeps alive) before
+            # building this one: a stream still serving it holds its own reference.
+            self._snapshot = None
             blob = encode_state(state)
             header = StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
                                  sha256=hashlib.sha256(blob).hexdigest(), format=FORMAT)

@@ -100,7 +100,9 @@ class InnerTrainer:
         self._task = task
         self._inner_lr = inner_lr
         model = init_model(task, seed)
-        self._initial = flatten_params(model)
+        # theta_0 is not kept (4 bytes a parameter for a value needed once): initial_params()
+        # rebuilds it from the seed.
+        self._seed = seed
         self._schema_hash = schema_hash(model)
         self._numel = param_count(model)
         self._model = model.to(self._device)
@@ -125,8 +127,9 @@ class InnerTrainer:
         return self._numel
 
     def initial_params(self) -> torch.Tensor:
-        """A copy of theta_0: flat float32 CPU params of ``init_model(task, seed)``."""
-        return self._initial.clone()
+        """theta_0, a new tensor: flat float32 CPU params of ``init_model(task, seed)`` (rebuilt
+        on every call, the same on every peer for the run's seed)."""
+        return flatten_params(init_model(self._task, self._seed))
 
     def schema_hash(self) -> str:
         return self._schema_hash
