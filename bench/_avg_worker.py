@@ -90,11 +90,13 @@ class PeerWorker:
             return await self._memory_round(r, mine)
         tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
+        cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         avg = await self.d.round_once(mine, 1.0)
         seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
         tx1 = read_tx_bytes(a.iface)
-        out = {"seconds": seconds, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
+        out = {"seconds": seconds, "cpu_s": cpu, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
                "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
         out.update({f"{p}_s": self._phase(p) - v for p, v in phases0.items()})
         if avg is not None:
@@ -154,6 +156,15 @@ def memory_status() -> dict:
             if key in ("VmHWM", "VmRSS"):
                 out["peak_rss_bytes" if key == "VmHWM" else "rss_bytes"] = int(value.split()[0]) * 1024
     return out
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all its threads: less sensitive to
+    other work on a shared machine than wall time."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def reset_peak() -> None:

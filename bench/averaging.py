@@ -306,6 +306,8 @@ def _aggregate(system: str, k: int, n: int, codec: str, per_round: list[list[dic
         out["expected_payload_bytes"] = 2 * (k - 1) / k * get_codec(codec).encoded_size(n)
         for phase in ("matchmaking", "reduce", "outer"):
             out[f"{phase}_median_s"] = statistics.median(max(m[f"{phase}_s"] for m in msgs) for msgs in per_round)
+    cpu = [statistics.mean(m["cpu_s"] for m in msgs) for msgs in per_round if all("cpu_s" in m for m in msgs)]
+    out["cpu_s_per_peer_median"] = statistics.median(cpu) if cpu else None
     out["per_round_s"] = secs
     return out
 
@@ -340,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['link']}{' (' + res['link_emulation'] + ')' if 'link_emulation' in res else ''}; {res['machine']}")
     print(f"  round s: median {res['median_s']:.3f}  min {res['min_s']:.3f}  max {res['max_s']:.3f}  "
           f"over {args.rounds} rounds after {args.warmup} warm-up; failed {res['rounds_failed']}")
+    if res.get("cpu_s_per_peer_median") is not None:
+        print(f"  CPU s per peer per round (user+sys, all threads; mean over peers, median over rounds): "
+              f"{res['cpu_s_per_peer_median']:.3f}")
     if system_phases := [k for k in ("matchmaking", "reduce", "outer") if f"{k}_median_s" in res]:
         print("  phases (median s): " + ", ".join(f"{k} {res[k + '_median_s']:.3f}" for k in system_phases))
     if res["bytes_sent_per_peer"] is not None:

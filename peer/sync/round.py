@@ -20,6 +20,15 @@ owner j and keeps its own. The owner averages what arrived by its cut-off (weigh
 encodes the average once and answers every stream with the same bytes; everyone, the owner
 included, applies ``decode(those bytes)``. So all members that complete the round apply the same
 averaged delta, bit for bit, whatever the codec.
+
+Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
+``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback,
+the corrected delta that becomes the next residual (4, beside the kept residual's 4, until
+``commit``); as an owner, the K decoded parts of its shard (K x N/K values: 4, dropped as soon
+as they are averaged, though the shard stays registered until the deadline for late streams)
+and their float64 mean in cache-sized chunks only; the averaged delta (4), decoded shard by
+shard straight into one tensor. The outer step then builds the next state (8: parameters and
+momentum) beside the current one, which donors may still be serving (``StateStore``).
 """
 
 from __future__ import annotations
