@@ -83,6 +83,10 @@ class StateStore:
         if state.params.numel() != self._numel:
             raise StateError(f"state has {state.params.numel()} parameters; this model has {self._numel}")
         self._state = state
+        # A snapshot of an older state is never served again (streams in flight hold their
+        # own reference): let it go, with the state it pins (16 bytes a parameter).
+        if self._snapshot is not None and self._snapshot[0] is not state:
+            self._snapshot = None
         self._on_adopt(state)
 
     def snapshot(self, state: GlobalState) -> tuple[StateHeader, bytes]:
