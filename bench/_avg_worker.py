@@ -28,6 +28,9 @@ def _args(argv=None):
     p.add_argument("--iface", default=None, help="interface whose tx_bytes to count (netns runs)")
     p.add_argument("--run-id", default="bench")
     p.add_argument("--credentials", default=None, help="run credentials (default: --insecure, no TLS)")
+    p.add_argument("--memory", action="store_true",
+                   help="peer: measure memory as a peer of a real run holds it (error feedback on, the donor "
+                        "snapshot built after every round as when a joiner asks); no exact mean is kept")
     return p.parse_args(argv)
 
 
@@ -49,7 +52,7 @@ class PeerWorker:
             "metrics_host": "127.0.0.1", "metrics_port": 0, "mdns": False,
             "peers": [x for i, x in enumerate(self.addresses) if i != a.rank],
             "codec": a.codec, "task": "bench.tasks:synthetic", "data": str(a.params), "state_dir": self.tmp,
-            "threads": 1, "error_feedback": False, "eval_every_rounds": 0, "checkpoint_interval_s": 0,
+            "threads": 1, "error_feedback": a.memory, "eval_every_rounds": 0, "checkpoint_interval_s": 0,
             "matchmaking_timeout_s": 30.0, "reduce_deadline_s": 120.0, "chunk_idle_timeout_s": 60.0,
             "startup_grace_s": 0.1,
         }, env={})
@@ -66,7 +69,8 @@ class PeerWorker:
         from peer.codec import get_codec
 
         self.codec = get_codec(a.codec)
-        return {"peer_id": self.d.peer_id}
+        self._prepared = {0: self._inputs(0)}
+        return {"peer_id": self.d.peer_id, **memory_status()}
 
     def _phase(self, phase: str) -> float:
         v = self.d.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
@@ -78,15 +82,21 @@ class PeerWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        mine = delta(a.seed, a.rank, r, a.params)
-        exact, bound_in = _exact_and_bound(a.seed, a.peers, r, a.params, self.codec)
+        # Inputs are built before the parent's barrier (the previous round prepared them), so
+        # that every peer starts the round at the same moment: building them after the release
+        # skewed the starts by up to ~0.1 s, which the matchmaking phase then showed as waiting.
+        mine, exact, bound_in = self._prepared.pop(r, None) or self._inputs(r)
+        if a.memory:
+            return await self._memory_round(r, mine)
         tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
+        cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         avg = await self.d.round_once(mine, 1.0)
         seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
         tx1 = read_tx_bytes(a.iface)
-        out = {"seconds": seconds, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
+        out = {"seconds": seconds, "cpu_s": cpu, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
                "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
         out.update({f"{p}_s": self._phase(p) - v for p, v in phases0.items()})
         if avg is not None:
@@ -94,8 +104,40 @@ class PeerWorker:
             # + float32 rounding of the average (the exact mean is float64).
             out["err_bound"] = (2 * bound_in + (self.codec.error_bound(exact.float()) if self.codec.lossy else 0.0)
                                 + float(exact.abs().max()) * 2.0**-22)
-        del torch
+        del torch, mine, exact
+        self._prepared[r + 1] = self._inputs(r + 1)
         return out
+
+    def _inputs(self, r: int) -> tuple:
+        from bench.deltas import delta
+
+        a = self.a
+        if a.memory:
+            return delta(a.seed, a.rank, r, a.params), None, None
+        return (delta(a.seed, a.rank, r, a.params),
+                *_exact_and_bound(a.seed, a.peers, r, a.params, self.codec))
+
+    async def _memory_round(self, r: int, mine) -> dict:
+        """A round, then the donor snapshot a joiner would ask for; peak RSS so far. This process
+        holds only what a peer holds (its delta) besides the daemon."""
+        phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
+        peak = memory_status()["peak_rss_bytes"]
+        reset_peak()
+        t0 = time.perf_counter()
+        avg = await self.d.round_once(mine, 1.0)
+        seconds = time.perf_counter() - t0
+        ok = avg is not None
+        del avg, mine
+        round_peak = memory_status()["peak_rss_bytes"]
+        reset_peak()
+        await self.d.store.async_snapshot()
+        snapshot_peak = memory_status()["peak_rss_bytes"]
+        self._prepared[r + 1] = self._inputs(r + 1)
+        return {"seconds": seconds, "ok": ok, "bytes_sent": None, "wire_tx_bytes": None, **memory_status(),
+                # The peak over the whole life of the process, and where this round's peaks were.
+                "peak_rss_bytes": max(peak, round_peak, snapshot_peak), "round_peak_rss_bytes": round_peak,
+                "snapshot_peak_rss_bytes": snapshot_peak,
+                **{f"{p}_s": self._phase(p) - v for p, v in phases0.items()}}
 
     async def teardown(self) -> None:
         try:
@@ -103,6 +145,32 @@ class PeerWorker:
                 await self.d.stop()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def memory_status() -> dict:
+    """This process's peak and current resident set size in bytes (``/proc/self/status``)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out["peak_rss_bytes" if key == "VmHWM" else "rss_bytes"] = int(value.split()[0]) * 1024
+    return out
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all its threads: less sensitive to
+    other work on a shared machine than wall time."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def reset_peak() -> None:
+    """Restart this process's peak RSS (VmHWM) at its current RSS (Linux ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _exact_and_bound(seed: int, k: int, r: int, n: int, codec) -> tuple:
@@ -142,6 +210,7 @@ class GlooWorker:
         dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=a.rank, world_size=a.peers,
                                 timeout=datetime.timedelta(seconds=120))
         dist.barrier()
+        self._prepared = {0: self._inputs(0)}
         return {}
 
     async def do_round(self, r: int) -> dict:
@@ -150,16 +219,24 @@ class GlooWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        t = delta(a.seed, a.rank, r, a.params)
-        exact, _ = _exact_and_bound(a.seed, a.peers, r, a.params, None)
+        t, exact = self._prepared.pop(r, None) or self._inputs(r)  # built before the barrier (see PeerWorker)
         tx0 = read_tx_bytes(a.iface)
         t0 = time.perf_counter()
         dist.all_reduce(t)
         t.div_(a.peers)
         seconds = time.perf_counter() - t0
         tx1 = read_tx_bytes(a.iface)
-        return {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
-                "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
+        out = {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
+               "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
+        del t, exact
+        self._prepared[r + 1] = self._inputs(r + 1)
+        return out
+
+    def _inputs(self, r: int) -> tuple:
+        from bench.deltas import delta
+
+        a = self.a
+        return delta(a.seed, a.rank, r, a.params), _exact_and_bound(a.seed, a.peers, r, a.params, None)[0]
 
     async def teardown(self) -> None:
         import torch.distributed as dist

@@ -52,12 +52,13 @@ def main(argv=None) -> int:
             averaged_tensors=[torch.zeros(a.params)], dht=dht, start=True, prefix=a.run_id.replace(".", "_"),
             target_group_size=a.peers, min_group_size=a.peers, min_matchmaking_time=2.0, request_timeout=1.0,
             compression=compression[a.codec])
+        state[("inputs", 0)] = inputs(0)
         return {"maddrs": [str(m) for m in dht.get_visible_maddrs()]}
 
     async def do_round(r: int) -> dict:
         avg = state["avg"]
-        mine = delta(a.seed, a.rank, r, a.params)
-        exact = exact_mean(a.seed, a.peers, r, a.params)
+        # Built before the parent's barrier (the previous round prepared them): every rank starts together.
+        mine, exact = state.pop(("inputs", r), None) or inputs(r)
         with avg.get_tensors() as tensors:
             tensors[0].copy_(mine)
         tx0 = read_tx_bytes(a.iface)
@@ -67,9 +68,15 @@ def main(argv=None) -> int:
         tx1 = read_tx_bytes(a.iface)
         with avg.get_tensors() as tensors:
             err = float((tensors[0].double() - exact).abs().max())
-        return {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
-                "ok": result is not None, "max_abs_err": err if result is not None else None,
-                "group_size": len(result) if result else 0}
+        out = {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
+               "ok": result is not None, "max_abs_err": err if result is not None else None,
+               "group_size": len(result) if result else 0}
+        del mine, exact
+        state[("inputs", r + 1)] = inputs(r + 1)
+        return out
+
+    def inputs(r: int) -> tuple:
+        return delta(a.seed, a.rank, r, a.params), exact_mean(a.seed, a.peers, r, a.params)
 
     async def teardown() -> None:
         if "avg" in state:

@@ -181,7 +181,10 @@ def shape_links(hosts, link: str) -> str:
 
 
 def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmup: int = 1,
-        link: str | None = None, seed: int = 0, timeout_s: float = 600.0, insecure: bool = False) -> dict:
+        link: str | None = None, seed: int = 0, timeout_s: float = 600.0, insecure: bool = False,
+        memory: bool = False) -> dict:
+    """``memory`` (peer only): workers hold what a real peer holds and report peak RSS instead
+    of the error against the exact mean (see ``bench.memory``)."""
     if peers < 2:
         raise BenchError("--peers must be >= 2")
     if system == "gloo" and codec != "fp32":
@@ -232,6 +235,8 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
                 common += ["--iface", iface]
             if result["tls"]:
                 common += ["--credentials", credentials]
+            if memory:
+                common += ["--memory"]
             if system == "hivemind":
                 cmd = [str(HIVEMIND_PYTHON), "-m", "bench._hm_worker", *common, *extra]
             else:
@@ -251,8 +256,7 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
             else:
                 for rank in range(peers):
                     workers.append(Worker(rank, argv(rank, []), log_dir, dict(env, BENCH_RANK=str(rank))))
-                for w in workers:
-                    w.expect("ready", min(deadline, time.monotonic() + 120))
+                ready = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers]
             per_round = []
             for r in range(warmup + rounds):
                 for w in workers:
@@ -269,6 +273,11 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
             for w in workers:
                 w.kill()
     result.update(_aggregate(system, peers, params, codec, per_round))
+    if memory and system == "peer":
+        result["ready_peak_rss_bytes"] = max(r.get("peak_rss_bytes", 0) for r in ready)
+        result["peak_rss_bytes"] = max(m["peak_rss_bytes"] for msgs in per_round for m in msgs)
+        for where in ("round", "snapshot"):
+            result[f"{where}_peak_rss_bytes"] = max(m[f"{where}_peak_rss_bytes"] for msgs in per_round for m in msgs)
     return result
 
 
@@ -297,6 +306,8 @@ def _aggregate(system: str, k: int, n: int, codec: str, per_round: list[list[dic
         out["expected_payload_bytes"] = 2 * (k - 1) / k * get_codec(codec).encoded_size(n)
         for phase in ("matchmaking", "reduce", "outer"):
             out[f"{phase}_median_s"] = statistics.median(max(m[f"{phase}_s"] for m in msgs) for msgs in per_round)
+    cpu = [statistics.mean(m["cpu_s"] for m in msgs) for msgs in per_round if all("cpu_s" in m for m in msgs)]
+    out["cpu_s_per_peer_median"] = statistics.median(cpu) if cpu else None
     out["per_round_s"] = secs
     return out
 
@@ -331,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['link']}{' (' + res['link_emulation'] + ')' if 'link_emulation' in res else ''}; {res['machine']}")
     print(f"  round s: median {res['median_s']:.3f}  min {res['min_s']:.3f}  max {res['max_s']:.3f}  "
           f"over {args.rounds} rounds after {args.warmup} warm-up; failed {res['rounds_failed']}")
+    if res.get("cpu_s_per_peer_median") is not None:
+        print(f"  CPU s per peer per round (user+sys, all threads; mean over peers, median over rounds): "
+              f"{res['cpu_s_per_peer_median']:.3f}")
     if system_phases := [k for k in ("matchmaking", "reduce", "outer") if f"{k}_median_s" in res]:
         print("  phases (median s): " + ", ".join(f"{k} {res[k + '_median_s']:.3f}" for k in system_phases))
     if res["bytes_sent_per_peer"] is not None:

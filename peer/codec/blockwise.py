@@ -40,6 +40,7 @@ if sys.byteorder != "little":  # scales are written through native float32 views
     raise ImportError("peer.codec.blockwise supports little-endian hosts only")
 
 _F32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal, 2**-126
+_F32_MAX = float(torch.finfo(torch.float32).max)
 # Absolute slack for blocks whose scale is subnormal (scale rounding up to 2**-150, clamping):
 # a few hundred times the smallest subnormal; irrelevant for any real tensor.
 _ABS_SLACK = 2.0**-140
@@ -132,12 +133,16 @@ class _BlockCodec(Codec):
         return payload.tobytes()
 
     def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32)
+        self._decode_into(view, out)
+        return out
+
+    def _decode_into(self, view: memoryview, out: torch.Tensor) -> None:
+        numel = out.numel()
         scales = self._read_scales(view, numel)
         body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
-        out = torch.empty(numel, dtype=torch.float32)
         for elems, rows, packed in self._chunks(numel):
             self._decode_chunk(body[packed], scales[rows], out[elems])
-        return out
 
     def _read_scales(self, view: memoryview, numel: int) -> torch.Tensor:
         """Parse and validate the scale prefix; a copy, so the payload buffer is not aliased."""
@@ -199,13 +204,22 @@ class _AbsmaxCodec(_BlockCodec):
     def _quantize(self, x: torch.Tensor, scales: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         """Write per-block scales; return ``round(x / scale)`` in ``[-qmax, qmax]`` in ``work``."""
         torch.div(_block_absmax(x, self.block), self.qmax, out=scales)
-        # Near float32 max, scale * qmax can round up to infinity; step such scales down one ulp
-        # so the decoder never overflows (x / scale then rounds to qmax, still within the bound).
-        overflow = torch.isinf(scales * self.qmax) & torch.isfinite(scales)
-        if bool(overflow.any()):
-            lowered = torch.nextafter(scales, torch.zeros_like(scales))
-            scales.copy_(torch.where(overflow, lowered, scales))
-        divisors = torch.where(scales > 0, scales, torch.ones_like(scales))  # zero block -> q = 0
+        # The rare cases below are found from the scales' extremes (one reduction) and only
+        # then checked exactly: for small tensors each extra op cost more than the quantizing.
+        # (NaN input makes an extreme NaN: the slow paths run, and the caller rejects it.)
+        lo, hi = (float(v) for v in torch.aminmax(scales))
+        if not hi * self.qmax < _F32_MAX / 2:  # (in float64: a float32 overflow is checked exactly below)
+            # Near float32 max, scale * qmax can round up to infinity; step such scales down
+            # one ulp so the decoder never overflows (x / scale then rounds to qmax, still
+            # within the bound).
+            overflow = torch.isinf(scales * self.qmax) & torch.isfinite(scales)
+            if bool(overflow.any()):
+                lowered = torch.nextafter(scales, torch.zeros_like(scales))
+                scales.copy_(torch.where(overflow, lowered, scales))
+        if lo > 0:
+            divisors = scales
+        else:
+            divisors = torch.where(scales > 0, scales, torch.ones_like(scales))  # zero block -> q = 0
         q = work[: x.numel()]
         for (src, rows), (dst, _) in zip(_block_views(x, self.block), _block_views(q, self.block)):
             torch.div(src, divisors[rows, None], out=dst)
@@ -213,7 +227,7 @@ class _AbsmaxCodec(_BlockCodec):
         # A subnormal scale is rounded coarsely, so x / scale may exceed qmax; normal scales
         # cannot (x / scale <= qmax * (1 + 2**-23) rounds to qmax), so skip the pass then.
         # NaN input leaves NaN here; the caller rejects it by its scale.
-        if bool(((scales > 0) & (scales < _F32_TINY)).any()):
+        if not lo >= _F32_TINY and bool(((scales > 0) & (scales < _F32_TINY)).any()):
             q.clamp_(-self.qmax, self.qmax)
         return q
 

@@ -53,6 +53,9 @@ class Fp32Codec(Codec):
     def _decode_torch(self, view: memoryview, numel: int, device: torch.device) -> torch.Tensor:
         return payload_to(view, device).view(torch.float32)
 
+    def _decode_into(self, view: memoryview, out: torch.Tensor) -> None:
+        np.copyto(out.numpy(), np.frombuffer(view, dtype="<f4", count=out.numel()))
+
 
 class _HalfWidthCodec(Codec):
     """A 16-bit float format: 2 bytes a value, clamped to ``max_value``, round to nearest.

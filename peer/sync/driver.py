@@ -31,10 +31,10 @@ from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.confirm import AnswerChecks
-from peer.sync.outer import outer_step
+from peer.sync.outer import outer_step_hashed
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
-    no_hook,
+    no_hook, offload,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -611,7 +611,7 @@ class RoundDriver:
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
-        state = await loop.run_in_executor(self._executor, self._outer, rnd, avg)
+        state = await offload(self._executor, avg.numel(), self._outer, rnd, avg)
         if state is None:
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
@@ -636,14 +636,13 @@ class RoundDriver:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
         None if it made the parameters or momentum non-finite: never adopted, served or saved."""
         s = self._store.state
-        params, buf = outer_step(s.params, avg, s.momentum, lr=self._settings.outer_lr,
-                                 momentum=self._settings.outer_momentum, param_numel=self._param_numel,
-                                 int_slices=self._int_slices)
-        if not (all_finite(params) and all_finite(buf)):
+        # One sweep: step, finiteness and the sha256 the next round's consistency check needs.
+        params, buf, digest, finite = outer_step_hashed(s.params, avg, s.momentum, lr=self._settings.outer_lr,
+                                                        momentum=self._settings.outer_momentum,
+                                                        param_numel=self._param_numel, int_slices=self._int_slices)
+        if not finite:
             return None
-        state = GlobalState(rnd + 1, params, buf)
-        state.global_hash  # noqa: B018 (computed here, then cached)
-        return state
+        return GlobalState(rnd + 1, params, buf).with_hash(digest)
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self.progress.failed += 1

@@ -14,6 +14,7 @@ parameters first). Buffers are not optimized: they take the group's plain averag
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -34,22 +35,84 @@ def outer_step(
     if not (params.shape == grad.shape == momentum_buf.shape):
         raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
                          f"buf {tuple(momentum_buf.shape)}")
-    # Two fresh tensors instead of three: at 10M parameters each allocation costs more page
-    # faults than its arithmetic.
+    # Two fresh tensors (the state is immutable: donors and checkpoints may still hold the old
+    # one) and three passes, no temporary: at 10M parameters each allocation costs about as
+    # much in page faults as a pass of arithmetic. theta - lr*g - lr*momentum*buf' is the
+    # Nesterov step written as two fused multiply-adds; every peer runs these same ops.
     buf = torch.add(grad, momentum_buf, alpha=momentum)
-    new_params = torch.add(grad, buf, alpha=momentum)          # the Nesterov update ...
-    new_params.mul_(-lr).add_(params)                          # ... becomes theta - lr * update
+    new_params = torch.add(params, grad, alpha=-lr)
+    new_params.add_(buf, alpha=-lr * momentum)
+    n = _param_numel(params, param_numel)
+    if n < params.numel():
+        _buffers_step(params, grad, new_params, buf, n, int_slices)
+    return new_params, buf
+
+
+OUTER_CHUNK = 1 << 18
+"""Elements per chunk of ``outer_step_hashed`` (1 MiB of float32: the chunk stays in cache
+between the step, the finiteness check and the hash)."""
+
+
+def _param_numel(params: torch.Tensor, param_numel: int | None) -> int:
     n = params.numel() if param_numel is None else param_numel
     if not 0 <= n <= params.numel():
         raise ValueError(f"param_numel {n} outside [0, {params.numel()}]")
-    if n < params.numel():
-        new_params[n:] = params[n:] - grad[n:]
-        buf[n:] = 0
-        for start, stop in int_slices:
-            if not n <= start <= stop <= params.numel():
-                raise ValueError(f"integer buffer slice ({start}, {stop}) outside the buffers [{n}, {params.numel()})")
-            new_params[start:stop].round_()
-    return new_params, buf
+    return n
+
+
+def _buffers_step(params: torch.Tensor, grad: torch.Tensor, new_params: torch.Tensor, buf: torch.Tensor, n: int,
+                  int_slices: tuple[tuple[int, int], ...]) -> None:
+    """The buffers' part of the step, in place on ``new_params[n:]`` and ``buf[n:]``: the plain
+    average (theta - g), no momentum, integer slices rounded."""
+    torch.sub(params[n:], grad[n:], out=new_params[n:])
+    buf[n:] = 0
+    for start, stop in int_slices:
+        if not n <= start <= stop <= params.numel():
+            raise ValueError(f"integer buffer slice ({start}, {stop}) outside the buffers [{n}, {params.numel()})")
+        new_params[start:stop].round_()
+
+
+def outer_step_hashed(
+    params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, lr: float, momentum: float,
+    param_numel: int | None = None, int_slices: tuple[tuple[int, int], ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
+    """``outer_step`` (the same ops, so the same bits), the sha256 hex of the new parameters
+    (``tensor_sha256(new_params)``) and whether the new parameters and buffer are all finite,
+    in one sweep over memory: chunk by chunk, each new chunk is checked and hashed while it is
+    still in cache, instead of four more passes over the whole state. Inputs are not modified.
+    Any thread."""
+    if not (params.shape == grad.shape == momentum_buf.shape) or params.dim() != 1:
+        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
+                         f"buf {tuple(momentum_buf.shape)}")
+    total = params.numel()
+    n = _param_numel(params, param_numel)
+    new_params, buf = torch.empty_like(params), torch.empty_like(momentum_buf)
+    if n < total:
+        _buffers_step(params, grad, new_params, buf, n, int_slices)
+    h = hashlib.sha256()
+    finite = True
+    bytes_of = memoryview(new_params.numpy()).cast("B")
+    chunks = [(a, min(n, a + OUTER_CHUNK)) for a in range(0, n, OUTER_CHUNK)]
+    chunks += [(a, min(total, a + OUTER_CHUNK)) for a in range(n, total, OUTER_CHUNK)]
+    for start, stop in chunks:
+        if start >= n:  # the buffers, already stepped: check and hash only
+            p = new_params[start:stop]
+            if finite:
+                lo, hi = torch.aminmax(p)
+                finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
+            h.update(bytes_of[4 * start:4 * stop])
+            continue
+        g, b, p = grad[start:stop], buf[start:stop], new_params[start:stop]
+        torch.add(g, momentum_buf[start:stop], alpha=momentum, out=b)
+        torch.add(params[start:stop], g, alpha=-lr, out=p)
+        p.add_(b, alpha=-lr * momentum)
+        if finite:
+            # min/max are NaN when a NaN is present; an Inf shows as an infinite extreme.
+            lo, hi = torch.aminmax(p)
+            blo, bhi = torch.aminmax(b)
+            finite = all(math.isfinite(float(v)) for v in (lo, hi, blo, bhi))
+        h.update(bytes_of[4 * start:4 * stop])
+    return new_params, buf, h.hexdigest(), finite
 
 
 def tensor_sha256(*tensors: torch.Tensor) -> str:

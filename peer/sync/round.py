@@ -20,6 +20,15 @@ owner j and keeps its own. The owner averages what arrived by its cut-off (weigh
 encodes the average once and answers every stream with the same bytes; everyone, the owner
 included, applies ``decode(those bytes)``. So all members that complete the round apply the same
 averaged delta, bit for bit, whatever the codec.
+
+Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
+``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback,
+the corrected delta that becomes the next residual (4, beside the kept residual's 4, until
+``commit``); as an owner, the K decoded parts of its shard (K x N/K values: 4, dropped as soon
+as they are averaged, though the shard stays registered until the deadline for late streams)
+and their float64 mean in cache-sized chunks only; the averaged delta (4), decoded shard by
+shard straight into one tensor. The outer step then builds the next state (8: parameters and
+momentum) beside the current one, which donors may still be serving (``StateStore``).
 """
 
 from __future__ import annotations
@@ -45,13 +54,27 @@ async def no_hook(phase: str, rnd: int) -> None:
 
 import torch
 
-from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
+from peer.codec import Codec, ErrorFeedback, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
 from peer.sync.confirm import answer_digest
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
 log = logging.getLogger(__name__)
+
+
+INLINE_NUMEL = 1 << 15
+"""Codec and averaging work on at most this many values runs on the loop itself (tens of
+microseconds: int8 encodes or decodes ~1 GB/s a thread here). Handing it to the executor costs a
+thread hand-off and a wake-up each way, more than the work for small models: a round of the
+9.6k-parameter digits model made five such hops per peer."""
+
+
+async def offload(executor: Executor, numel: int, fn: Callable, *args):
+    """``fn(*args)`` on ``executor``, or inline when it works on at most ``INLINE_NUMEL`` values."""
+    if numel <= INLINE_NUMEL:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 class PeerClient(Protocol):
@@ -351,10 +374,11 @@ class OwnedShard:
         self._codec = codec
         self._executor = executor
         self._expected = {m.peer_id: m for m in group.members}
-        self._parts: dict[str, tuple[float, torch.Tensor]] = {}
+        self._parts: dict[str, tuple[float, torch.Tensor | None]] = {}  # tensors dropped once averaged
         self._pending = 0
         self.result: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
         self._finishing: asyncio.Future | None = None
+        self._averaging = False
         self._timer = asyncio.get_running_loop().call_later(cutoff_s, self._cutoff)
 
     @property
@@ -376,14 +400,12 @@ class OwnedShard:
                              f"{self._expected[peer_id].weight}")
         self._pending += 1
         try:
-            loop = asyncio.get_running_loop()
-            part = await loop.run_in_executor(self._executor, self._codec.decode, payload, self.numel)
+            part = await offload(self._executor, self.numel, self._codec.decode, payload, self.numel)
         except CodecError as exc:
             raise RoundError("corrupt", f"part from {peer_id} does not decode: {exc}") from None
         finally:
             self._pending -= 1
-        if not all_finite(part):
-            raise RoundError("nonfinite", f"part from {peer_id} holds NaN or Inf")
+        # (decode refuses a payload that decodes to NaN or Inf: a CodecError above)
         if self.result.done():
             raise RoundError("late", f"part from {peer_id} arrived after the owner's cut-off")
         self._parts[peer_id] = (weight, part)
@@ -397,15 +419,15 @@ class OwnedShard:
             self.result.set_exception(RoundError("no_parts", "no part arrived before the owner's cut-off"))
 
     async def _finish(self) -> None:
-        if self.result.done():
-            return
+        if self.result.done() or self._averaging:
+            return  # (the cut-off and the last part can both get here: one averages)
+        self._averaging = True
         self._timer.cancel()
         order = sorted(self._parts)
         agg = self._aggregation
         # One member's claim of many samples buys it at most weight_cap_factor x the median.
         capped = dict(zip([m.peer_id for m in self.group.members],
                           cap_weights([m.weight for m in self.group.members], agg.weight_cap_factor)))
-        loop = asyncio.get_running_loop()
 
         def reduce() -> tuple[bytes, list[str]]:
             parts = [self._parts[p][1] for p in order]
@@ -415,7 +437,11 @@ class OwnedShard:
                                agg.trim_fraction)
             return self._codec.encode(result), sorted(outliers)
 
-        payload, outliers = await loop.run_in_executor(self._executor, reduce)
+        payload, outliers = await offload(self._executor, self.numel * len(order), reduce)
+        # The decoded parts (4 bytes a parameter of the model over the group's shards) are not
+        # needed once averaged; the shard itself stays registered until the deadline, to answer
+        # late streams, and must not keep them alive that long.
+        self._parts = {p: (w, None) for p, (w, _) in self._parts.items()}
         for peer_id in outliers:
             self._on_rejected(peer_id, RoundError("norm_outlier", f"part of {peer_id} for shard "
                                                   f"{self.me.shard_start}-{self.me.shard_end} has a norm over "
@@ -546,7 +572,7 @@ class Reducer:
                 return [codec.encode(delta[s:e]) for s, e in bounds], None
             return ef.encode_shards(delta, bounds)
 
-        payloads, residual = await loop.run_in_executor(self._executor, encode_all)
+        payloads, residual = await offload(self._executor, delta.numel(), encode_all)
         stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
         # The owner stops waiting for parts at a share of the deadline, so that its answer
         # reaches every member before their own deadline.
@@ -586,22 +612,24 @@ class Reducer:
             factor = self._aggregation.norm_outlier_factor
 
             def decode_all() -> tuple[torch.Tensor, list[str], list[tuple[str, float, float]]]:
-                shards = [codec.decode(p, m.shard_end - m.shard_start) for m, p in results]
+                # Each averaged shard straight into its slice of the one averaged delta: no
+                # per-shard tensors and no concatenation. decode_into refuses NaN/Inf per shard.
+                avg = torch.empty(group.numel, dtype=torch.float32)
                 too_large = []
-                for (m, _), shard in zip(results, shards):
+                for m, p in results:
+                    shard = avg[m.shard_start:m.shard_end]
+                    codec.decode_into(p, shard)
                     own = float(torch.linalg.vector_norm(delta[m.shard_start:m.shard_end], dtype=torch.float64))
                     limit = answer_limit(own, len(group.members), factor) if weight > 0 else None
                     norm = float(torch.linalg.vector_norm(shard, dtype=torch.float64))
                     if limit is not None and norm > limit:
                         too_large.append((m.peer_id, norm, limit))
-                return torch.cat(shards), [answer_digest(p) for _, p in results], too_large
+                return avg, [answer_digest(p) for _, p in results], too_large
 
             try:
-                avg, stats.answer_digests, too_large = await loop.run_in_executor(self._executor, decode_all)
+                avg, stats.answer_digests, too_large = await offload(self._executor, group.numel, decode_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
-            if not all_finite(avg):
-                raise RoundError("bad_reply", f"round {group.round}: an averaged shard holds NaN or Inf")
             if too_large:
                 # Treated as missing: this member fails the round and resyncs.
                 raise RoundError("answer_norm", f"round {group.round}: the averaged shard of "

@@ -52,25 +52,43 @@ class GlobalState:
         # decode_state build new ones), and peers ask for the hash on every status and join.
         return tensor_sha256(self.params)
 
+    def with_hash(self, digest: str) -> GlobalState:
+        """Record ``global_hash`` computed elsewhere (the outer step hashes the parameters as
+        it writes them, ``outer_step_hashed``); it must be ``tensor_sha256(params)``. Returns self."""
+        self.__dict__["global_hash"] = digest  # where cached_property keeps its value
+        return self
 
-def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+
+def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytearray:
     """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state)."""
-    tensors = {"params": state.params, "momentum": state.momentum, **(extra or {})}
-    table, blobs, offset = [], [], 0
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
+               for name, t in {"params": state.params, "momentum": state.momentum, **(extra or {})}.items()}
+    table, offset = [], 0
     for name, t in tensors.items():
-        data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        table.append({"name": name, "offset": offset, "nbytes": len(data), "shape": list(t.shape)})
-        blobs.append(data)
-        offset += len(data)
+        table.append({"name": name, "offset": offset, "nbytes": 4 * t.numel(), "shape": list(t.shape)})
+        offset += 4 * t.numel()
     header = json.dumps({
         "format": FORMAT, "round": state.round, "numel": state.params.numel(),
         "global_hash": state.global_hash, "tensors": table,
     }).encode()
-    return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *blobs])
+    # One buffer, each tensor copied in once: the blob is the only copy this makes (building
+    # per-tensor bytes and joining them held the state twice over, 16 bytes a parameter).
+    # JSON allows trailing spaces: pad the header so that the tensors start 64-byte aligned in
+    # the blob (a joiner's tensors use the received blob's memory as they are).
+    header += b" " * (-(len(MAGIC) + 8 + len(header)) % 64)
+    prefix = MAGIC + struct.pack("<Q", len(header)) + header
+    blob = bytearray(len(prefix) + offset)
+    blob[: len(prefix)] = prefix
+    for entry, t in zip(table, tensors.values()):
+        start = len(prefix) + entry["offset"]
+        blob[start : start + entry["nbytes"]] = memoryview(t.numpy()).cast("B")
+    return blob
 
 
-def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dict[str, torch.Tensor]]:
-    """Parse a state blob for a model of ``numel`` parameters; raise StateError if it does not fit."""
+def decode_state(blob: bytes | bytearray | memoryview, numel: int) -> tuple[GlobalState, dict[str, torch.Tensor]]:
+    """Parse a state blob for a model of ``numel`` parameters; raise StateError if it does not fit.
+    The tensors share a writable ``blob``'s memory (the caller must not reuse it), and copy a
+    read-only one."""
     view = memoryview(blob)
     if len(view) < len(MAGIC) + 8 or bytes(view[: len(MAGIC)]) != MAGIC:
         raise StateError("not a peer state blob (bad magic)")
@@ -105,7 +123,11 @@ def decode_state(blob: bytes | memoryview, numel: int) -> tuple[GlobalState, dic
             count *= s
         if off < 0 or nbytes != 4 * count or off + nbytes > len(body):
             raise StateError(f"state tensor {name!r} ({nbytes} bytes at {off}) does not fit the blob")
-        tensors[name] = torch.frombuffer(bytearray(body[off : off + nbytes]), dtype=torch.float32).reshape(shape)
+        piece = body[off : off + nbytes]
+        # A writable blob (a donor's stream reassembled into a bytearray) is not used again:
+        # the tensors take its memory as it is. A read-only one (bytes) is copied.
+        tensors[name] = torch.frombuffer(piece if not piece.readonly else bytearray(piece),
+                                         dtype=torch.float32).reshape(shape) if nbytes else torch.empty(shape)
     params, momentum = tensors.pop("params", None), tensors.pop("momentum", None)
     if params is None or momentum is None or params.numel() != numel or momentum.numel() != numel:
         raise StateError("state lacks params/momentum of the model's size")

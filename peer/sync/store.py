@@ -8,8 +8,10 @@ loop never waits for the disk.
 Copies, and why: a ``GlobalState`` is immutable once built (``outer_step`` and
 ``decode_state`` make new tensors), so the current state is shared by reference with the
 round, donors and checkpoints. The one serialized snapshot for donors (``encode_state``'s
-bytes) is built lazily, once per state, and kept until the next state is adopted; a checkpoint
-is serialized (as safetensors) when it is written.
+bytes, 8 bytes a value: the state and its momentum) is built lazily, once per state, and kept
+until a snapshot of a later state replaces it; the previous one is let go before the next is
+built, so at most one is held here. A checkpoint is serialized (as safetensors) when it is
+written.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class StateStore:
         if state.params.numel() != self._numel:
             raise StateError(f"state has {state.params.numel()} parameters; this model has {self._numel}")
         self._state = state
+        # A snapshot of an older state is never served again (streams in flight hold their
+        # own reference): let it go, with the state it pins (16 bytes a parameter).
+        if self._snapshot is not None and self._snapshot[0] is not state:
+            self._snapshot = None
         self._on_adopt(state)
 
     def snapshot(self, state: GlobalState) -> tuple[StateHeader, bytes]:
@@ -102,6 +108,9 @@ class StateStore:
         with self._snapshot_lock:
             if self._snapshot is not None and self._snapshot[0] is state:
                 return self._snapshot[1]
+            # Let go of the previous snapshot (and the previous state it keeps alive) before
+            # building this one: a stream still serving it holds its own reference.
+            self._snapshot = None
             blob = encode_state(state)
             header = StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
                                  sha256=hashlib.sha256(blob).hexdigest(), format=FORMAT)

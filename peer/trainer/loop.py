@@ -123,7 +123,9 @@ class InnerTrainer:
         self._next_step: int | None = None  # the global step after the last phase (None: none yet)
         model = init_model(task, seed)
         self._layout = state_layout(model)
-        self._initial = flatten_state(model)
+        # theta_0 is not kept (4 bytes a value for a value needed once): initial_params()
+        # rebuilds it from the seed.
+        self._seed = seed
         self._schema_hash = schema_hash(model)
         self._numel = self._layout.numel
         self._model = model.to(self._device)
@@ -153,8 +155,9 @@ class InnerTrainer:
         return self._layout
 
     def initial_params(self) -> torch.Tensor:
-        """A copy of theta_0: the flat float32 CPU state of ``init_model(task, seed)``."""
-        return self._initial.clone()
+        """theta_0, a new tensor: the flat float32 CPU state of ``init_model(task, seed)``
+        (rebuilt on every call, the same on every peer for the run's seed)."""
+        return flatten_state(init_model(self._task, self._seed))
 
     def schema_hash(self) -> str:
         return self._schema_hash

@@ -47,13 +47,14 @@ async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str
         if msg.WhichOneof("kind") != field:
             raise RoundError("malformed", f"{what}: expected a chunk, got {msg.WhichOneof('kind')}")
         chunk = msg.chunk
-        n = len(chunk.data)
+        data = chunk.data  # each access of a bytes field copies it out of the message (upb)
+        n = len(data)
         if chunk.offset != received:
             raise RoundError("malformed", f"{what}: chunk at offset {chunk.offset}, expected {received}")
         if n == 0 or n > MAX_CHUNK_BYTES:
             raise RoundError("oversized", f"{what}: chunk of {n} bytes (limit 1..{MAX_CHUNK_BYTES})")
         if received + n > total_bytes:
             raise RoundError("oversized", f"{what}: {received + n} bytes exceed the announced {total_bytes}")
-        buf[received : received + n] = chunk.data
+        buf[received : received + n] = data
         received += n
     return buf  # not bytes(buf): that would copy the whole payload once more

@@ -49,6 +49,19 @@ def _check_averaging(out: dict, peers: int, params: int, bits: int) -> None:
     assert out["max_abs_err"] is not None and out["max_abs_err"] >= 0
 
 
+def test_memory_bench():
+    # Execute: two small models, so the slope is a per-parameter cost
+    out = bench("memory", "--params", "200000,2000000", "--rounds", "1", timeout=240)
+    # Assert: complete and sane (at these sizes the allocator's thresholds, not the peer's
+    # copies, decide the slope; the per-parameter figure is for N in the millions)
+    rows = out["rows"]
+    assert [r["params"] for r in rows] == [200000, 2000000]
+    assert all(r["peak_rss_bytes"] >= r["round_peak_rss_bytes"] > 0 for r in rows)
+    assert all(r["peak_rss_bytes"] >= r["ready_peak_rss_bytes"] > 0 for r in rows)
+    # every peer holds at least its state (params + momentum) and its delta: 12 bytes a parameter
+    assert out["bytes_per_param"] > 12
+
+
 @pytest.mark.parametrize("codec", ["int8", "fp32"])
 def test_averaging_peer(codec):
     out = bench("averaging", "--system", "peer", "--peers", "2", "--params", "20000", "--codec", codec,

@@ -224,6 +224,42 @@ def test_decode_accepts_bytes_bytearray_memoryview(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
+def test_decode_into_slices_equals_decode_bit_for_bit(name: str) -> None:
+    # Prepare: three shards of one tensor, as the all-reduce decodes the averaged shards
+    codec = get_codec(name)
+    x = _randn(5000, seed=3)
+    bounds = [(0, 1000), (1000, 1001), (1001, 5000)]
+    payloads = [codec.encode(x[s:e]) for s, e in bounds]
+    out = torch.full((5000,), 123.0)
+
+    # Execute
+    for (s, e), p in zip(bounds, payloads):
+        codec.decode_into(memoryview(p), out[s:e])
+
+    # Assert
+    assert torch.equal(out, torch.cat([codec.decode(p, e - s) for (s, e), p in zip(bounds, payloads)]))
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_decode_into_refuses_a_wrong_size_or_target_and_non_finite_values(name: str) -> None:
+    # Prepare
+    codec = get_codec(name)
+    data = codec.encode(_randn(300))
+    poisoned = np.array([1.0, math.inf], dtype="<f4").tobytes()
+
+    # Execute / Assert
+    with pytest.raises(CodecError, match="expected"):
+        codec.decode_into(data, torch.empty(250))
+    with pytest.raises(CodecError, match="contiguous 1-D float32"):
+        codec.decode_into(data, torch.empty(600)[::2])
+    with pytest.raises(CodecError, match="contiguous 1-D float32"):
+        codec.decode_into(data, torch.empty(300, dtype=torch.float64))
+    if name == "fp32":
+        with pytest.raises(CodecError, match="non-finite"):
+            codec.decode_into(poisoned, torch.empty(2))
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
 def test_decode_rejects_wrong_size_naming_both_sizes(name: str) -> None:
     # Prepare
     codec = get_codec(name)

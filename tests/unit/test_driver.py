@@ -432,6 +432,8 @@ async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path,
 async def test_a_nonfinite_outer_step_is_never_adopted(tmp_path, pool):
     net = _swarm(tmp_path, pool, 1)
     node = net["p15"]
+    # a finite but huge outer momentum: with a huge delta, momentum * buf + delta overflows
+    node.store.adopt(GlobalState(0, node.store.state.params, torch.full((NUMEL,), 3e38)))
     before = node.store.state
     huge = torch.full((NUMEL,), 3e38)
     # alone, the group is of one: its own average is its delta; the outer step overflows

@@ -7,7 +7,7 @@ import torch
 
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
-from peer.sync.outer import outer_step, tensor_sha256
+from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, tensor_sha256
 from peer.sync.round import shard_bounds
 from peer.sync.state import GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
 
@@ -50,6 +50,34 @@ def test_outer_step_leaves_inputs_alone_and_is_deterministic():
     assert tensor_sha256(*a) == tensor_sha256(*b)
     with pytest.raises(ValueError, match="shape"):
         outer_step(theta, torch.ones(3), buf, lr=0.3, momentum=0.9)
+
+
+@pytest.mark.parametrize("n", [1, 1000, OUTER_CHUNK, 2 * OUTER_CHUNK + 3])
+def test_outer_step_hashed_is_outer_step_bit_for_bit_with_its_sha256(n):
+    # Prepare
+    gen = torch.Generator().manual_seed(n)
+    theta, g, buf = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    kept = (theta.clone(), g.clone(), buf.clone())
+    # Execute
+    p1, b1 = outer_step(theta, g, buf, lr=0.7, momentum=0.9)
+    p2, b2, digest, finite = outer_step_hashed(theta, g, buf, lr=0.7, momentum=0.9)
+    # Assert
+    assert torch.equal(p1, p2) and torch.equal(b1, b2)
+    assert digest == tensor_sha256(p1) and finite
+    assert all(torch.equal(a, b) for a, b in zip(kept, (theta, g, buf)))
+
+
+@pytest.mark.parametrize("where", ["params", "buf"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_outer_step_hashed_reports_nonfinite_results(where, bad):
+    # Prepare: a bad value late in the second chunk, in the step's result or its momentum
+    n = 2 * OUTER_CHUNK + 3
+    theta, g, buf = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    (theta if where == "params" else buf)[OUTER_CHUNK + 7] = bad
+    # Execute
+    *_, finite = outer_step_hashed(theta, g, buf, lr=0.7, momentum=0.9)
+    # Assert
+    assert not finite
 
 
 def test_weighted_mean_weights_by_samples_and_skips_zero_weight():
