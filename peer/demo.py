@@ -84,7 +84,7 @@ STOP_WAIT_S = 15.0
 # Lines of the daemon's log read for the summary: the parameter count, and per completed round
 # its eval loss and global hash prefix. They are a record that cannot be missed, unlike the
 # last status answer before a peer exits.
-PARAMS_RE = re.compile(r" listening on .*\((\d+) parameters\)")
+PARAMS_RE = re.compile(r" listening on .*\((\d+) parameters[,)]")
 COMPLETED_RE = re.compile(r"completed (\d+) rounds; stopping")
 ROUND_RE = re.compile(r"round (\d+) done: \d+ peers, \S+, loss \S+, eval (\S+), .*global ([0-9a-f]+)")
 
