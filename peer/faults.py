@@ -18,6 +18,8 @@ A rogue member (it holds valid credentials and lies; the honest peers must survi
   bad_group    as leader, hand followers a group with a deadline of 1e9 s and an unknown codec
   owner_split  as owner, answer the first member that calls in each group with different (valid) bytes
   owner_inflate  as owner, answer every member with the average times 1000 (valid bytes)
+  bad_state    as donor, serve a state whose header claims round 2^64 + 5 and a shape [-1, -4]
+               (framed and checksummed consistently)
 
 The daemon wires a plan in through hooks, so the round code never imports this module: the
 phase hook (``FaultPlan.at``), a ``PeerClient`` wrapper (``FaultyClient``), the transport's
@@ -33,9 +35,12 @@ A fault whose round is ``*`` fires in every round.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import signal
+import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,7 +52,7 @@ from peer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ACTIONS = ("crash", "stall", "corrupt", "wrong_size", "nan", "inflate", "scale", "huge", "claim_ahead", "bad_group",
-           "owner_split", "owner_inflate")
+           "owner_split", "owner_inflate", "bad_state")
 PHASES = ("inner", "join", "reduce", "owner", "outer", "serve_state")
 
 
@@ -173,6 +178,13 @@ class FaultyService:
             reply = replace(reply, group=replace(reply.group, reduce_deadline_s=1e9, codec="int3"))
         return reply
 
+    async def state_snapshot(self, run_id, peer_id, schema_hash):
+        header, blob = await self._inner.state_snapshot(run_id, peer_id, schema_hash)
+        if self._plan._match("bad_state", header.round):
+            blob = lying_state(blob)
+            header = replace(header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        return header, blob
+
     async def reduce_part(self, header, payload):
         answer_header, answer = await self._inner.reduce_part(header, payload)
         if self._plan._match("owner_split", header.round) and header.group_id not in self._split:
@@ -186,6 +198,20 @@ class FaultyService:
             answer = codec.encode(codec.decode(answer, header.numel) * 1000.0)
             answer_header = replace(answer_header, total_bytes=len(answer))
         return answer_header, answer
+
+
+def lying_state(blob: bytes | bytearray) -> bytes:
+    """A state blob (``peer.sync.state`` format) whose header claims a round above 2^64 and a
+    negative shape, with the same tensor bytes."""
+    from peer.sync.state import MAGIC
+
+    (hlen,) = struct.unpack_from("<Q", blob, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(bytes(blob[start:start + hlen]))
+    header["round"] = 2**64 + 5
+    header["tensors"][0]["shape"] = [-1, -4]
+    text = json.dumps(header).encode()
+    return MAGIC + struct.pack("<Q", len(text)) + text + bytes(blob[start + hlen:])
 
 
 def corrupt_bytes(payload: bytes) -> bytes:

@@ -669,6 +669,8 @@ class RoundDriver:
                     state = await self._store.async_decode(blob)
                 except (PeerError, StateError) as exc:
                     self._metrics.state_transfers.labels("received", "failed").inc()
+                    if isinstance(exc, StateError):  # bytes that arrived whole but do not hold
+                        self._invalid("bad_state", f"{donor} served a state that fails its checks: {exc}")
                     log.warning("state transfer from %s failed: %s", donor, exc)
                     continue
                 # The attested state, or a later one of the same donor (small models finish many
