@@ -235,6 +235,7 @@ class RoundDriver:
         self._misses.pop(peer_id, None)
         self._leader_failures.pop(peer_id, None)
         self._heard.pop(peer_id, None)
+        self._mismatched.pop(peer_id, None)
 
     def rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
         """An owner left a part out of the average (counted, logged; the round goes on)."""
