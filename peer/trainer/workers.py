@@ -321,8 +321,9 @@ class DataParallelTrainer(InnerTrainer):
             self._optimizer.step()
             done += 1
             step_samples = [int(v) for v in ctl[_CONTROL:]]
-            for r, s in enumerate(step_samples):
-                self.rank_samples[r] += s
+            # A new list, swapped in: a status read on another thread sees every rank's count
+            # of the same step (it read rank 0 ahead of rank 1 when they were added one by one).
+            self.rank_samples = [a + s for a, s in zip(self.rank_samples, step_samples)]
             samples += sum(step_samples)
             step_loss = ctl[_LOSS] / total
             loss_sum += step_loss
@@ -405,11 +406,12 @@ class LocalRanks:
 
     def ranks(self) -> tuple[LocalRank, ...]:
         """Every local rank, rank 0 first (any thread)."""
-        out = [LocalRank(0, os.getpid(), str(self.trainer.device), True, self.trainer.rank_samples[0])]
+        samples = self.trainer.rank_samples  # one snapshot for every rank
+        out = [LocalRank(0, os.getpid(), str(self.trainer.device), True, samples[0])]
         for r in range(1, self.world):
             # A torchrun rank's liveness is only known by the collectives: alive until one fails.
             alive = self._procs[r - 1].poll() is None if self._procs else not self._failed
-            out.append(LocalRank(r, self._pids[r], self._devices[r], alive, self.trainer.rank_samples[r]))
+            out.append(LocalRank(r, self._pids[r], self._devices[r], alive, samples[r]))
         return tuple(out)
 
     async def start(self) -> None:
