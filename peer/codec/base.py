@@ -131,7 +131,9 @@ class Codec(abc.ABC):
         the host path). Raises ``CodecError`` like ``decode``."""
         return self._decode_checked(data, numel, torch.device(device), torch_path=True)
 
-    def _decode_checked(self, data: Buffer, numel: int, device: torch.device, torch_path: bool) -> torch.Tensor:
+    def _sized_view(self, data: Buffer, numel: int) -> tuple[memoryview, int]:
+        """``data`` as bytes and ``numel`` checked; raises ``CodecError`` unless the payload has
+        exactly the encoded size of ``numel`` values."""
         numel = check_numel(numel)
         view = as_byte_view(data)
         expected = self.encoded_size(numel)
@@ -140,6 +142,10 @@ class Codec(abc.ABC):
                 f"{self.name}: payload is {view.nbytes} bytes, "
                 f"expected {expected} for numel {numel}"
             )
+        return view, numel
+
+    def _decode_checked(self, data: Buffer, numel: int, device: torch.device, torch_path: bool) -> torch.Tensor:
+        view, numel = self._sized_view(data, numel)
         if numel == 0:
             return torch.empty(0, dtype=torch.float32, device=device)
         out = self._decode_torch(view, numel, device) if torch_path else self._decode(view, numel)
@@ -155,14 +161,7 @@ class Codec(abc.ABC):
         does; ``out`` may then hold partial values."""
         if out.dim() != 1 or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
             raise CodecError(f"{self.name}: decode_into needs a contiguous 1-D float32 CPU tensor")
-        numel = check_numel(out.numel())
-        view = as_byte_view(data)
-        expected = self.encoded_size(numel)
-        if view.nbytes != expected:
-            raise CodecError(
-                f"{self.name}: payload is {view.nbytes} bytes, "
-                f"expected {expected} for numel {numel}"
-            )
+        view, numel = self._sized_view(data, out.numel())
         if numel == 0:
             return
         self._decode_into(view, out)
