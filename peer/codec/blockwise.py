@@ -273,6 +273,19 @@ def _int4_table() -> np.ndarray:
 _INT4_TABLE = _int4_table()
 
 
+def _pack_nibbles(nibbles: torch.Tensor, out: torch.Tensor) -> None:
+    """Two 4-bit values (0..15, uint8) a byte into ``out``, the first in the low nibble; an odd
+    last value alone in its byte (high nibble 0). Host and device paths alike."""
+    n = nibbles.numel()
+    pairs = n // 2
+    if pairs:
+        two = nibbles[: 2 * pairs].view(pairs, 2)
+        torch.bitwise_left_shift(two[:, 1], 4, out=out[:pairs])
+        out[:pairs].bitwise_or_(two[:, 0])
+    if n % 2:
+        out[pairs] = nibbles[n - 1]
+
+
 class Int4Codec(_AbsmaxCodec):
     """Blockwise absmax int4 in [-7, 7], two per byte, float32 scale per block (default 128)."""
 
@@ -285,16 +298,7 @@ class Int4Codec(_AbsmaxCodec):
     def _encode_chunk(
         self, x: torch.Tensor, scales: torch.Tensor, body: np.ndarray, work: torch.Tensor
     ) -> None:
-        nibbles = self._quantize(x, scales, work).add_(8).to(torch.uint8)
-        n = nibbles.numel()
-        pairs = n // 2
-        packed = torch.from_numpy(body)
-        if pairs:
-            two = nibbles[: 2 * pairs].view(pairs, 2)
-            torch.bitwise_left_shift(two[:, 1], 4, out=packed[:pairs])
-            packed[:pairs].bitwise_or_(two[:, 0])
-        if n % 2:
-            packed[pairs] = nibbles[n - 1]  # high nibble 0
+        _pack_nibbles(self._quantize(x, scales, work).add_(8).to(torch.uint8), torch.from_numpy(body))
 
     def _decode_chunk(self, body: np.ndarray, scales: torch.Tensor, out: torch.Tensor) -> None:
         numel = out.numel()
@@ -308,15 +312,7 @@ class Int4Codec(_AbsmaxCodec):
         _scale_into(out, scales, self.block)
 
     def _pack(self, x: torch.Tensor, scales: torch.Tensor, body: torch.Tensor) -> None:
-        nibbles = self._quantize(x, scales, torch.empty_like(x)).add_(8).to(torch.uint8)
-        n = nibbles.numel()
-        pairs = n // 2
-        if pairs:
-            two = nibbles[: 2 * pairs].view(pairs, 2)
-            torch.bitwise_left_shift(two[:, 1], 4, out=body[:pairs])
-            body[:pairs].bitwise_or_(two[:, 0])
-        if n % 2:
-            body[pairs] = nibbles[n - 1]  # high nibble 0
+        _pack_nibbles(self._quantize(x, scales, torch.empty_like(x)).add_(8).to(torch.uint8), body)
 
     def _unpack(self, body: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
         table = torch.from_numpy(_INT4_TABLE).to(body.device)
