@@ -566,6 +566,10 @@ class RoundDriver:
                     # The leader is behind and does not match our round yet: give it a moment
                     # instead of asking again at once.
                     await asyncio.sleep(min(1.0, self.deadlines.matchmaking_timeout()))
+            elif formed.outcome == JoinOutcome.REFUSED:
+                # This peer refused the leader's group (or was refused): no group it knows of
+                # completes the round without it, so there is nothing to wait for.
+                target = formed.leader_round
             else:
                 target = max(formed.leader_round, rnd + 1)
             if target > rnd:
@@ -586,18 +590,13 @@ class RoundDriver:
                 self._invalid("answer_norm", str(exc))
                 for owner in exc.culprits:
                     self._exclude(owner, "answer_norm", "its averaged shard was larger than any honest average")
-            # Peers that completed the round show round rnd+1 at their next heartbeat; if nobody
-            # did (a vanished owner fails the round for all), everyone keeps round rnd and goes on.
-            t = self._cfg.timeouts
-            if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
-                log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
+            await self._catch_up(rnd)
             return None
         self._leader_outcome(leader, True)
         if not await self._confirm(group, stats.answer_digests, leader):
             self._fail(rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
                        "keeping the previous state")
-            t = self._cfg.timeouts
-            await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0)
+            await self._catch_up(rnd)
             return None
         t2 = time.monotonic()
         reduce_s = t2 - t1
@@ -632,6 +631,14 @@ class RoundDriver:
                  p.eval.get("loss", math.nan), stats.sent_bytes, p.last_round_s, reduce_s,
                  group.reduce_deadline_s, group.group_id, self._store.state.global_hash[:12])
         return avg
+
+    async def _catch_up(self, rnd: int) -> None:
+        """After round ``rnd`` failed here: peers that completed it show round rnd+1 at their next
+        heartbeat, so fetch that state; if nobody did (a vanished owner fails the round for all),
+        keep round ``rnd`` and go on."""
+        t = self._cfg.timeouts
+        if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
+            log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
 
     def _outer(self, rnd: int, avg: torch.Tensor) -> GlobalState | None:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.

@@ -619,8 +619,10 @@ class Reducer:
                 for m, p in results:
                     shard = avg[m.shard_start:m.shard_end]
                     codec.decode_into(p, shard)
+                    if weight <= 0:  # a withheld delta bounds nothing
+                        continue
                     own = float(torch.linalg.vector_norm(delta[m.shard_start:m.shard_end], dtype=torch.float64))
-                    limit = answer_limit(own, len(group.members), factor) if weight > 0 else None
+                    limit = answer_limit(own, len(group.members), factor)
                     norm = float(torch.linalg.vector_norm(shard, dtype=torch.float64))
                     if limit is not None and norm > limit:
                         too_large.append((m.peer_id, norm, limit))
