@@ -22,6 +22,11 @@ def _run(tmp_path, name: str, lie: str, extra: tuple[str, ...] = ()):
     return swarm, honest, rogue
 
 
+def _counted(peers, series: str) -> float:
+    """``series`` (a metric with its labels) summed over ``peers``."""
+    return sum(metric(p.metrics_port, series) for p in peers)
+
+
 def _logs(swarm) -> str:
     return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in swarm.peers)
 
@@ -46,8 +51,7 @@ def test_huge_values_and_an_inflated_weight_are_left_out(tmp_path):
     swarm, honest, rogue = _run(tmp_path, "huge", "huge@*,inflate@*")
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
-        rejected = sum(metric(p.metrics_port, 'peer_sync_rejected_contributions_total{reason="norm_outlier"}')
-                       for p in honest)
+        rejected = _counted(honest, 'peer_sync_rejected_contributions_total{reason="norm_outlier"}')
         assert rejected >= 3, rejected
         assert all(p.alive() for p in swarm.peers)
 
@@ -79,8 +83,8 @@ def test_a_leader_handing_out_bad_groups_is_refused_and_skipped(tmp_path):
     swarm, honest, rogue = _run(tmp_path, "group", "bad_group@*")
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
-        refused = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="bad_group"}') for p in honest)
-        skipped = sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="failing_leader"}') for p in honest)
+        refused = _counted(honest, 'peer_sync_invalid_claims_total{reason="bad_group"}')
+        skipped = _counted(honest, 'peer_sync_excluded_total{reason="failing_leader"}')
         assert refused >= 1 and skipped >= 1, (refused, skipped, _logs(swarm))
         assert all(p.alive() for p in swarm.peers)
 
@@ -110,25 +114,24 @@ def test_an_owner_answering_one_member_differently_fails_that_member_only(tmp_pa
     swarm, honest, rogue = _run(tmp_path, "split", "owner_split@*")
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
-        detected = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="owner_mismatch"}')
-                       for p in [*honest, rogue])
+        detected = _counted([*honest, rogue], 'peer_sync_invalid_claims_total{reason="owner_mismatch"}')
         failed = sum(p.log().count("(answers_differ)") for p in honest)
         assert detected >= 1 and failed >= 1, (detected, failed, _logs(swarm))
-        wait_until(lambda: sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="owner_mismatch"}')
-                               for p in honest) >= 1, 60, "an honest leader to leave the rogue out", lambda: _logs(swarm))
+        wait_until(lambda: _counted(honest, 'peer_sync_excluded_total{reason="owner_mismatch"}') >= 1, 60,
+                   "an honest leader to leave the rogue out", lambda: _logs(swarm))
         assert all(p.alive() for p in swarm.peers)
 
 
 def test_an_owner_inflating_its_answer_is_caught_by_every_member_and_left_out(tmp_path):
     # The rogue answers every member with its shard's average times 1000 (valid, checksummed,
     # the same bytes for all: the digest comparison cannot see it). Each member bounds an
-    # owner's answer by the norms the members announced when joining; the bound fails, the
-    # round fails for that member, and it leaves the owner out of the groups it leads.
+    # owner's answer by its own part of that shard; the bound fails, the round fails for that
+    # member, and it leaves the owner out of the groups it leads.
     swarm, honest, rogue = _run(tmp_path, "inflate", "owner_inflate@*")
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
-        caught = sum(metric(p.metrics_port, 'peer_sync_invalid_claims_total{reason="answer_norm"}') for p in honest)
-        left_out = sum(metric(p.metrics_port, 'peer_sync_excluded_total{reason="answer_norm"}') for p in honest)
+        caught = _counted(honest, 'peer_sync_invalid_claims_total{reason="answer_norm"}')
+        left_out = _counted(honest, 'peer_sync_excluded_total{reason="answer_norm"}')
         assert caught >= 1 and left_out >= 1, (caught, left_out, _logs(swarm))
         assert all(p.alive() for p in swarm.peers)
 
