@@ -566,10 +566,6 @@ class RoundDriver:
                     # The leader is behind and does not match our round yet: give it a moment
                     # instead of asking again at once.
                     await asyncio.sleep(min(1.0, self.deadlines.matchmaking_timeout()))
-            elif formed.outcome == JoinOutcome.REFUSED:
-                # This peer refused the leader's group (or was refused): no group it knows of
-                # completes the round without it, so there is nothing to wait for.
-                target = formed.leader_round
             else:
                 target = max(formed.leader_round, rnd + 1)
             if target > rnd:
