@@ -268,7 +268,12 @@ class Matchmaker:
             m.first_join = time.monotonic()
             m.timer = asyncio.create_task(self._form_after(m, self._timeout_s()), name=f"matchmaking-{req.round}")
         self._maybe_form(m)
-        group: Group = await asyncio.shield(m.formed)
+        group: Group | None = await asyncio.shield(m.formed)
+        if group is None:
+            # The round was given up here while this peer waited (most members moved past it).
+            current = max(self._current_round(), self._swarm_round())
+            return JoinReply(JoinOutcome.WRONG_ROUND, f"round {req.round} is over; the leader is at round {current}",
+                             leader_round=current)
         if group.member(req.peer_id) is not None:
             return JoinReply(JoinOutcome.GROUP, group=group)
         if req.global_hash != group.global_hash:
@@ -278,9 +283,12 @@ class Matchmaker:
         return JoinReply(JoinOutcome.TOO_LATE, f"the group of round {req.round} formed without {req.peer_id}")
 
     def _drop(self, rnd: int) -> None:
+        """Forget round ``rnd``; peers still waiting for its group are told it is over."""
         m = self._matches.pop(rnd)
         if m.timer is not None:
             m.timer.cancel()
+        if m.formed is not None and not m.formed.done():
+            m.formed.set_result(None)
 
     async def _form_after(self, m: _Match, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -375,11 +383,16 @@ class OwnedShard:
         self._executor = executor
         self._expected = {m.peer_id: m for m in group.members}
         self._parts: dict[str, tuple[float, torch.Tensor | None]] = {}  # tensors dropped once averaged
+        self._arrived: set[str] = set()  # parts that reached this owner (decoded or not)
+        self._stalled = False  # whether this owner's own loop was stalled at its cut-off
         self._pending = 0
         self.result: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
         self._finishing: asyncio.Future | None = None
         self._averaging = False
-        self._timer = asyncio.get_running_loop().call_later(cutoff_s, self._cutoff)
+        loop = asyncio.get_running_loop()
+        self._cutoff_s = cutoff_s
+        self._cutoff_at = loop.time() + cutoff_s
+        self._timer = loop.call_later(cutoff_s, self._cutoff)
 
     @property
     def numel(self) -> int:
@@ -398,6 +411,7 @@ class OwnedShard:
         if weight != self._expected[peer_id].weight:
             raise RoundError("bad_weight", f"{peer_id} announces weight {weight}; it joined the group with "
                              f"{self._expected[peer_id].weight}")
+        self._arrived.add(peer_id)
         self._pending += 1
         try:
             part = await offload(self._executor, self.numel, self._codec.decode, payload, self.numel)
@@ -413,6 +427,10 @@ class OwnedShard:
             await self._finish()
 
     def _cutoff(self) -> None:
+        # A cut-off that fires late means this owner's loop was stalled (CPU starved, a long
+        # callback): parts may have reached its socket in time and not been read yet.
+        late_by = asyncio.get_running_loop().time() - self._cutoff_at
+        self._stalled = late_by > max(0.05, 0.2 * self._cutoff_s)
         if not self.result.done() and self._parts:
             self._finishing = asyncio.ensure_future(self._finish())
         elif not self.result.done():
@@ -449,10 +467,14 @@ class OwnedShard:
         if not self.result.done():
             self.result.set_result((payload, len(order)))
         missing = sorted(set(self._expected) - set(order))
-        self._on_delivered(order, missing)
+        # Blamed for missing the deadline: members whose part never reached this owner, and only
+        # when the owner itself was on time (a part still decoding at the cut-off arrived).
+        late = [] if self._stalled else sorted(set(self._expected) - self._arrived)
+        self._on_delivered(order, late)
         if missing:
-            log.warning("round %d: shard %d-%d averaged without %s", self.group.round, self.me.shard_start,
-                        self.me.shard_end, ", ".join(missing))
+            log.warning("round %d: shard %d-%d averaged without %s%s", self.group.round, self.me.shard_start,
+                        self.me.shard_end, ", ".join(missing),
+                        " (this owner's loop was stalled at its cut-off: no one is blamed)" if self._stalled else "")
 
     def close(self) -> None:
         self._timer.cancel()

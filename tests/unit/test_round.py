@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -11,8 +12,8 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
-from peer.sync.round import Matchmaker, Reducer, ShardRegistry, leader_for
-from peer.types import JoinOutcome, JoinRequest
+from peer.sync.round import Matchmaker, OwnedShard, Reducer, ShardRegistry, leader_for
+from peer.types import Group, JoinOutcome, JoinRequest, Member
 
 
 
@@ -147,6 +148,27 @@ async def test_wrong_round_and_not_leader():
     assert redirect.outcome == JoinOutcome.NOT_LEADER and redirect.leader_hint == "p0@p0"
 
 
+async def test_a_join_waiting_for_a_round_the_leader_gives_up_is_told_it_is_over():
+    # Found in the partition test: the leader's own join for a round waited forever once
+    # joins for a later round made the leader forget that round.
+    net = _swarm(2, 100, timeout_s=30.0)
+    rnd = next(r for r in range(100) if leader_for(r, ["p0", "p1"]) == leader_for(r + 2, ["p0", "p1"]))
+    leader = net[leader_for(rnd, ["p0", "p1"])]
+    other = net["p1" if leader.pid == "p0" else "p0"]
+    leader.round = rnd
+    waiting = asyncio.ensure_future(leader.matchmaker.join(leader.req()))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # it waits (up to 30 s) for the other live peer
+    leader.round = rnd + 1  # the leader moves on, and a join for a later round arrives
+    other.round = rnd + 2
+    later = asyncio.ensure_future(leader.matchmaker.join(other.req()))
+    reply = await asyncio.wait_for(waiting, 1.0)
+    assert reply.outcome == JoinOutcome.WRONG_ROUND and reply.leader_round == rnd + 1
+    leader.matchmaker.close()
+    later.cancel()
+    await asyncio.gather(later, return_exceptions=True)
+
+
 async def test_a_vanished_owner_fails_the_round_for_the_others_within_the_deadline():
     net = _swarm(3, 300)
     replies = await asyncio.gather(*(_form(n) for n in net.values()))
@@ -211,3 +233,23 @@ async def test_a_part_announcing_another_weight_than_its_join_is_left_out():
     # part from itself too, so the honest two agree on the mean of their own deltas
     assert torch.allclose(results[0][0], torch.full((300,), 2.0))
     assert torch.equal(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+async def test_an_owner_blames_a_missing_part_only_when_its_own_cut_off_was_on_time(stalled):
+    codec = get_codec("int8")
+    members = (Member("a", "a", 0, 50, 1.0), Member("b", "b", 50, 100, 1.0), Member("c", "c", 50, 100, 1.0))
+    group = Group("g", 0, "h", members, "int8", 100, reduce_deadline_s=1.0)
+    seen = []
+    pool = ThreadPoolExecutor(1)
+    _POOLS.append(pool)
+    owned = OwnedShard(group, members[1], codec, pool, cutoff_s=0.1,
+                       on_delivered=lambda delivered, missing: seen.append((delivered, missing)))
+    await owned.add("b", 1.0, codec.encode(torch.ones(50)))
+    await owned.add("a", 1.0, codec.encode(torch.ones(50)))
+    if stalled:
+        time.sleep(0.3)  # the owner's loop is blocked past its cut-off (c's part may sit in a socket)
+    await asyncio.wait_for(asyncio.shield(owned.result), 2.0)
+    await asyncio.sleep(0.01)
+    assert seen == [(["a", "b"], [] if stalled else ["c"])]
+    owned.close()
