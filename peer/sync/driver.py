@@ -390,7 +390,9 @@ class RoundDriver:
             if reply.outcome == JoinOutcome.GROUP and reply.group is not None:
                 checked = self._checked(reply.group, rnd)
                 if isinstance(checked, JoinReply):
-                    self._leader_outcome(leader, False, "bad_group")
+                    # A lie gets its leader skipped at once; a group naming a peer we have not
+                    # met yet counts as one failed round of an honest leader.
+                    self._leader_outcome(leader, False, "bad_group" if checked.leader_round == rnd else "")
                 return checked
             if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
                 pid, _, addr = reply.leader_hint.partition("@")
@@ -425,7 +427,10 @@ class RoundDriver:
                         max_deadline_s=self._cfg.sync.reduce_deadline_s, is_member=self._members.is_member)
         except RoundError as exc:
             self._invalid(exc.reason, str(exc))
-            return JoinReply(JoinOutcome.REFUSED, str(exc))
+            # leader_round: where the rest of the group may be now. A bad group is refused by
+            # every honest member it reaches, so nobody completes the round without us; one that
+            # names a peer we have not met may complete without us (resync to catch up).
+            return JoinReply(JoinOutcome.REFUSED, str(exc), leader_round=rnd if exc.reason == "bad_group" else rnd + 1)
         live = self._members.live()
         members = tuple(replace(m, address=self._address() if m.peer_id == self._me else live[m.peer_id])
                         for m in group.members)
@@ -566,6 +571,11 @@ class RoundDriver:
                     # The leader is behind and does not match our round yet: give it a moment
                     # instead of asking again at once.
                     await asyncio.sleep(min(1.0, self.deadlines.matchmaking_timeout()))
+            elif formed.outcome == JoinOutcome.REFUSED and formed.leader_round == rnd:
+                # We refused the leader's group as a lie: no group completes this round without
+                # us that we must wait for (a member told otherwise catches up when the next
+                # leader says the round is over).
+                target = rnd
             else:
                 target = max(formed.leader_round, rnd + 1)
             if target > rnd:

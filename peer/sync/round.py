@@ -118,7 +118,9 @@ def check_group(group: Group, *, me: str, round: int, codec: str, numel: int, ma
     """Validate a group a leader announced, where it arrives: the run's codec, our round and
     model size, a deadline within the configured cap, unique members (us among them) that this
     peer knows, shard bounds recomputed here from the member list, finite weights. Raises
-    RoundError("bad_group") naming the first claim that does not hold."""
+    RoundError("bad_group") naming the first claim that does not hold, or
+    RoundError("unknown_member") for a group naming peers this one has not met yet (not a lie:
+    an honest leader may know a joiner first; the group may complete without this peer)."""
     def bad(why: str) -> RoundError:
         return RoundError("bad_group", f"group {group.group_id[:16]!r} from the leader: {why}")
 
@@ -135,14 +137,15 @@ def check_group(group: Group, *, me: str, round: int, codec: str, numel: int, ma
         raise bad("members are not unique and sorted")
     if me not in ids:
         raise bad("this peer is not a member")
-    strangers = [pid for pid in ids if pid != me and not is_member(pid)]
-    if strangers:
-        raise bad(f"members unknown here: {', '.join(s[:16] for s in strangers)}")
     bounds = shard_bounds(numel, len(ids))
     if [(m.shard_start, m.shard_end) for m in group.members] != bounds:
         raise bad("shard bounds differ from the ones computed here")
     if not all(m.weight >= 0 and m.weight < float("inf") for m in group.members):
         raise bad("a weight is not finite and >= 0")
+    strangers = [pid for pid in ids if pid != me and not is_member(pid)]
+    if strangers:
+        raise RoundError("unknown_member", f"group {group.group_id[:16]!r} from the leader: members unknown here: "
+                         f"{', '.join(s[:16] for s in strangers)}")
 
 
 def answer_limit(own_part_norm: float, group_size: int, norm_outlier_factor: float) -> float | None:

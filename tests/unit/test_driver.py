@@ -359,9 +359,17 @@ async def test_a_lying_leader_fails_the_round_counted_and_moves_nobody(tmp_path,
         return replace(reply, group=replace(reply.group, codec="evil", reduce_deadline_s=1e9))
 
     net["p15"].driver.join = evil_group
+    resyncs = []
+
+    async def resync(target, timeout_s):
+        resyncs.append(target)
+
+    follower.driver.resync = resync
     results = await asyncio.gather(net["p15"].driver.round(_delta(net["p15"]), 1.0),
                                    follower.driver.round(_delta(follower), 1.0))
     assert results[1] is None and follower.store.state.round == 0
+    # every honest member refuses such a group: nobody completes the round to catch up with
+    assert resyncs == []
     assert follower.metric("peer_sync_invalid_claims_total", reason="bad_group") == 1
     # ... and that leader is skipped: the follower's next round does not go through it
     assert follower.metric("peer_sync_excluded_total", reason="failing_leader") == 1

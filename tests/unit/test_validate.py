@@ -46,7 +46,6 @@ def test_a_valid_group_passes():
     (_group(ids=["a", "b"]), "not a member"),
     (_group(ids=["a", "a", "me"]), "unique"),
     (_group(ids=["me", "b", "a"]), "sorted"),
-    (_group(ids=["a", "me", "x"]), "unknown here: x"),
     (_group(bounds=[(0, 10), (10, 20), (20, NUMEL)]), "shard bounds"),
     (_group(group_id=""), "group id"),
 ])
@@ -54,6 +53,12 @@ def test_a_bad_group_is_refused_naming_the_claim(group, what):
     with pytest.raises(RoundError) as err:
         _check(group)
     assert err.value.reason == "bad_group" and what in str(err.value)
+
+
+def test_a_group_naming_a_peer_not_met_yet_is_refused_but_not_called_a_lie():
+    with pytest.raises(RoundError) as err:
+        _check(_group(ids=["a", "me", "x"]))
+    assert err.value.reason == "unknown_member" and "unknown here: x" in str(err.value)
 
 
 def test_a_nonfinite_member_weight_is_refused():
