@@ -39,6 +39,7 @@ from peer.membership import Membership
 from peer.metrics import Exporter, Metrics
 from peer.service import Service
 from peer.sync.driver import RoundDriver
+from peer.sync.mirror import DeviceMirror
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.trainer import InnerTrainer, LRSchedule, Task, flatten_state, load_task, param_count, schema_hash
@@ -177,13 +178,19 @@ class Daemon:
             assert self.trainer is not None
             inner = self.local_ranks or ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps,
                                                       on_step=self._on_step)
+        mirror = None
+        if self.local_ranks is None and self.trainer is not None and self.trainer.device.type != "cpu":
+            # The model is on a GPU: each round's answers are applied there too (peer.sync.mirror).
+            mirror = DeviceMirror(self.trainer.device, lr=self.settings.outer_lr,
+                                  momentum=self.settings.outer_momentum, param_numel=self.layout.param_numel,
+                                  int_slices=self.layout.int_slices)
         self.driver = RoundDriver(cfg, self.settings, peer_id=self.peer_id, schema_hash=self.schema_hash,
                                   members=self.membership,
                                   client=FaultyClient(self.client, faults) if faults else self.client,
                                   store=self.store, inner=FaultyInner(inner, faults) if faults else inner,
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
                                   param_numel=self.layout.param_numel,
-                                  int_slices=self.layout.int_slices,
+                                  int_slices=self.layout.int_slices, mirror=mirror,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
                                **({"phase_hook": hook} if hook else {}),
