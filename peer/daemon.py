@@ -121,7 +121,9 @@ class Daemon:
                 spec = RankSpec(task=cfg.run.task, data=cfg.run.data, seed=cfg.run.seed, stream_id=self.peer_id,
                                 device=tc.device, threads=tc.threads, batch_size=self.settings.batch_size,
                                 inner_lr=self.settings.inner_lr, rank=0, world=world, store_port=0,
-                                timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0)
+                                timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0, precision=tc.precision,
+                                inner_lr_schedule=tc.inner_lr_schedule, warmup_steps=tc.warmup_steps,
+                                total_steps=tc.total_steps)
                 self.local_ranks = LocalRanks(spec, self.train_pool, self.settings.inner_steps, on_step=self._on_step,
                                               on_failure=self.fail, on_samples=self._on_rank_samples,
                                               task=self.task, torchrun=torchrun)
