@@ -16,12 +16,13 @@ multiplications by a scalar and plain additions (``_param_step``), never a multi
 ``alpha`` (``torch.add(a, b, alpha=c)``), ``addcmul`` or the like. Those fuse into one rounding
 (FMA) on some hardware and not on others: on x86, torch's AVX2/AVX-512 kernels fuse and its
 baseline kernels (CPUs without AVX2, ``ATEN_CPU_CAPABILITY=default``) do not, and nvcc fuses
-``a + c * b`` in CUDA kernels by default; the step written with ``alpha`` gave different bits on
-the same machine under the two CPU capabilities (tests/unit/test_sync_math.py). A plain add is
-``fma(b, 1, a)`` where fused, the same single rounding. Products and sums of float32 values are
-correctly rounded on every IEEE-754 device with subnormals kept (torch's default on CPU; CUDA
-kernels are built without flush-to-zero), so the result does not depend on vector width,
-chunking or device: ``peer.sync.mirror`` runs this same step on a GPU.
+``a + c * b`` in CUDA kernels by default (``--fmad=true``); the step written with ``alpha`` gave
+different bits on the same machine under the two CPU capabilities (tests/unit/test_sync_math.py).
+A plain add is ``fma(b, 1, a)`` where fused, the same single rounding. Products and sums of
+float32 values are correctly rounded on every IEEE-754 device with subnormals kept (torch's
+default on CPU unless ``torch.set_flush_denormal(True)``; torch's CUDA kernels are built without
+fast math, so without flush-to-zero), so the result does not depend on vector width, chunking or
+device: ``peer.sync.mirror`` runs this same step on a GPU (and checks it against the host's).
 """
 
 from __future__ import annotations
