@@ -5,7 +5,10 @@
    is reported, not failed), and a payload decodes onto the device to the host's values.
 2. Bytes over the bus: int8 of a delta on the device moves a quarter of the float32 bytes;
    the time of encode-on-device + copy of the payload against copy-to-host + host encode.
-3. With 2+ CUDA devices: two local ranks (NCCL) take the steps of one process averaging both
+3. Rounds applied on the device (``peer.sync.mirror``): the outer step on the device gives the
+   host's bits, and a mirror advanced by int8 answers for 3 rounds holds the host's state bit
+   for bit; the time of that against copying the float32 parameters to the device.
+4. With 2+ CUDA devices: two local ranks (NCCL) take the steps of one process averaging both
    ranks' gradients (as tests/integration/test_local_workers.py does with gloo).
 
 ``--device cpu`` runs the same code on the host (what the CPU-only dev machine could check).
@@ -76,6 +79,65 @@ def bus(device: str) -> None:
           f"payload {on_device * 1e3:.1f} ms vs copy float32 + host encode {via_host * 1e3:.1f} ms")
 
 
+def mirror(device: str) -> None:
+    from peer.codec import get_codec
+    from peer.sync.mirror import Answers, DeviceMirror
+    from peer.sync.outer import outer_step_hashed, step_in_place
+    from peer.sync.round import shard_bounds
+    from peer.sync.state import GlobalState
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.cpu().view(torch.int32), b.view(torch.int32))
+
+    gen = torch.Generator().manual_seed(11)
+    n, params = 20_000_003, 19_999_990
+    step = {"lr": 0.7, "momentum": 0.9, "param_numel": params, "int_slices": ((19_999_995, n),)}
+    theta, grad, buf = (torch.randn(n, generator=gen) * s for s in (1.0, 1e-2, 1e-2))
+    theta[19_999_995:] = torch.arange(8.0)
+    host_p, host_b, _, _ = outer_step_hashed(theta, grad, buf, **step)
+    dev_p, dev_b, dev_g = theta.to(device, copy=True), buf.to(device, copy=True), grad.to(device, copy=True)
+    step_in_place(dev_p, dev_b, dev_g, **step)
+    if not (same(dev_p, host_p) and same(dev_b, host_b)):
+        wrong = int((dev_p.cpu().view(torch.int32) != host_p.view(torch.int32)).sum())
+        raise SystemExit(f"FAIL outer step on {device}: {wrong} of {n} parameters differ from the host's")
+    print(f"outer step on {device}: {n} values, bit for bit the host's")
+    del dev_p, dev_b, dev_g
+
+    codec = get_codec("int8")
+    state = GlobalState(0, theta, torch.zeros(n))
+    m = DeviceMirror(device, **step)
+    m.start(state)
+    applied, copied = [], []
+    for rnd in range(3):
+        avg = torch.randn(n, generator=gen) * 1e-2
+        avg[19_999_995:] = 0
+        answers = Answers("int8", tuple((a, b, codec.encode(avg[a:b])) for a, b in shard_bounds(n, 4)))
+        decoded = torch.empty(n)
+        for a, b, payload in answers.shards:
+            codec.decode_into(payload, decoded[a:b])
+        p, mom, digest, _ = outer_step_hashed(state.params, decoded, state.momentum, **step)
+        after = GlobalState(rnd + 1, p, mom).with_hash(digest)
+        sync()
+        t0 = time.perf_counter()
+        ok = m.advance(state, answers, after)
+        sync()
+        applied.append(time.perf_counter() - t0)
+        if not ok or not same(m.start(after), after.params):
+            raise SystemExit(f"FAIL mirror on {device} at round {rnd}: differs from the host's state")
+        t0 = time.perf_counter()
+        after.params.to(device, copy=True)
+        sync()
+        copied.append(time.perf_counter() - t0)
+        state = after
+    print(f"mirror on {device}: 3 int8 rounds, bit for bit the host's state; apply on {device} (answers over the "
+          f"bus, decode, step, sampled check) {min(applied[1:]) * 1e3:.1f} ms vs copy float32 parameters "
+          f"{min(copied) * 1e3:.1f} ms (first apply, compared in full: {applied[0] * 1e3:.1f} ms)")
+
+
 def local_ranks() -> None:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +175,7 @@ def main() -> None:
     print(f"device {args.device}" + (f": {torch.cuda.get_device_name()}" if args.device != "cpu" else ""))
     codecs(args.device)
     bus(args.device)
+    mirror(args.device)
     if args.device != "cpu" and torch.cuda.device_count() >= 2:
         local_ranks()
     else:

@@ -6,9 +6,11 @@
 #   DEVICE=cpu bash bench/gpu_check.sh # the same steps on the host (how the script was tried)
 #
 # 1. bench/_gpu_check.py: codec bytes on the GPU == host bytes, decode onto the GPU, int8 bytes
-#    over PCIe, and (2+ GPUs) two NCCL local ranks.
-# 2. A peer training on the GPU (its delta encoded there) and a peer on the CPU run 3 rounds of
-#    digits together and must log the same global hash after every round.
+#    over PCIe, the outer step and 3 mirrored rounds on the GPU == the host's bits, and (2+ GPUs)
+#    two NCCL local ranks.
+# 2. A peer training on the GPU (its delta encoded there, the rounds applied there by its
+#    mirror) and a peer on the CPU run 3 rounds of digits together and must log the same global
+#    hash after every round; the GPU peer's mirror must not have turned itself off.
 # Exits non-zero on the first failure; prints ALL OK at the end.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -38,6 +40,9 @@ hashes() { grep -o 'round [0-9]* done: 2 peers.*global [0-9a-f]*' "$1" | sed -E 
 if [[ "$(hashes "$tmp/gpu.log")" != "$(hashes "$tmp/cpu.log")" || $(hashes "$tmp/gpu.log" | wc -l) -ne 3 ]]; then
     echo "FAIL: the GPU peer and the CPU peer differ after a round"; hashes "$tmp/gpu.log"; hashes "$tmp/cpu.log"
     tail -20 "$tmp"/*.log; exit 1
+fi
+if [[ "$DEVICE" != cpu ]] && grep -q "gets the host's state copied" "$tmp/gpu.log"; then
+    echo "FAIL: the GPU peer's mirror turned off"; grep "host's state copied" "$tmp/gpu.log"; exit 1
 fi
 echo "gpu peer + cpu peer: 3 rounds of 2 peers with equal global hashes:"; hashes "$tmp/gpu.log"
 echo "ALL OK"

@@ -346,9 +346,6 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.train.threads >= 1, "threads must be >= 1"),
         (1 <= cfg.train.local_workers <= 64, "local_workers must be in [1, 64]"),
-        (cfg.train.local_workers == 1 or (cfg.train.precision == "fp32" and cfg.train.inner_lr_schedule == "constant"),
-         "local_workers > 1 runs fp32 with a constant inner learning rate for now (precision and "
-         "inner_lr_schedule are not supported with local ranks yet)"),
         (cfg.train.inner_steps is None or cfg.train.inner_steps >= 1, "inner_steps must be >= 1"),
         (cfg.train.batch_size is None or cfg.train.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.sync.outer_lr is None or cfg.sync.outer_lr > 0, "outer_lr must be > 0"),

@@ -39,6 +39,7 @@ from peer.membership import Membership
 from peer.metrics import Exporter, Metrics
 from peer.service import Service
 from peer.sync.driver import RoundDriver
+from peer.sync.mirror import DeviceMirror
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.trainer import InnerTrainer, LRSchedule, Task, flatten_state, load_task, param_count, schema_hash
@@ -120,7 +121,9 @@ class Daemon:
                 spec = RankSpec(task=cfg.run.task, data=cfg.run.data, seed=cfg.run.seed, stream_id=self.peer_id,
                                 device=tc.device, threads=tc.threads, batch_size=self.settings.batch_size,
                                 inner_lr=self.settings.inner_lr, rank=0, world=world, store_port=0,
-                                timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0)
+                                timeout_s=cfg.timeouts.local_rank_timeout_s, parent_pid=0, precision=tc.precision,
+                                inner_lr_schedule=tc.inner_lr_schedule, warmup_steps=tc.warmup_steps,
+                                total_steps=tc.total_steps)
                 self.local_ranks = LocalRanks(spec, self.train_pool, self.settings.inner_steps, on_step=self._on_step,
                                               on_failure=self.fail, on_samples=self._on_rank_samples,
                                               task=self.task, torchrun=torchrun)
@@ -177,13 +180,19 @@ class Daemon:
             assert self.trainer is not None
             inner = self.local_ranks or ThreadedInner(self.trainer, self.train_pool, self.settings.inner_steps,
                                                       on_step=self._on_step)
+        mirror = None
+        if self.local_ranks is None and self.trainer is not None and self.trainer.device.type != "cpu":
+            # The model is on a GPU: each round's answers are applied there too (peer.sync.mirror).
+            mirror = DeviceMirror(self.trainer.device, lr=self.settings.outer_lr,
+                                  momentum=self.settings.outer_momentum, param_numel=self.layout.param_numel,
+                                  int_slices=self.layout.int_slices)
         self.driver = RoundDriver(cfg, self.settings, peer_id=self.peer_id, schema_hash=self.schema_hash,
                                   members=self.membership,
                                   client=FaultyClient(self.client, faults) if faults else self.client,
                                   store=self.store, inner=FaultyInner(inner, faults) if faults else inner,
                                   executor=self.codec_pool, metrics=self.metrics, address=lambda: self.address,
                                   param_numel=self.layout.param_numel,
-                                  int_slices=self.layout.int_slices,
+                                  int_slices=self.layout.int_slices, mirror=mirror,
                                   **({"phase_hook": hook} if hook else {}))
         self.service = Service(cfg, me, self.membership, self.driver, self.store, self.metrics,
                                **({"phase_hook": hook} if hook else {}),

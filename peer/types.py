@@ -9,8 +9,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
-"""Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake."""
+PROTOCOL_VERSION = 2
+"""Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake.
+It covers what peers must compute alike, not only the messages: 2 changed the outer step's
+float32 operations (``peer.sync.outer``, no fused multiply-adds), so a peer of version 1 would
+hold other bits after every round; the handshake refuses it instead."""
 
 
 @dataclass(frozen=True)

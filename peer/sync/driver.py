@@ -31,6 +31,7 @@ from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.confirm import AnswerChecks
+from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import outer_step_hashed
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
@@ -150,11 +151,16 @@ class RoundDriver:
         phase_hook: PhaseHook = no_hook,
         param_numel: int | None = None,
         int_slices: tuple[tuple[int, int], ...] = (),
+        mirror: DeviceMirror | None = None,
     ) -> None:
         """``param_numel``: how many values of the flat state are parameters (the rest are
         buffers, averaged without outer momentum; None: all); ``int_slices``: the integer
-        buffers' ranges, rounded after every outer step (see ``peer.sync.outer.outer_step``)."""
+        buffers' ranges, rounded after every outer step (see ``peer.sync.outer.outer_step``).
+        ``mirror``: the global state on the training device (``peer.sync.mirror``), advanced
+        there by each round's answers; inner phases then start from its parameters instead of
+        the host's. Not used with ``sync.overlap``."""
         self._cfg = cfg
+        self._mirror = None if cfg.sync.overlap else mirror
         self._param_numel = param_numel
         self._int_slices = int_slices
         self._settings = settings
@@ -271,7 +277,7 @@ class RoundDriver:
         await self._evaluate()
         log.info("initial eval loss %.4f at round %d%s", self.progress.eval.get("loss", math.nan),
                  self._store.state.round, " (overlapping rounds with inner phases)" if self._cfg.sync.overlap else "")
-        start = self._store.state.params
+        start = await self._start_point()
         pending: asyncio.Task | None = None
         try:
             while not self._stopping:
@@ -280,7 +286,7 @@ class RoundDriver:
                     return
                 if pending is None and self._members.ahead() > self._store.state.round:
                     await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
-                    start = self._store.state.params
+                    start = await self._start_point()
                     continue
                 rnd = self._store.state.round
                 await self._hook("inner", rnd)
@@ -295,7 +301,7 @@ class RoundDriver:
                     pending = None
                 if not self._cfg.sync.overlap:
                     await self.round(delta, weight)
-                    start = self._store.state.params
+                    start = await self._start_point()
                     continue
                 # Re-base this phase's progress onto the newest global parameters.
                 start = self._store.state.params - delta.to(self._store.state.params.device)
@@ -304,6 +310,14 @@ class RoundDriver:
             if pending is not None and not pending.done():
                 # Stopping: give the round in flight its bounded time.
                 await asyncio.wait({pending}, timeout=self._cfg.timeouts.finish_round_grace_s)
+
+    async def _start_point(self) -> torch.Tensor:
+        """The parameters the next inner phase starts from: the current global state's, on the
+        training device when a mirror holds them there (the host's otherwise)."""
+        state = self._store.state
+        if self._mirror is None or not self._mirror.enabled:
+            return state.params
+        return await offload(self._executor, state.params.numel(), self._mirror.start, state)
 
     async def _startup_wait(self) -> None:
         """Give discovery a moment so that a peer joining a running swarm fetches its state
@@ -588,6 +602,8 @@ class RoundDriver:
         leader = self._group_leader
         try:
             avg, stats = await self.reducer.run(group, delta, weight)
+            # Kept only for a mirror to apply (a byte a value with int8): let them go otherwise.
+            answers, stats.answers = (stats.answers if self._mirror is not None else ()), ()
         except RoundError as exc:
             if not exc.culprits:  # a failure no one in particular was proved to cause
                 self._leader_outcome(leader, False)
@@ -617,12 +633,18 @@ class RoundDriver:
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
-        state = await offload(self._executor, avg.numel(), self._outer, rnd, avg)
+        before = self._store.state
+        state = await offload(self._executor, avg.numel(), self._outer, before, avg)
         if state is None:
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
             return None
         self._store.adopt(state)
+        if self._mirror is not None and self._mirror.enabled:
+            # The same answers and the same step on the training device; the host's state (just
+            # adopted) stays the one hashed, served and saved, and checks the device's.
+            await offload(self._executor, avg.numel(), self._mirror.advance, before, Answers(group.codec, answers),
+                          state)
         p = self.progress
         p.completed += 1
         self._metrics.rounds.labels("completed").inc()
@@ -646,17 +668,22 @@ class RoundDriver:
         if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
             log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
 
-    def _outer(self, rnd: int, avg: torch.Tensor) -> GlobalState | None:
+    def _outer(self, s: GlobalState, avg: torch.Tensor) -> GlobalState | None:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
-        None if it made the parameters or momentum non-finite: never adopted, served or saved."""
-        s = self._store.state
+        None if it made the parameters or momentum non-finite: never adopted, served or saved.
+
+        It runs on the host even when the model is on a GPU: the new state's bytes must be on
+        the host to be hashed, served and saved, so the step there costs no copy, where the step
+        on the device would copy 8 bytes a value back. A mirror repeats it on the device
+        (``peer.sync.mirror``), checked against this one. ``s``: the state of round ``s.round``
+        the step starts from."""
         # One sweep: step, finiteness and the sha256 the next round's consistency check needs.
         params, buf, digest, finite = outer_step_hashed(s.params, avg, s.momentum, lr=self._settings.outer_lr,
                                                         momentum=self._settings.outer_momentum,
                                                         param_numel=self._param_numel, int_slices=self._int_slices)
         if not finite:
             return None
-        return GlobalState(rnd + 1, params, buf).with_hash(digest)
+        return GlobalState(s.round + 1, params, buf).with_hash(digest)
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self.progress.failed += 1

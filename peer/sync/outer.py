@@ -1,4 +1,4 @@
-"""DiLoCo outer-step math, pure and deterministic (CPU, float32).
+"""DiLoCo outer-step math, pure and deterministic (float32, any device).
 
 The outer optimizer is SGD with Nesterov momentum applied to the averaged pseudo-gradient
 ``g = theta_global - theta_local`` (averaged over the group). It matches
@@ -9,6 +9,20 @@ The flat global state holds the model's buffers after its parameters (``param_nu
 parameters first). Buffers are not optimized: they take the group's plain average,
 ``theta - g`` (lr 1, no momentum; their momentum stays 0), and integer buffers within it
 (``int_slices``) are rounded to the nearest integer, half to even.
+
+Bits: every peer of a group must hold the same bits after a round, whatever its hardware. So
+the step is a fixed sequence of single IEEE-754 float32 operations, each correctly rounded:
+multiplications by a scalar and plain additions (``_param_step``), never a multiply-add with
+``alpha`` (``torch.add(a, b, alpha=c)``), ``addcmul`` or the like. Those fuse into one rounding
+(FMA) on some hardware and not on others: on x86, torch's AVX2/AVX-512 kernels fuse and its
+baseline kernels (CPUs without AVX2, ``ATEN_CPU_CAPABILITY=default``) do not, and nvcc fuses
+``a + c * b`` in CUDA kernels by default (``--fmad=true``); the step written with ``alpha`` gave
+different bits on the same machine under the two CPU capabilities (tests/unit/test_sync_math.py).
+A plain add is ``fma(b, 1, a)`` where fused, the same single rounding. Products and sums of
+float32 values are correctly rounded on every IEEE-754 device with subnormals kept (torch's
+default on CPU unless ``torch.set_flush_denormal(True)``; torch's CUDA kernels are built without
+fast math, so without flush-to-zero), so the result does not depend on vector width, chunking or
+device: ``peer.sync.mirror`` runs this same step on a GPU (and checks it against the host's).
 """
 
 from __future__ import annotations
@@ -29,23 +43,53 @@ def outer_step(
     buf' = g + momentum * buf;  theta' = theta - lr * (g + momentum * buf')
     On the buffers (``[param_numel:]``): theta' = round?(theta - g), buf' = 0, rounding only the
     ``(start, stop)`` ranges of ``int_slices``.
-    All tensors are 1-D float32 CPU of equal length. Every peer runs the same sequence of
-    float32 operations on the same bytes, so the result is bit-identical across peers.
+    All tensors are 1-D float32 of equal length on one device. Every peer runs the same
+    sequence of correctly rounded float32 operations (``_param_step``) on the same bytes, so the
+    result is bit-identical across peers and devices.
     """
     if not (params.shape == grad.shape == momentum_buf.shape):
         raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
                          f"buf {tuple(momentum_buf.shape)}")
-    # Two fresh tensors (the state is immutable: donors and checkpoints may still hold the old
-    # one) and three passes, no temporary: at 10M parameters each allocation costs about as
-    # much in page faults as a pass of arithmetic. theta - lr*g - lr*momentum*buf' is the
-    # Nesterov step written as two fused multiply-adds; every peer runs these same ops.
-    buf = torch.add(grad, momentum_buf, alpha=momentum)
-    new_params = torch.add(params, grad, alpha=-lr)
-    new_params.add_(buf, alpha=-lr * momentum)
+    # Fresh tensors: the state is immutable (donors and checkpoints may still hold the old one).
+    new_params, buf = params.clone(), momentum_buf.clone()
+    step_in_place(new_params, buf, grad.clone(), lr=lr, momentum=momentum, param_numel=param_numel,
+                  int_slices=int_slices)
+    return new_params, buf
+
+
+def _param_step(theta: torch.Tensor, grad: torch.Tensor, mom: torch.Tensor, *, out_theta: torch.Tensor,
+                out_mom: torch.Tensor, work: torch.Tensor, lr: float, momentum: float) -> None:
+    """The parameters' step, one correctly rounded float32 operation at a time (see the module
+    docstring for why nothing is fused):
+
+        out_mom   = g + (m * mom)
+        out_theta = (theta + (-lr) * g) + (-lr * m) * out_mom
+
+    ``work`` is scratch of ``g``'s size; any output may alias its input (``out_theta`` is
+    ``theta``, ``out_mom`` is ``mom``, ``work`` is ``g``: the in-place step of
+    ``step_in_place``), as every value is read before it is overwritten. The Python scalars
+    ``-lr`` and ``-lr * m`` are rounded to float32 once, alike on every device."""
+    torch.mul(mom, momentum, out=out_mom)
+    out_mom.add_(grad)
+    torch.mul(grad, -lr, out=work)
+    torch.add(theta, work, out=out_theta)
+    torch.mul(out_mom, -lr * momentum, out=work)
+    out_theta.add_(work)
+
+
+def step_in_place(params: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, momentum: float,
+                  param_numel: int | None = None, int_slices: tuple[tuple[int, int], ...] = ()) -> None:
+    """``outer_step`` in place on ``params`` and ``buf`` (1-D float32, one device, equal length),
+    with ``grad`` as scratch (its values are destroyed): the same operations, so the same bits,
+    with no temporary. Raises ``ValueError`` like ``outer_step``."""
+    if not (params.shape == grad.shape == buf.shape) or params.dim() != 1:
+        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
+                         f"buf {tuple(buf.shape)}")
     n = _param_numel(params, param_numel)
     if n < params.numel():
-        _buffers_step(params, grad, new_params, buf, n, int_slices)
-    return new_params, buf
+        _buffers_step(params, grad, params, buf, n, int_slices)
+    p, b, g = params[:n], buf[:n], grad[:n]
+    _param_step(p, g, b, out_theta=p, out_mom=b, work=g, lr=lr, momentum=momentum)
 
 
 OUTER_CHUNK = 1 << 18
@@ -87,6 +131,7 @@ def outer_step_hashed(
     total = params.numel()
     n = _param_numel(params, param_numel)
     new_params, buf = torch.empty_like(params), torch.empty_like(momentum_buf)
+    work = torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
     if n < total:
         _buffers_step(params, grad, new_params, buf, n, int_slices)
     h = hashlib.sha256()
@@ -102,10 +147,9 @@ def outer_step_hashed(
                 finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
             h.update(bytes_of[4 * start:4 * stop])
             continue
-        g, b, p = grad[start:stop], buf[start:stop], new_params[start:stop]
-        torch.add(g, momentum_buf[start:stop], alpha=momentum, out=b)
-        torch.add(params[start:stop], g, alpha=-lr, out=p)
-        p.add_(b, alpha=-lr * momentum)
+        b, p = buf[start:stop], new_params[start:stop]
+        _param_step(params[start:stop], grad[start:stop], momentum_buf[start:stop], out_theta=p, out_mom=b,
+                    work=work[:stop - start], lr=lr, momentum=momentum)
         if finite:
             # min/max are NaN when a NaN is present; an Inf shows as an infinite extreme.
             lo, hi = torch.aminmax(p)

@@ -526,6 +526,9 @@ class ReduceStats:
     encoded_bytes: int = 0
     contributors: list[int] = field(default_factory=list)
     answer_digests: list[str] = field(default_factory=list)  # each owner's answer, in member order
+    # Each owner's answer as received, (shard start, shard end, payload) in member order: a
+    # device mirror (``peer.sync.mirror``) applies these same bytes on the training device.
+    answers: tuple[tuple[int, int, bytes], ...] = ()
 
 
 class Reducer:
@@ -665,6 +668,7 @@ class Reducer:
                                  culprits=tuple(pid for pid, _, _ in too_large))
             if ef is not None and residual is not None:
                 ef.commit(residual)
+            stats.answers = tuple((m.shard_start, m.shard_end, p) for m, p in results)
             return avg, stats
         finally:
             # Give streams that still want our shard's answer a moment, then drop it.

@@ -176,8 +176,9 @@ class InnerTrainer:
         on_step: Callable[[int, float], None] | None = None,
         first_step: int = 0,
     ) -> InnerResult:
-        """Load ``global_params`` (the flat state) and run up to ``steps`` inner optimizer steps;
-        step ``i`` is global inner step ``first_step + i`` of the learning-rate schedule.
+        """Load ``global_params`` (the flat state, on the host or on the model's device; not
+        modified) and run up to ``steps`` inner optimizer steps; step ``i`` is global inner step
+        ``first_step + i`` of the learning-rate schedule.
 
         The inner optimizer state persists across calls (as in DiLoCo). ``should_stop`` is
         polled before every step; when it returns True the phase ends early (``steps`` in the
@@ -197,8 +198,10 @@ class InnerTrainer:
             # First phase, or a jump (joined late, resynced, resumed): say where in the schedule.
             log.info("inner phase starts at global step %d, inner lr %.6g", first_step,
                      self._task.inner_lr(first_step, self._inner_lr, self._schedule))
-        global_cpu = global_params.detach().to(device="cpu", dtype=torch.float32)
-        assign_flat_state(self._model, global_cpu)
+        # On the model's device once, for the model and the delta's base: no copy when the
+        # driver's mirror (``peer.sync.mirror``) already holds the global state there.
+        start_params = global_params.detach().to(device=self._device, dtype=torch.float32)
+        assign_flat_state(self._model, start_params)
         self._model.train()
         done = samples = 0
         loss_sum = 0.0
@@ -229,7 +232,8 @@ class InnerTrainer:
             if on_step is not None:
                 on_step(i, value)
         self._next_step = first_step + done
-        delta = global_cpu.to(self._device) - flat_on_device(self._model)
+        delta = start_params - flat_on_device(self._model)
+        del start_params
         for start_, stop in self._layout.int_slices:
             # Integer buffers (num_batches_tracked) keep the global value: a counter's change of
             # H next to the float statistics would set a lossy codec's block scale and swamp them.

@@ -8,15 +8,18 @@ member per machine; only rank 0 talks to it.
 
 One inner phase, as every rank runs it (``DataParallelTrainer.run_inner``):
 
-1. rank 0 posts ``train <steps>`` under the key ``phase/<seq>`` of the store (workers wait for
-   it there, not in a collective, so a long round in between trips no collective timeout);
+1. rank 0 posts ``train <steps> <first step>`` under the key ``phase/<seq>`` of the store
+   (workers wait for it there, not in a collective, so a long round in between trips no
+   collective timeout; the first step is the phase's place in the inner learning-rate schedule);
 2. rank 0 broadcasts the global parameters; every rank loads them;
 3. every step, each rank computes its loss and gradients on its own batch (rank r reads the
    data stream ``<peer stream>/rank<r>``; rank 0 keeps the peer's own stream, so a one-rank peer
    trains exactly as before), and one ``all_reduce`` (sum) of a flat buffer averages the
    gradients weighted by samples and carries a few control slots: the loss, a non-finite flag,
-   rank 0's stop flag and each rank's samples. Every rank then takes the same optimizer step,
-   so their parameters stay identical; a stop or a non-finite loss ends the phase on all ranks
+   rank 0's stop flag and each rank's samples. Every rank then takes the same optimizer step
+   (the learning rate of the schedule at that step; with ``precision`` bf16 each rank's forward
+   pass and loss run under autocast, the averaged gradients and the step in float32), so their
+   parameters stay identical; a stop or a non-finite loss ends the phase on all ranks
    at the same step;
 4. rank 0 returns the ``InnerResult`` of the machine: the delta of its (shared) parameters and
    the samples of all ranks, which become the peer's weight in the round.
@@ -61,6 +64,7 @@ import torch.distributed as dist
 from peer.errors import ConfigError, PeerError
 from peer.trainer.loop import InnerResult, InnerTrainer, resolve_device
 from peer.trainer.params import assign_flat_state, flat_on_device
+from peer.trainer.schedule import LRSchedule
 from peer.trainer.task import Task, load_task
 from peer.types import LocalRank
 
@@ -125,6 +129,10 @@ class RankSpec:
     store_port: int
     timeout_s: float
     parent_pid: int
+    precision: str = "fp32"  # as InnerTrainer's
+    inner_lr_schedule: str = "constant"  # LRSchedule's kind, warm-up and total steps
+    warmup_steps: int = 0
+    total_steps: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -183,16 +191,17 @@ class DataParallelTrainer(InnerTrainer):
     """``InnerTrainer`` whose inner phase is data-parallel over a process group (see the module).
 
     Every rank calls ``run_inner`` once per phase, in the same order; rank 0 gives the global
-    parameters and ``should_stop``, the others pass ``None``. ``store`` is the group's store
-    (rank 0 posts the phases in it); ``task`` saves loading ``spec.task`` again. Not thread
-    safe; one thread per process calls it.
+    parameters, ``should_stop`` and the first step, the others pass ``None``. ``store`` is the
+    group's store (rank 0 posts the phases in it); ``task`` saves loading ``spec.task`` again.
+    Not thread safe; one thread per process calls it.
     """
 
     def __init__(self, spec: RankSpec, store: dist.Store, task: Task | None = None) -> None:
         super().__init__(task or load_task(spec.task, spec.data), seed=spec.seed,
                          stream_id=rank_stream_id(spec.stream_id, spec.rank),
                          device=rank_device(spec.device, spec.rank, spec.world), threads=spec.threads,
-                         batch_size=spec.batch_size, inner_lr=spec.inner_lr)
+                         batch_size=spec.batch_size, inner_lr=spec.inner_lr, precision=spec.precision,
+                         schedule=LRSchedule(spec.inner_lr_schedule, spec.warmup_steps, spec.total_steps))
         self.rank = spec.rank
         self.world = spec.world
         self._store = store
@@ -203,13 +212,14 @@ class DataParallelTrainer(InnerTrainer):
     # ------------------------------------------------------------ phases (rank 0 posts, workers wait)
 
     def post(self, command: str) -> None:
-        """Rank 0: announce the next phase (``train <steps>`` or ``stop``) to the workers."""
+        """Rank 0: announce the next phase (``train <steps> <first step>`` or ``stop``) to the workers."""
         self._store.set(f"phase/{self._seq}", command)
         if self._seq:
             self._store.delete_key(f"phase/{self._seq - 1}")  # every worker read it: it ran that phase
 
-    def wait_command(self, parent_pid: int) -> tuple[str, int]:
-        """A worker: block until rank 0 posts the next phase; ``("train", steps)`` or ``("stop", 0)``.
+    def wait_command(self, parent_pid: int) -> tuple[str, int, int]:
+        """A worker: block until rank 0 posts the next phase; ``("train", steps, first_step)`` or
+        ``("stop", 0, 0)``.
 
         Raises ``LocalRankError`` when the parent (rank 0) is gone or the store fails.
         """
@@ -226,9 +236,9 @@ class DataParallelTrainer(InnerTrainer):
         text = self._store.get(key).decode("ascii", "replace")
         match text.split():
             case ["stop"]:
-                return "stop", 0
-            case ["train", steps] if steps.isdigit():
-                return "train", int(steps)
+                return "stop", 0, 0
+            case ["train", steps, first] if steps.isdigit() and first.isdigit():
+                return "train", int(steps), int(first)
         raise LocalRankError(f"rank {self.rank}: unknown command {text!r} from rank 0")
 
     # ------------------------------------------------------------ the data-parallel inner phase
@@ -239,26 +249,29 @@ class DataParallelTrainer(InnerTrainer):
         steps: int,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        first_step: int = 0,
     ) -> InnerResult:
-        """One phase on every rank (see the module docstring). Rank 0 posts the phase first.
+        """One phase on every rank (see the module docstring). Rank 0 posts the phase first;
+        step ``i`` is global inner step ``first_step + i`` of the learning-rate schedule (rank
+        0's, posted to the workers with the phase).
 
         Returns this rank's view: on rank 0 the machine's result (``samples`` summed over ranks).
         Raises ``LocalRankError`` when a collective fails (a rank died, or the timeout passed).
         """
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps < 0 or first_step < 0:
+            raise ValueError(f"steps and first_step must be >= 0, got {steps}, {first_step}")
         if self.rank == 0:
             if global_params is None:
                 raise ValueError("rank 0 must give the global parameters")
             self._check_flat(global_params)
-            self.post(f"train {steps}")
+            self.post(f"train {steps} {first_step}")
         self._seq += 1
         try:
-            return self._phase(global_params, steps, should_stop, on_step)
+            return self._phase(global_params, steps, should_stop, on_step, first_step)
         except (RuntimeError, dist.DistError) as exc:
             raise LocalRankError(f"rank {self.rank}: a collective of the local ranks failed: {exc}") from exc
 
-    def _phase(self, global_params, steps, should_stop, on_step) -> InnerResult:
+    def _phase(self, global_params, steps, should_stop, on_step, first_step) -> InnerResult:
         start = time.perf_counter()
         dev = self._device
         # A copy on rank 0: the global parameters are never written, whatever the backend does.
@@ -273,9 +286,14 @@ class DataParallelTrainer(InnerTrainer):
         grads, control = buf[:pn], buf[pn:]
         done = samples = 0
         loss_sum = 0.0
+        lr = taken_lr = math.nan
         nonfinite = False
         for i in range(steps):
             stop = self.rank == 0 and should_stop is not None and should_stop()
+            # Every rank computes the same rate from the same step: their steps stay identical.
+            lr = float(self._task.inner_lr(first_step + i, self._inner_lr, self._schedule))
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
             x, y = next(self._batches)
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
@@ -284,7 +302,9 @@ class DataParallelTrainer(InnerTrainer):
             control.zero_()
             grads.zero_()
             if not stop:
-                loss = self._task.loss(self._model, (x, y))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self._autocast):
+                    loss = self._task.loss(self._model, (x, y))
+                loss = loss.float()
                 value = loss.item()
                 if math.isfinite(value):
                     loss.backward()
@@ -320,6 +340,7 @@ class DataParallelTrainer(InnerTrainer):
                 offset += size
             self._optimizer.step()
             done += 1
+            taken_lr = lr
             step_samples = [int(v) for v in ctl[_CONTROL:]]
             # A new list, swapped in: a status read on another thread sees every rank's count
             # of the same step (it read rank 0 ahead of rank 1 when they were added one by one).
@@ -339,7 +360,7 @@ class DataParallelTrainer(InnerTrainer):
             log.warning("rank %d: inner phase non-finite after %d steps; resetting inner optimizer", self.rank, done)
             self._optimizer = self._task.make_inner_optimizer(self._model.parameters(), self._inner_lr)
         return InnerResult(delta=delta, samples=samples, mean_loss=loss_sum / done if done else float("nan"),
-                           steps=done, seconds=time.perf_counter() - start, nonfinite=nonfinite)
+                           steps=done, seconds=time.perf_counter() - start, nonfinite=nonfinite, lr=taken_lr)
 
 
 # ---------------------------------------------------------------------------------------------- rank 0
@@ -507,7 +528,8 @@ class LocalRanks:
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: self.trainer.run_inner(start, self._steps, should_stop=should_stop,
-                                                               on_step=self._on_step))
+                                                               on_step=self._on_step,
+                                                               first_step=rnd * self._steps))
         except LocalRankError as exc:
             # A collective fails as soon as a rank's sockets close; name the rank if it died.
             deadline = time.monotonic() + 1.0
@@ -582,10 +604,10 @@ def _serve(spec: RankSpec, store: dist.Store, parent_pid: int) -> None:
     trainer = DataParallelTrainer(spec, store)
     _group_init(spec, store)
     while True:
-        command, steps = trainer.wait_command(parent_pid)
+        command, steps, first_step = trainer.wait_command(parent_pid)
         if command == "stop":
             break
-        trainer.run_inner(None, steps)
+        trainer.run_inner(None, steps, first_step=first_step)
     dist.destroy_process_group()
 
 

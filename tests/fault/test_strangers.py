@@ -18,6 +18,7 @@ import pytest
 from peer.credentials import create_run_credentials
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
+from peer.types import PROTOCOL_VERSION
 from tests.integration._peers import Swarm, check_invariant, consistent_rounds, metric, tls_channel, wait_until
 
 
@@ -29,7 +30,7 @@ def _stranger(kind: str, address: str, run_id: str, tmp_path):
 
 
 def _fake_info(run_id: str, schema: str, peer_id: str, rnd: int) -> pb.PeerInfo:
-    return pb.PeerInfo(peer_id=peer_id, run_id=run_id, protocol_version=1, schema_hash=schema, round=rnd,
+    return pb.PeerInfo(peer_id=peer_id, run_id=run_id, protocol_version=PROTOCOL_VERSION, schema_hash=schema, round=rnd,
                        global_hash="ab" * 32, address="127.0.0.1:9", codecs=["int8", "evil"])
 
 

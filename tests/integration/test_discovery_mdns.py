@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from peer.discovery import browse_once
+from peer.types import PROTOCOL_VERSION
 
 try:
     from tests.integration._netns import NetnsUnavailable, bridged_namespaces
@@ -220,7 +221,7 @@ def test_loopback_peers_find_each_other_ignore_other_runs_and_see_leave(procs: l
             assert join["run_id"] == run_id
             assert join["host"] == "127.0.0.1"
             assert join["grpc_port"] == _grpc_port(q) and join["metrics_port"] == _grpc_port(q) + 1
-            assert join["protocol_version"] == 1
+            assert join["protocol_version"] == PROTOCOL_VERSION
             latency_spawn.append(join["t"] - max(p.spawned_at, q.spawned_at))
             latency_registered.append(join["t"] - max(started[p.peer_id]["t"], started[q.peer_id]["t"]))
     stranger.wait_for(_is("started"), deadline, "start")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from peer.trainer.params import assign_flat_state, flatten_state
+from peer.trainer.schedule import LRSchedule
 from peer.trainer.task import init_model, load_task
 from peer.trainer.workers import LocalRankError, LocalRanks, RankSpec
 from tests.integration._peers import Swarm, consistent_rounds, metric, round_hashes, wait_until
@@ -28,24 +29,30 @@ def _spec(**kw) -> RankSpec:
     return RankSpec(**{**base, **kw})
 
 
-def _reference(phases: int) -> list[torch.Tensor]:
+def _reference(phases: int, schedule: LRSchedule | None = None, bf16: bool = False) -> list[torch.Tensor]:
     """The same phases in one process: each step averages the gradients of rank 0's batch
-    (stream "s") and rank 1's batch (stream "s/rank1"), weighted by samples."""
+    (stream "s") and rank 1's batch (stream "s/rank1"), weighted by samples; at the inner
+    learning rate of ``schedule`` at step ``phase * STEPS + i``, each loss under bf16 autocast
+    when ``bf16``."""
     task = load_task("digits")
     model = init_model(task, SEED)
     opt = task.make_inner_optimizer(model.parameters(), LR)
     streams = [task.batches(SEED, "s", BATCH), task.batches(SEED, "s/rank1", BATCH)]
     start = flatten_state(model)
     deltas = []
-    for _ in range(phases):
+    for phase in range(phases):
         assign_flat_state(model, start)
-        for _ in range(STEPS):
+        for i in range(STEPS):
+            for group in opt.param_groups:
+                group["lr"] = task.inner_lr(phase * STEPS + i, LR, schedule or LRSchedule())
             summed = None
             total = 0
             for stream in streams:
                 x, y = next(stream)
                 model.zero_grad(set_to_none=True)
-                task.loss(model, (x, y)).backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = task.loss(model, (x, y))
+                loss.float().backward()
                 g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * x.shape[0]
                 summed = g if summed is None else summed + g
                 total += x.shape[0]
@@ -102,6 +109,42 @@ def test_two_ranks_take_the_steps_of_one_process_on_both_batches_and_a_dead_rank
     assert [(r.rank, r.alive, r.samples) for r in info] == [(0, True, 2 * BATCH * STEPS), (1, True, 2 * BATCH * STEPS)]
     # ... and the dead rank was reported as a failure of the peer
     assert failures and re.match(r"local rank 1 \(pid \d+\) was killed by signal 9", failures[0]), failures
+
+
+def test_two_ranks_follow_the_learning_rate_schedule_and_bf16_of_one_process():
+    # Prepare: a cosine schedule with warm-up over the two phases' six steps, bf16 autocast
+    schedule = LRSchedule("cosine", warmup_steps=2, total_steps=6)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
+    ranks = LocalRanks(_spec(precision="bf16", inner_lr_schedule="cosine", warmup_steps=2, total_steps=6),
+                       executor, STEPS)
+
+    async def scenario():
+        await ranks.start()
+        try:
+            start = ranks.trainer.initial_params()
+            results = []
+            for rnd in range(2):
+                res = await ranks.run(rnd, start, lambda: False)
+                results.append(res)
+                start = start - res.delta
+            return results
+        finally:
+            await ranks.close()
+
+    # Execute
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        executor.shutdown(wait=True)
+    # Assert: one process's steps on both batches at the schedule's rates, under bf16; the rate
+    # of each phase's last step reported
+    for got, want in zip(results, _reference(2, schedule, bf16=True)):
+        assert torch.allclose(got.delta, want, rtol=0, atol=1e-6), (got.delta - want).abs().max()
+        assert got.delta.abs().max() > 0
+    assert [r.lr for r in results] == [LR * schedule.factor(2), LR * schedule.factor(5)]
+    # ... and those are not the constant rate's steps (the schedule did something)
+    plain = _reference(2)
+    assert not torch.allclose(results[1].delta, plain[1], rtol=0, atol=1e-6)
 
 
 def _together(a, b) -> list[int]:

@@ -116,3 +116,9 @@ def test_schedule_and_precision_from_file_env_and_cli(tmp_path):
 
     t = cfg.train
     assert (t.inner_lr_schedule, t.warmup_steps, t.total_steps, t.precision) == ("cosine", 5, 200, "bf16")
+
+
+def test_local_workers_take_bf16_and_a_schedule():
+    cfg = load_config({"local_workers": "2", "precision": "bf16", "inner_lr_schedule": "cosine",
+                       "warmup_steps": "2", "total_steps": "50"}, env={})
+    assert (cfg.train.local_workers, cfg.train.precision, cfg.train.inner_lr_schedule) == (2, "bf16", "cosine")

@@ -53,7 +53,8 @@ def test_txt_round_trip() -> None:
     # Execute
     back = decode_txt(wire, "10.0.0.5", 7070)
     # Assert
-    assert txt == {"run": "fmnist-7", "id": "a1b2c3d4e5f6", "proto": "1", "grpc": "7070", "metrics": "9100"}
+    assert txt == {"run": "fmnist-7", "id": "a1b2c3d4e5f6", "proto": str(PROTOCOL_VERSION), "grpc": "7070",
+                   "metrics": "9100"}
     assert back == RECORD
     assert SERVICE_TYPE == "_peer-train._tcp.local."
 

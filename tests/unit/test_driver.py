@@ -21,6 +21,7 @@ from peer.errors import PeerUnavailable, RoundError
 from peer.membership import Attested
 from peer.metrics import Metrics
 from peer.sync.driver import Deadlines, RoundDriver
+from peer.sync.mirror import DeviceMirror
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
 from peer.types import JoinOutcome, JoinReply
@@ -43,8 +44,10 @@ class FakeInner:
     def __init__(self, rank: int, nan_rounds: tuple[int, ...] = ()) -> None:
         self.rank = rank
         self.nan_rounds = nan_rounds
+        self.starts: list[torch.Tensor] = []  # what each phase started from (a copy)
 
     async def run(self, rnd, start, should_stop):
+        self.starts.append(start.clone())
         delta = torch.full((NUMEL,), (self.rank + 1) * 0.01)
         if rnd in self.nan_rounds:
             return Result(torch.full((NUMEL,), math.nan), 10, nonfinite=True)
@@ -140,7 +143,7 @@ class Client:
 
 
 class Node:
-    def __init__(self, pid: str, rank: int, net: dict, tmp, pool, **cfg) -> None:
+    def __init__(self, pid: str, rank: int, net: dict, tmp, pool, mirror: bool = False, **cfg) -> None:
         self.pid, self.down = pid, False
         self.cfg = load_config({"run_id": "r", "matchmaking_timeout_s": 1.0, "reduce_deadline_s": 2.0,
                                 "startup_grace_s": 0.2, "chunk_idle_timeout_s": 1.0, "heartbeat_interval_s": 0.1,
@@ -152,9 +155,11 @@ class Node:
                                 checkpoint_interval_s=0)
         self.members = FakeMembers(pid, net)
         self.inner = FakeInner(rank)
+        # A model "on a device": the mirror's code path with device="cpu" (peer.sync.mirror).
+        self.mirror = DeviceMirror("cpu", lr=SETTINGS.outer_lr, momentum=SETTINGS.outer_momentum) if mirror else None
         self.driver = RoundDriver(self.cfg, SETTINGS, peer_id=pid, schema_hash="s", members=self.members,
                                   client=Client(net), store=self.store, inner=self.inner, executor=pool,
-                                  metrics=self.metrics, address=lambda: pid)
+                                  metrics=self.metrics, address=lambda: pid, mirror=self.mirror)
 
     def metric(self, name, **labels) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -171,10 +176,10 @@ def pool():
 NAMES = ("p15", "p22", "p17")
 
 
-def _swarm(tmp, pool, k: int, **cfg) -> dict[str, Node]:
+def _swarm(tmp, pool, k: int, mirrored: tuple[str, ...] = (), **cfg) -> dict[str, Node]:
     net: dict[str, Node] = {}
     for i in range(k):
-        net[NAMES[i]] = Node(NAMES[i], i, net, tmp, pool, **cfg)
+        net[NAMES[i]] = Node(NAMES[i], i, net, tmp, pool, mirror=NAMES[i] in mirrored, **cfg)
     for node in net.values():
         node.members.view = {p for p in net if p != node.pid}
     return net
@@ -332,6 +337,45 @@ async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_pa
     assert net["p15"].store.state.global_hash == net["p22"].store.state.global_hash
     assert net["p22"].metric("peer_train_nonfinite_total") == 1
     assert net["p15"].driver.progress.eval["loss"] > 0
+
+
+@pytest.mark.parametrize("codec", ["int8", "sign1"])
+async def test_a_peer_applying_rounds_on_its_device_holds_the_groups_bits(tmp_path, pool, codec):
+    # Prepare: p22's model is "on a device" (the mirror's path, on the CPU here); sign1 with
+    # error feedback, int8 without
+    net = _swarm(tmp_path, pool, 3, rounds=3, mirrored=("p22",), codec=codec, error_feedback=codec == "sign1")
+    # Execute
+    await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)
+    # Assert: one state everywhere; every phase of p22 started from its mirror, which holds the
+    # group's state bit for bit, copied in once and advanced by each round's answers since
+    assert all(n.driver.progress.completed == 3 for n in net.values())
+    assert len({n.store.state.global_hash for n in net.values()}) == 1
+    mirrored = net["p22"]
+    state = mirrored.store.state
+    assert (mirrored.mirror.copies, mirrored.mirror.advances, mirrored.mirror.enabled) == (1, 3, True)
+    start = mirrored.mirror.start(state)
+    assert start is not state.params and torch.equal(start.view(torch.int32), state.params.view(torch.int32))
+    assert torch.equal(mirrored.mirror._buf.view(torch.int32), state.momentum.view(torch.int32))
+    plain = net["p15"].inner.starts
+    assert len(mirrored.inner.starts) == len(plain) == 3
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(mirrored.inner.starts, plain))
+
+
+async def test_a_mirror_catches_up_by_copying_after_a_resync(tmp_path, pool):
+    # Prepare: p22 (mirrored) misses a round that the others complete, then resyncs
+    net = _swarm(tmp_path, pool, 3, mirrored=("p22",))
+    mirror = net["p22"].mirror
+    mirror.start(net["p22"].store.state)
+    await _round(net.values())
+    net["p15"].members.view = {"p17"}
+    net["p17"].members.view = {"p15"}
+    await _round([net["p15"], net["p17"]])
+    # Execute
+    assert await net["p22"].driver.resync(2, 2.0)
+    start = mirror.start(net["p22"].store.state)
+    # Assert: the round it missed was never applied on the device; the donor's state was copied in
+    assert (mirror.copies, mirror.advances, mirror.enabled) == (2, 1, True)
+    assert torch.equal(start, net["p15"].store.state.params)
 
 
 def test_deadlines_adapt_between_margin_and_cap():

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
-from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, tensor_sha256
+from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, step_in_place, tensor_sha256
 from peer.sync.round import shard_bounds
 from peer.sync.state import GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
 
@@ -78,6 +83,84 @@ def test_outer_step_hashed_reports_nonfinite_results(where, bad):
     *_, finite = outer_step_hashed(theta, g, buf, lr=0.7, momentum=0.9)
     # Assert
     assert not finite
+
+
+def _exact_inputs(n: int = 5003) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parameters, averaged delta and momentum of closed form (integers times powers of two):
+    the same bytes on every machine and torch version, unlike a random generator's."""
+    i = torch.arange(n, dtype=torch.int64)
+
+    def field(mult: int, shift: int) -> torch.Tensor:
+        return (((i * mult + shift) % (1 << 24)) - (1 << 23)).to(torch.float32) * 2.0**-20
+
+    return field(2654435761, 1), field(40503, 7) * 2.0**-6, field(2246822519, 3) * 2.0**-6
+
+
+# sha256 of the parameters after one outer step of _exact_inputs() (lr 0.7, momentum 0.9, the
+# last 13 values buffers, 3 of them integer). Every peer of a run must compute exactly this: a
+# change of the step's operations changes the bits peers agree on (old and new versions would
+# no longer agree), so it must be deliberate.
+GOLDEN_STEP = "2769075c927a69887320f47e8a417a6fb371d1ffd0fce2141e5cd628d6009a38"
+
+
+def test_outer_step_bits_are_pinned():
+    p, g, b = _exact_inputs()
+    *_, digest, finite = outer_step_hashed(p, g, b, lr=0.7, momentum=0.9, param_numel=4990,
+                                           int_slices=((5000, 5003),))
+    assert finite and digest == GOLDEN_STEP
+
+
+def test_outer_step_rounds_once_per_operation():
+    # Prepare: float64 gives every float32 product and sum exactly or rounds it so that the
+    # rounding to float32 after it is the correct one (53 >= 2 * 24 + 2): the reference below is
+    # the step as single IEEE float32 operations, with nothing fused.
+    p, g, b = _exact_inputs()
+    gen = torch.Generator().manual_seed(5)
+    p, g, b = p * 1e3, g + torch.randn(g.shape, generator=gen) * 1e-30, b * 1e-3  # wide exponents
+    lr, m = 0.7, 0.9
+
+    def f32(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).double()
+
+    m32, a32, c32 = (float(torch.tensor(v, dtype=torch.float32)) for v in (m, -lr, -lr * m))
+    # Execute
+    new_p, new_b = outer_step(p, g, b, lr=lr, momentum=m)
+    # Assert
+    ref_b = f32(f32(b.double() * m32) + g.double())
+    ref_p = f32(f32(p.double() + f32(g.double() * a32)) + f32(ref_b * c32))
+    assert torch.equal(new_b.double(), ref_b) and torch.equal(new_p.double(), ref_p)
+
+
+def test_outer_step_bits_do_not_depend_on_the_cpu_kernels():
+    # torch picks its CPU kernels by what the CPU offers; ATEN_CPU_CAPABILITY=default picks the
+    # kernels of a CPU without AVX2, which do not fuse a multiply-add where the AVX2/AVX-512 ones
+    # do (an outer step written with add(alpha=...) gave other bits under the two). Peers on
+    # different machines must agree, so the step must not depend on it. (On a CPU without AVX2
+    # both sides run the default kernels.)
+    script = textwrap.dedent("""
+        import torch
+        from peer.sync.outer import outer_step_hashed
+        from tests.unit.test_sync_math import _exact_inputs
+        p, g, b = _exact_inputs(100_003)
+        print(torch.backends.cpu.get_cpu_capability(),
+              outer_step_hashed(p, g, b, lr=0.7, momentum=0.9, param_numel=100_000)[2])
+    """)
+    p, g, b = _exact_inputs(100_003)
+    here = outer_step_hashed(p, g, b, lr=0.7, momentum=0.9, param_numel=100_000)[2]
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                         capture_output=True, text=True, timeout=120, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    used, there = out.stdout.split()
+    assert used == "DEFAULT"
+    assert there == here, f"{torch.backends.cpu.get_cpu_capability()} kernels: {here}, default kernels: {there}"
+
+
+def test_step_in_place_is_outer_step():
+    p, g, b = _exact_inputs()
+    want_p, want_b = outer_step(p, g, b, lr=0.5, momentum=0.8, param_numel=4990, int_slices=((5000, 5003),))
+    step_in_place(p, b, g, lr=0.5, momentum=0.8, param_numel=4990, int_slices=((5000, 5003),))
+    assert torch.equal(p.view(torch.int32), want_p.view(torch.int32))
+    assert torch.equal(b.view(torch.int32), want_b.view(torch.int32))
 
 
 def test_weighted_mean_weights_by_samples_and_skips_zero_weight():
