@@ -129,23 +129,36 @@ class Membership:
 
     def attested(self) -> Attested | None:
         """The ``(round, global hash)`` that more than half of the members this peer can reach
-        (those that answered their last ping) report, with those members as donors; None when
-        no state has such a majority. With one other member, that member's word suffices."""
+        (those that answered their last ping) report, with those members as donors. With one
+        other member, that member's word suffices. When the swarm has forked so that no state
+        has such a majority (kills and restarts from old checkpoints, a leader that formed a
+        group from a partial view), the state strictly more of them report than any other, if
+        at least two do: without it no one could ever resync and the forks would stay apart,
+        and one member's claim still moves nobody. None otherwise."""
         reachable = [k for k in self._known.values() if k.misses == 0]
         tally: dict[tuple[int, str], list[Known]] = {}
         for k in reachable:
             tally.setdefault((k.info.round, k.info.global_hash), []).append(k)
-        for (rnd, digest), backers in tally.items():
-            if 2 * len(backers) > len(reachable):
-                donors = tuple((k.info.peer_id, k.address) for k in sorted(backers, key=lambda k: k.info.peer_id))
-                return Attested(rnd, digest, donors)
-        return None
+        ranked = sorted(tally.items(), key=lambda item: len(item[1]), reverse=True)
+        if not ranked:
+            return None
+        (rnd, digest), backers = ranked[0]
+        majority = 2 * len(backers) > len(reachable)
+        plurality = len(backers) >= 2 and (len(ranked) == 1 or len(ranked[1][1]) < len(backers))
+        if not (majority or plurality):
+            return None
+        donors = tuple((k.info.peer_id, k.address) for k in sorted(backers, key=lambda k: k.info.peer_id))
+        return Attested(rnd, digest, donors)
 
     def ahead(self) -> int:
         """The round of the attested state (-1 without one): a single member's claim is not
         enough to move anyone (see ``attested``)."""
         found = self.attested()
         return -1 if found is None else found.round
+
+    def handshaking(self) -> bool:
+        """Whether a handshake is in flight: a peer this one is meeting may be a member soon."""
+        return bool(self._pending)
 
     def settled(self) -> bool:
         """Some members known and no handshake in flight (start-up may stop waiting)."""

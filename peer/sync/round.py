@@ -179,7 +179,8 @@ class Matchmaker:
 
     ``live`` returns the ids of the live peers of the run this peer knows (without itself);
     ``deadline_s`` returns the all-reduce deadline to announce with a group; ``excluded(id)``
-    turns a member's join away.
+    turns a member's join away; while ``meeting()`` (a handshake in flight) a group forms only
+    at its matchmaking timeout, never early as "complete".
     """
 
     def __init__(
@@ -194,6 +195,7 @@ class Matchmaker:
         deadline_s: Callable[[], float],
         on_formed: Callable[[float, bool], None] | None = None,
         excluded: Callable[[str], bool] = lambda peer_id: False,
+        meeting: Callable[[], bool] = lambda: False,
         leaders: Callable[[], Iterable[str]] | None = None,
         swarm_round: Callable[[], int] = lambda: -1,
         stalled_before: Callable[[str, int], bool] = lambda peer_id, rnd: False,
@@ -204,6 +206,7 @@ class Matchmaker:
         self._swarm_round = swarm_round
         self._stalled_before = stalled_before
         self._excluded = excluded
+        self._meeting = meeting
         self._me = peer_id
         self._numel = numel
         self._codec = codec
@@ -319,7 +322,10 @@ class Matchmaker:
     def _maybe_form(self, m: _Match) -> None:
         if m.formed is None or m.formed.done():
             return
-        if self._expected(m.round) <= set(m.joins):
+        # While this peer is still meeting peers (a handshake in flight: it just started, or
+        # discovery found someone), its view of the swarm may be partial: "everyone joined" could
+        # be a group of part of the swarm, which then forks from the rest. The timer forms it.
+        if self._expected(m.round) <= set(m.joins) and not self._meeting():
             self._form(m, complete=True)
 
     def _form(self, m: _Match, complete: bool = False) -> None:

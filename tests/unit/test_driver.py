@@ -96,6 +96,9 @@ class FakeMembers:
         found = self.attested()
         return -1 if found is None else found.round
 
+    def handshaking(self):
+        return False
+
     def settled(self):
         return bool(self.view)
 

@@ -166,7 +166,14 @@ async def test_only_a_state_the_majority_reports_is_attested():
     m.admit(_info("liar", rnd=10**6), "liar:1")
     assert m.attested().round == 5  # 3 of 5
     m.known["b"].misses = 1
-    assert m.attested() is None  # 2 of the 4 reachable is not more than half
+    # 2 of the 4 reachable is not more than half; with no majority, the state strictly more of
+    # them report than any other, if at least two do (a fork must be able to heal)
+    assert m.attested().donors == (("c", "c:1"), ("d", "d:1"))
+    m.admit(_info("e", rnd=7), "e:1")
+    m.admit(_info("f", rnd=7), "f:1")
+    assert m.attested() is None  # two forks of two: no plurality
+    m.known["e"].misses = m.known["f"].misses = m.known["c"].misses = 1
+    assert m.attested() is None  # one member each (d and the liar): a single claim moves nobody
 
 
 async def test_a_discovery_goodbye_is_only_a_hint_to_ask_again():

@@ -169,6 +169,23 @@ async def test_a_join_waiting_for_a_round_the_leader_gives_up_is_told_it_is_over
     await asyncio.gather(later, return_exceptions=True)
 
 
+async def test_a_leader_still_meeting_peers_forms_no_complete_group_from_a_partial_view():
+    # Found in the chaos test: a peer restarted a moment ago knew one member, led a round, and
+    # formed "everyone joined" with that one at once, while it was meeting the others: a fork.
+    net = _swarm(2, 100, timeout_s=0.3)
+    complete = []
+    meeting = True
+    for node in net.values():
+        node.matchmaker._meeting = lambda: meeting
+        node.matchmaker._on_formed = lambda wait_s, done: complete.append(done)
+    formed = await asyncio.gather(_form(net["p0"]), _form(net["p1"]))
+    assert [r.outcome for r in formed] == [JoinOutcome.GROUP] * 2 and complete == [False]  # by the timer
+    meeting = False
+    net["p0"].round = net["p1"].round = 1
+    formed = await asyncio.gather(_form(net["p0"]), _form(net["p1"]))
+    assert [r.outcome for r in formed] == [JoinOutcome.GROUP] * 2 and complete == [False, True]
+
+
 async def test_a_vanished_owner_fails_the_round_for_the_others_within_the_deadline():
     net = _swarm(3, 300)
     replies = await asyncio.gather(*(_form(n) for n in net.values()))
