@@ -72,10 +72,10 @@ def _server_main(kind: str, numel: int) -> None:
 
 
 async def _fetch_peer(address: str, schema_hash: str, numel: int) -> tuple[float, int]:
-    from peer.sync.state import decode_state
+    from peer.sync.state import decode_state, max_blob_bytes
     from peer.transport import GrpcPeerClient
 
-    client = GrpcPeerClient(chunk_bytes=CHUNK, chunk_idle_timeout_s=30, max_state_bytes=64 * numel + (1 << 20))
+    client = GrpcPeerClient(chunk_bytes=CHUNK, chunk_idle_timeout_s=30, max_state_bytes=max_blob_bytes(numel))
     try:
         t0 = time.perf_counter()
         header, blob = await client.get_state(address, "bench-state", "bench", schema_hash, 120)
