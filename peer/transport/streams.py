@@ -179,7 +179,8 @@ class Reassembly:
     def __init__(self, total_bytes: int, what: str) -> None:
         if total_bytes < 0:
             raise RoundError("malformed", f"{what}: a payload of {total_bytes} bytes")
-        self._map = mmap.mmap(-1, total_bytes) if total_bytes else None
+        # Private: Python's default for an anonymous mapping is shared memory, slower to fault in.
+        self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if total_bytes else None
         self._buf = memoryview(self._map if self._map is not None else bytearray())
         self._total = total_bytes
         self._received = 0
