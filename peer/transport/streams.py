@@ -171,16 +171,20 @@ class Reassembly:
     after the last chunk, and the loop only copies.
 
     ``total_bytes`` must already be bounded by the caller. The buffer is an anonymous mapping
-    whose pages the kernel provides as chunks fill them: a sender that announces much and
-    sends little costs what it sent, and nothing is zeroed twice. ``add``, ``close`` and
-    ``payload`` belong to one thread (the loop); ``hash_until_done`` to one other.
+    whose pages are taken only just ahead of the chunks (see ``hash_until_done``): a sender
+    that announces much and sends little costs little more than it sent, and nothing is
+    zeroed twice. ``add``, ``close`` and ``payload`` belong to one thread (the loop);
+    ``hash_until_done`` to one other.
     """
 
     def __init__(self, total_bytes: int, what: str) -> None:
         if total_bytes < 0:
             raise RoundError("malformed", f"{what}: a payload of {total_bytes} bytes")
-        # Private: Python's default for an anonymous mapping is shared memory, slower to fault in.
-        self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if total_bytes else None
+        try:
+            # Private: Python's default for an anonymous mapping is shared memory, slower to fault in.
+            self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if total_bytes else None
+        except OSError as exc:
+            raise RoundError("oversized", f"{what}: cannot reserve {total_bytes} bytes: {exc}") from None
         self._buf = memoryview(self._map if self._map is not None else bytearray())
         self._total = total_bytes
         self._received = 0
@@ -193,10 +197,6 @@ class Reassembly:
     @property
     def done(self) -> bool:
         return self._received == self._total
-
-    @property
-    def received(self) -> int:
-        return self._received
 
     def add(self, offset: int, data: bytes | memoryview) -> None:
         """Take the next chunk. Raises RoundError for one out of order ('malformed'), empty,

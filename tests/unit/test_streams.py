@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from peer.errors import RoundError
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
+from peer.transport import streams
 from peer.transport.server import method_handlers
 from peer.transport.streams import (
     MAX_CHUNK_BYTES, Reassembly, assemble_frames, chunk_frames, chunk_of_frame, read_chunk,
@@ -181,3 +182,25 @@ def test_every_rpc_of_the_service_has_a_handler():
     serialize = handlers["GetState"].response_serializer
     message = pb.StateMessage(header=pb.StateHeader(round=2))
     assert serialize(message) == message.SerializeToString() and serialize(b"\x12\x00") == b"\x12\x00"
+
+
+def test_a_payload_that_cannot_be_reserved_is_refused(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(streams.mmap, "mmap", no_memory)
+    with pytest.raises(RoundError) as err:
+        Reassembly(10, "state")
+    assert err.value.reason == "oversized"
+
+
+def test_without_page_prefaulting_the_hash_is_the_same(monkeypatch):
+    # A kernel without MADV_POPULATE_WRITE refuses the advice (EINVAL): the copies fault pages in.
+    monkeypatch.setattr(streams, "_MADV_POPULATE_WRITE", 0x7FFF)
+    payload = bytes(range(256)) * 20000
+    parts = Reassembly(len(payload), "state")
+    for offset, frame in chunk_frames(payload, 65536):
+        parts.add(*chunk_of_frame(frame))
+
+    assert parts.hash_until_done() == _sha(payload) and parts.payload() == payload
+    assert not parts._populating
