@@ -4,11 +4,13 @@
 
 Side by side, in one run, both over 127.0.0.1 with the server in another process:
   peer  a real ``Daemon`` (synthetic task of N params) serves its snapshot; the bench fetches it
-        with the product's ``GrpcPeerClient.get_state`` (1 MiB chunks, idle timeout, sha256
-        check) and decodes it with ``decode_state`` (size checks, hash check), as a joiner does;
+        with the product's ``GrpcPeerClient.get_state`` (1 MiB chunks, idle timeout, the sha256
+        computed while the chunks arrive) and decodes it with ``decode_state`` (size, shape,
+        params-hash and finiteness checks), as a joiner does;
   raw   a bare grpc.aio server streams the same number of bytes in 1 MiB chunks of prebuilt
         protobuf messages to a client that only counts them: the ceiling of gRPC on loopback.
-Prints MB/s (median of R fetches after one warm-up) and the ratio peer/raw.
+Prints MB/s (median of R fetches after one warm-up), the ratio peer/raw, and the CPU time of
+one fetch in the fetching process and in the server process (medians; Linux).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench.common import emit_json, machine, pin_threads, summary
 
@@ -72,10 +77,10 @@ def _server_main(kind: str, numel: int) -> None:
 
 
 async def _fetch_peer(address: str, schema_hash: str, numel: int) -> tuple[float, int]:
-    from peer.sync.state import decode_state
+    from peer.sync.state import decode_state, max_blob_bytes
     from peer.transport import GrpcPeerClient
 
-    client = GrpcPeerClient(chunk_bytes=CHUNK, chunk_idle_timeout_s=30, max_state_bytes=64 * numel + (1 << 20))
+    client = GrpcPeerClient(chunk_bytes=CHUNK, chunk_idle_timeout_s=30, max_state_bytes=max_blob_bytes(numel))
     try:
         t0 = time.perf_counter()
         header, blob = await client.get_state(address, "bench-state", "bench", schema_hash, 120)
@@ -97,21 +102,35 @@ async def _fetch_raw(address: str) -> tuple[float, int]:
         return time.perf_counter() - t0, total
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(kind: str, numel: int, reps: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "bench.state_transfer", "--serve", kind, "--params", str(numel)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(proc.stdout.readline())
-        seconds, size = [], 0
+        seconds, fetch_cpu, serve_cpu, size = [], [], [], 0
         for i in range(reps + 1):
+            cpu0, served0 = time.process_time(), _process_cpu_s(proc.pid)
             if kind == "peer":
                 s, size = asyncio.run(_fetch_peer(info["address"], info["schema_hash"], numel))
             else:
                 s, size = asyncio.run(_fetch_raw(info["address"]))
             if i:  # the first fetch warms up (and builds the donor's snapshot)
                 seconds.append(s)
+                fetch_cpu.append(time.process_time() - cpu0)
+                serve_cpu.append(_process_cpu_s(proc.pid) - served0)
         stats = summary(seconds)
-        return {"system": kind, "bytes": size, **stats, "mb_per_s": size / stats["median_s"] / 1e6}
+        # CPU per fetch (user + system, all threads): the steadier figure on a shared machine.
+        return {"system": kind, "bytes": size, **stats, "mb_per_s": size / stats["median_s"] / 1e6,
+                "fetch_cpu_s": statistics.median(fetch_cpu), "serve_cpu_s": statistics.median(serve_cpu)}
     finally:
         proc.stdin.close()
         try:
@@ -142,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"state transfer, N={args.params:,} params ({peer['bytes']:,} bytes of state); {machine()}")
         for r in (peer, raw):
             print(f"  {r['system']:<5} {r['mb_per_s']:8.1f} MB/s  (median {r['median_s']:.3f} s, "
-                  f"min {r['min_s']:.3f}, max {r['max_s']:.3f}; {r['bytes']:,} bytes)")
+                  f"min {r['min_s']:.3f}, max {r['max_s']:.3f}; {r['bytes']:,} bytes; CPU per fetch: "
+                  f"fetcher {r['fetch_cpu_s'] * 1e3:.0f} ms, server {r['serve_cpu_s'] * 1e3:.0f} ms)")
         print(f"  peer / raw: {result['ratio']:.2f}x")
     return 0
 

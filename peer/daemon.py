@@ -40,7 +40,7 @@ from peer.metrics import Exporter, Metrics
 from peer.service import Service
 from peer.sync.driver import RoundDriver
 from peer.sync.mirror import DeviceMirror
-from peer.sync.state import GlobalState
+from peer.sync.state import GlobalState, max_blob_bytes
 from peer.sync.store import StateStore
 from peer.trainer import InnerTrainer, LRSchedule, Task, flatten_state, load_task, param_count, schema_hash
 from peer.trainer.external import LIBRARY_DEFAULTS, ExternalInner
@@ -151,6 +151,8 @@ class Daemon:
         self.numel = params.numel()
         self.codec_pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
         self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="state-io")
+        # Hashes a donor's state while it arrives (one job per transfer, for its whole length).
+        self.recv_pool = ThreadPoolExecutor(1, thread_name_prefix="state-recv")
         self.address = ""
         self.metrics_port = 0
         self.store = StateStore(GlobalState(0, params, torch.zeros_like(params)), self.state_dir, self.io_pool,
@@ -163,8 +165,9 @@ class Daemon:
         t = cfg.timeouts
         self.client = GrpcPeerClient(chunk_bytes=cfg.sync.chunk_bytes, chunk_idle_timeout_s=t.chunk_idle_timeout_s,
                                      on_error=lambda m, c: self.metrics.rpc_errors.labels(m, c).inc(),
-                                     max_state_bytes=64 * self.numel + (1 << 20), reconnect_wait_s=t.reconnect_wait_s,
-                                     tamper=faults.tamper if faults else None, identity=self.identity)
+                                     max_state_bytes=max_blob_bytes(self.numel), reconnect_wait_s=t.reconnect_wait_s,
+                                     tamper=faults.tamper if faults else None, identity=self.identity,
+                                     executor=self.recv_pool)
         self.mdns: MdnsDiscovery | None = None
         self.discovery = CombinedDiscovery([])
         me = (lambda: faults.claim(self.info())) if faults else self.info
@@ -206,7 +209,7 @@ class Daemon:
     @property
     def pools(self) -> tuple[ThreadPoolExecutor, ...]:
         """The executors this daemon owns (``stop`` shuts them down without waiting)."""
-        return self.train_pool, self.codec_pool, self.io_pool
+        return self.train_pool, self.codec_pool, self.io_pool, self.recv_pool
 
     @property
     def state(self) -> GlobalState:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from peer.errors import StateError
-from peer.sync.state import GlobalState, decode_state, read_checkpoint, read_legacy_checkpoint
+from peer.sync.state import GlobalState, decode_state, max_blob_bytes, read_checkpoint, read_legacy_checkpoint
 from peer.sync.store import CHECKPOINT_FILE, GENERATIONS, LEGACY_CHECKPOINT_FILE
 from peer.trainer.params import assign_flat_state, schema_hash, state_layout
 from peer.trainer.task import Task, init_model, load_task
@@ -167,9 +167,8 @@ async def _fetch(address: str, credentials: str | None, task: str | None, data: 
         raise StateError(f"task {name!r}'s model does not match the model of peer {info.peer_id} at {address} "
                          f"(it runs task {info.task!r}): pass --task (and --data) as the peer runs it")
     numel = state_layout(model).numel
-    # The state of this model is 8 bytes a value (global and momentum) plus a small header.
     async with StatusClient(idle_timeout_s=timeout_s, credentials=credentials,
-                            max_state_bytes=16 * numel + (1 << 20)) as client:
+                            max_state_bytes=max_blob_bytes(numel)) as client:
         _, blob = await client.state(address, info, timeout_s)
     state, _ = decode_state(blob, numel)
     return the_task, name, state, info.run_id

@@ -59,6 +59,13 @@ class GlobalState:
         return self
 
 
+def max_blob_bytes(numel: int) -> int:
+    """The largest blob a donor may announce for a state of ``numel`` values: what
+    ``encode_state`` writes (the state and its momentum, 8 bytes a value) with the longest header
+    ``decode_state`` accepts. A joiner bounds the announced size by it before allocating."""
+    return len(MAGIC) + 8 + MAX_HEADER + 8 * numel
+
+
 def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytearray:
     """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state)."""
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous()

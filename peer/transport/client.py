@@ -8,11 +8,12 @@ what we sent), and are reported to ``on_error(method, code)`` for metrics.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import replace
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from peer.credentials import MEMBER_NAME, Identity, member_name
 from peer.errors import PeerUnavailable, RoundError, StateError
@@ -20,8 +21,10 @@ from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
 from peer.transport.server import MAX_MESSAGE_BYTES
-from peer.transport.streams import assemble, crc32, next_message, split
+from peer.transport.streams import assemble, assemble_frames, crc32, next_message, split
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
+
+GET_STATE = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/GetState"
 
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -39,14 +42,16 @@ class GrpcPeerClient:
     ``identity``: mutual TLS with this identity (None: plain TCP, ``--insecure``). A call to an
     address ``bind``-ed to a peer id checks in the TLS handshake that the server's certificate
     is that peer's; other calls check that it is a member of the run. ``reconnect_wait_s``: how long a call that found no connection waits for one before the
-    peer counts as gone. ``tamper`` (fault injection, tests only) may change each outgoing
+    peer counts as gone. ``executor``: where a state's sha256 is computed while it arrives (None:
+    the loop's default executor). ``tamper`` (fault injection, tests only) may change each outgoing
     Reduce payload after its checksum was computed, as a broken link would.
     """
 
     def __init__(self, *, chunk_bytes: int, chunk_idle_timeout_s: float, on_error: ErrorHook | None = None,
                  max_state_bytes: int = 1 << 34, reconnect_wait_s: float = 2.0, tamper: Tamper | None = None,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, executor: Executor | None = None) -> None:
         self._chunk_bytes = chunk_bytes
+        self._executor = executor
         self._idle = chunk_idle_timeout_s
         self._on_error = on_error or (lambda method, code: None)
         self._max_state_bytes = max_state_bytes
@@ -62,6 +67,9 @@ class GrpcPeerClient:
         self._bound[address] = peer_id
 
     def _stub(self, address: str, expect_id: str = "") -> pb_grpc.PeerServiceStub:
+        return pb_grpc.PeerServiceStub(self._channel(address, expect_id))
+
+    def _channel(self, address: str, expect_id: str = "") -> grpc.aio.Channel:
         expect_id = expect_id or self._bound.get(address, "")
         key = (address, expect_id)
         channel = self._channels.get(key)
@@ -81,7 +89,7 @@ class GrpcPeerClient:
                 channel = grpc.aio.secure_channel(address, self._creds,
                                                   options=[*options, ("grpc.ssl_target_name_override", name)])
             self._channels[key] = channel
-        return pb_grpc.PeerServiceStub(channel)
+        return channel
 
     async def forget(self, address: str) -> None:
         """Close every channel to ``address`` and forget whom it was bound to."""
@@ -187,24 +195,33 @@ class GrpcPeerClient:
 
     async def get_state(
         self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float
-    ) -> tuple[StateHeader, bytes]:
-        call = self._stub(address).GetState(
-            pb.GetStateRequest(run_id=run_id, peer_id=peer_id, schema_hash=schema_hash), timeout=timeout_s)
+    ) -> tuple[StateHeader, memoryview]:
+        """The donor's state blob (a writable view nobody else holds), its size bounded by
+        ``max_state_bytes`` before anything is allocated and its sha256 checked as it arrives.
+        Raises StateError (a donor that lies or breaks the framing) or PeerUnavailable."""
+        # The messages arrive serialized (no deserializer): ``assemble_frames`` reads the
+        # chunks' data in place instead of copying it out of protobuf messages.
+        get = self._channel(address).unary_stream(GET_STATE, request_serializer=pb.GetStateRequest.SerializeToString,
+                                                  response_deserializer=None)
+        call = get(pb.GetStateRequest(run_id=run_id, peer_id=peer_id, schema_hash=schema_hash), timeout=timeout_s)
         try:
             it = call.__aiter__()
-            first = await next_message(it, self._idle, f"state header from {address}")
+            raw = await next_message(it, self._idle, f"state header from {address}")
+            try:
+                first = pb.StateMessage.FromString(raw)
+            except DecodeError:
+                raise StateError(f"{address} sent a state header that does not parse") from None
             if first.WhichOneof("kind") != "header":
                 raise StateError(f"{address} sent state without a header")
             header = convert.state_header_from_pb(first.header)
             if header.total_bytes > self._max_state_bytes:
                 raise StateError(f"{address} offers {header.total_bytes} bytes of state; the limit is "
                                  f"{self._max_state_bytes}")
-            blob = await assemble(it, header.total_bytes, self._idle, f"state from {address}")
-            if hashlib.sha256(blob).hexdigest() != header.sha256:
-                raise StateError(f"state from {address} fails its sha256 check")
+            blob = await assemble_frames(it, header.total_bytes, header.sha256, self._idle, f"state from {address}",
+                                         self._executor)
             return header, blob
         except grpc.aio.AioRpcError as exc:
             raise self._fail("GetState", exc, address) from None
-        except RoundError as exc:
+        except (RoundError, StateError) as exc:
             call.cancel()
             raise StateError(str(exc)) from None

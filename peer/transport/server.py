@@ -17,7 +17,7 @@ from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.streams import MAX_CHUNK_BYTES, assemble, crc32, next_message, split
+from peer.transport.streams import MAX_CHUNK_BYTES, assemble, chunk_frames, crc32, next_message, split
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         for chunk in split(result, self._chunk_bytes):
             yield pb.ReduceMessage(chunk=chunk)
 
-    async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[pb.StateMessage]:  # noqa: N802
+    async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
         try:
             header, blob = await self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
@@ -139,10 +139,12 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             return
         ok = False
         try:
-            yield pb.StateMessage(header=convert.state_header_to_pb(header))
-            for chunk in split(blob, self._chunk_bytes):
-                await self._h.serving_state(chunk.offset)
-                yield pb.StateMessage(chunk=chunk)
+            # Serialized here (see ``_serialize_state``): the chunks are framed straight from the
+            # snapshot, which is never modified, with one copy of each.
+            yield pb.StateMessage(header=convert.state_header_to_pb(header)).SerializeToString()
+            for offset, frame in chunk_frames(blob, self._chunk_bytes):
+                await self._h.serving_state(offset)
+                yield frame
             ok = True
         finally:
             self._h.state_served(ok)
@@ -151,6 +153,31 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         await self._authorize(context, "Leave", request.peer_id)
         self._h.leave(request.run_id, request.peer_id)
         return pb.LeaveResponse()
+
+
+def _serialize_state(message: bytes | pb.StateMessage) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Handlers:
+    """Stands in for a server to the generated registration, to keep its method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def method_handlers(servicer: pb_grpc.PeerServiceServicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """The service name and the generated method handlers, except that GetState's responses may
+    be messages serialized by the servicer (its chunks, framed without protobuf's copies)."""
+    registry = _Handlers()
+    pb_grpc.add_PeerServiceServicer_to_server(servicer, registry)
+    handlers = dict(registry.handlers)
+    handlers["GetState"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetState, request_deserializer=pb.GetStateRequest.FromString, response_serializer=_serialize_state)
+    return registry.service, handlers
 
 
 def observed_host(peer: str) -> str:
@@ -183,7 +210,9 @@ class PeerServer:
             ("grpc.max_concurrent_streams", max_streams_per_connection),
         ], maximum_concurrent_rpcs=max_concurrent_rpcs)
         servicer = _Servicer(handler, chunk_bytes, chunk_idle_timeout_s, secure=identity is not None)
-        pb_grpc.add_PeerServiceServicer_to_server(servicer, self._server)
+        service, handlers = method_handlers(servicer)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
         try:
             if identity is None:
                 self.port = self._server.add_insecure_port(listen)

@@ -14,7 +14,9 @@ from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
 from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, step_in_place, tensor_sha256
 from peer.sync.round import shard_bounds
-from peer.sync.state import GlobalState, decode_state, encode_state, read_checkpoint, write_checkpoint
+from peer.sync.state import (
+    MAX_HEADER, GlobalState, decode_state, encode_state, max_blob_bytes, read_checkpoint, write_checkpoint,
+)
 
 
 def test_outer_step_against_hand_computed_values():
@@ -203,6 +205,13 @@ def test_state_roundtrip_is_exact():
 def test_state_blob_damage_is_detected(mutate, needle):
     with pytest.raises(StateError, match=needle):
         decode_state(mutate(encode_state(_state())), 100)
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, 4097])
+def test_a_served_state_fits_the_bound_a_joiner_puts_on_it(n):
+    blob = encode_state(_state(n))
+    assert len(blob) <= max_blob_bytes(n) < len(blob) + MAX_HEADER + 64
+    assert max_blob_bytes(n) - max_blob_bytes(0) == 8 * n  # 8 bytes a value, no more
 
 
 def test_state_for_another_model_is_refused():
