@@ -179,8 +179,8 @@ class Matchmaker:
 
     ``live`` returns the ids of the live peers of the run this peer knows (without itself);
     ``deadline_s`` returns the all-reduce deadline to announce with a group; ``excluded(id)``
-    turns a member's join away; while ``meeting()`` (a handshake in flight) a group forms only
-    at its matchmaking timeout, never early as "complete".
+    turns a member's join away; while ``meeting()`` (a handshake in flight) a leader behind the
+    round it matches forms that round's group only at its matchmaking timeout, never early.
     """
 
     def __init__(
@@ -322,10 +322,12 @@ class Matchmaker:
     def _maybe_form(self, m: _Match) -> None:
         if m.formed is None or m.formed.done():
             return
-        # While this peer is still meeting peers (a handshake in flight: it just started, or
-        # discovery found someone), its view of the swarm may be partial: "everyone joined" could
-        # be a group of part of the swarm, which then forks from the rest. The timer forms it.
-        if self._expected(m.round) <= set(m.joins) and not self._meeting():
+        # A leader that is behind the round it matches (it just started or restarted from an
+        # old checkpoint) while still meeting peers (a handshake in flight) may see part of the
+        # swarm: "everyone joined" could be a group of part of it, which then forks from the
+        # rest. The timer forms it. (Handshakes alone do not hold it: a stranger's keep failing.)
+        partial_view = self._current_round() < m.round - 1 and self._meeting()
+        if self._expected(m.round) <= set(m.joins) and not partial_view:
             self._form(m, complete=True)
 
     def _form(self, m: _Match, complete: bool = False) -> None:

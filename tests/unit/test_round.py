@@ -172,17 +172,27 @@ async def test_a_join_waiting_for_a_round_the_leader_gives_up_is_told_it_is_over
 async def test_a_leader_still_meeting_peers_forms_no_complete_group_from_a_partial_view():
     # Found in the chaos test: a peer restarted a moment ago knew one member, led a round, and
     # formed "everyone joined" with that one at once, while it was meeting the others: a fork.
-    net = _swarm(2, 100, timeout_s=0.3)
+    net = _swarm(3, 100, timeout_s=0.3)
+    leader = net[leader_for(5, ["p0", "p1", "p2"])]
+    joiners = [n for n in net.values() if n is not leader][:1]  # the one member the leader knows
+    leader.net = {n.pid: n for n in [leader, *joiners]}
+    leader.round = 0  # restarted from an old checkpoint: far behind the round it matches
+    leader.matchmaker._swarm_round = lambda: 5
     complete = []
     meeting = True
-    for node in net.values():
-        node.matchmaker._meeting = lambda: meeting
-        node.matchmaker._on_formed = lambda wait_s, done: complete.append(done)
-    formed = await asyncio.gather(_form(net["p0"]), _form(net["p1"]))
-    assert [r.outcome for r in formed] == [JoinOutcome.GROUP] * 2 and complete == [False]  # by the timer
-    meeting = False
-    net["p0"].round = net["p1"].round = 1
-    formed = await asyncio.gather(_form(net["p0"]), _form(net["p1"]))
+    leader.matchmaker._meeting = lambda: meeting
+    leader.matchmaker._on_formed = lambda wait_s, done: complete.append(done)
+    for n in joiners:
+        n.round = 5
+    formed = await asyncio.gather(*(leader.matchmaker.join(n.req()) for n in joiners))
+    assert [r.outcome for r in formed] == [JoinOutcome.GROUP] and complete == [False]  # by the timer
+    # in step with the round it matches, a leader forms at once even while meeting a stranger
+    pair = sorted(leader.net)
+    r = next(r for r in range(6, 100) if leader_for(r, pair) == leader.pid)
+    leader.round = r
+    for n in joiners:
+        n.round = r
+    formed = await asyncio.gather(*(leader.matchmaker.join(n.req()) for n in [leader, *joiners]))
     assert [r.outcome for r in formed] == [JoinOutcome.GROUP] * 2 and complete == [False, True]
 
 
