@@ -64,6 +64,18 @@ async def next_message(it: AsyncIterator, idle_s: float, what: str):
         raise RoundError("stalled", f"{what}: no message for {idle_s:.1f} s") from None
 
 
+def check_chunk(offset: int, n: int, received: int, total_bytes: int, what: str) -> None:
+    """A chunk of ``n`` bytes at ``offset`` must be the next one (at ``received``), 1 byte to
+    1 MiB long and within the announced ``total_bytes``; else RoundError ('malformed' or
+    'oversized') naming what was wrong."""
+    if offset != received:
+        raise RoundError("malformed", f"{what}: chunk at offset {offset}, expected {received}")
+    if n == 0 or n > MAX_CHUNK_BYTES:
+        raise RoundError("oversized", f"{what}: chunk of {n} bytes (limit 1..{MAX_CHUNK_BYTES})")
+    if received + n > total_bytes:
+        raise RoundError("oversized", f"{what}: {received + n} bytes exceed the announced {total_bytes}")
+
+
 async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str, field: str = "chunk") -> bytearray:
     """Read chunks from ``it`` until ``total_bytes`` arrived, in order, each at most 1 MiB.
 
@@ -80,12 +92,7 @@ async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str
         chunk = msg.chunk
         data = chunk.data  # each access of a bytes field copies it out of the message (upb)
         n = len(data)
-        if chunk.offset != received:
-            raise RoundError("malformed", f"{what}: chunk at offset {chunk.offset}, expected {received}")
-        if n == 0 or n > MAX_CHUNK_BYTES:
-            raise RoundError("oversized", f"{what}: chunk of {n} bytes (limit 1..{MAX_CHUNK_BYTES})")
-        if received + n > total_bytes:
-            raise RoundError("oversized", f"{what}: {received + n} bytes exceed the announced {total_bytes}")
+        check_chunk(chunk.offset, n, received, total_bytes, what)
         buf[received : received + n] = data
         received += n
     return buf  # not bytes(buf): that would copy the whole payload once more
@@ -202,12 +209,7 @@ class Reassembly:
         """Take the next chunk. Raises RoundError for one out of order ('malformed'), empty,
         over 1 MiB or past the announced size ('oversized')."""
         n, received = len(data), self._received
-        if offset != received:
-            raise RoundError("malformed", f"{self._what}: chunk at offset {offset}, expected {received}")
-        if n == 0 or n > MAX_CHUNK_BYTES:
-            raise RoundError("oversized", f"{self._what}: chunk of {n} bytes (limit 1..{MAX_CHUNK_BYTES})")
-        if received + n > self._total:
-            raise RoundError("oversized", f"{self._what}: {received + n} bytes exceed the announced {self._total}")
+        check_chunk(offset, n, received, self._total, self._what)
         self._buf[received : received + n] = data
         self._received = received + n
         self._progress.put(self._received)

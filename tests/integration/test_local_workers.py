@@ -68,6 +68,18 @@ def _reference(phases: int, schedule: LRSchedule | None = None, bf16: bool = Fal
     return deltas
 
 
+async def _two_phases(ranks: LocalRanks):
+    """Two inner phases from the task's initial parameters, each from where the last one ended
+    (as after a round of one): their results, and the parameters after them."""
+    start = ranks.trainer.initial_params()
+    results = []
+    for rnd in range(2):
+        res = await ranks.run(rnd, start, lambda: False)
+        results.append(res)
+        start = start - res.delta
+    return results, start
+
+
 def test_two_ranks_take_the_steps_of_one_process_on_both_batches_and_a_dead_rank_fails(tmp_path):
     failures: list[str] = []
     executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
@@ -76,12 +88,7 @@ def test_two_ranks_take_the_steps_of_one_process_on_both_batches_and_a_dead_rank
     async def scenario():
         await ranks.start()
         try:
-            start = ranks.trainer.initial_params()
-            results = []
-            for rnd in range(2):
-                res = await ranks.run(rnd, start, lambda: False)
-                results.append(res)
-                start = start - res.delta
+            results, start = await _two_phases(ranks)
             info = ranks.ranks()
             pid = info[1].pid
             os.kill(pid, signal.SIGKILL)
@@ -121,13 +128,7 @@ def test_two_ranks_follow_the_learning_rate_schedule_and_bf16_of_one_process():
     async def scenario():
         await ranks.start()
         try:
-            start = ranks.trainer.initial_params()
-            results = []
-            for rnd in range(2):
-                res = await ranks.run(rnd, start, lambda: False)
-                results.append(res)
-                start = start - res.delta
-            return results
+            return (await _two_phases(ranks))[0]
         finally:
             await ranks.close()
 
