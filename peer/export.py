@@ -169,6 +169,6 @@ async def _fetch(address: str, credentials: str | None, task: str | None, data: 
     numel = state_layout(model).numel
     async with StatusClient(idle_timeout_s=timeout_s, credentials=credentials,
                             max_state_bytes=max_blob_bytes(numel)) as client:
-        _, blob = await client.state(address, info, timeout_s)
-    state, _ = decode_state(blob, numel)
+        header, blob = await client.state(address, info, timeout_s)
+    state, _ = decode_state(blob, numel, header)
     return the_task, name, state, info.run_id

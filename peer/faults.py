@@ -182,7 +182,10 @@ class FaultyService:
         header, blob = await self._inner.state_snapshot(run_id, peer_id, schema_hash)
         if self._plan._match("bad_state", header.round):
             blob = lying_state(blob)
-            header = replace(header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+            # A header that fits the lie (the whole blob under ``sha256``, no parameter range):
+            # the transport passes it, so the joiner's checks of the content are what refuse it.
+            header = replace(header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), params_offset=0,
+                             params_bytes=0)
         return header, blob
 
     async def reduce_part(self, header, payload):

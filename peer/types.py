@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake.
 It covers what peers must compute alike, not only the messages: 2 changed the outer step's
 float32 operations (``peer.sync.outer``, no fused multiply-adds), so a peer of version 1 would
@@ -143,8 +143,13 @@ class ReduceHeader:
 
 @dataclass(frozen=True)
 class StateHeader:
+    """What a donor announces before its state blob. ``global_hash`` is the sha256 of the
+    ``params_bytes`` bytes at ``params_offset`` (the parameters); ``sha256`` that of every other
+    byte of the blob."""
     round: int
     global_hash: str
     total_bytes: int
     sha256: str
     format: str
+    params_offset: int = 0
+    params_bytes: int = 0

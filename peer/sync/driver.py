@@ -707,7 +707,7 @@ class RoundDriver:
                 try:
                     header, blob = await self._client.get_state(address, self._run_id, self._me,
                                                                 self._schema_hash, timeout_s)
-                    state = await self._store.async_decode(blob)
+                    state = await self._store.async_decode(blob, header)
                 except (PeerError, StateError) as exc:
                     self._metrics.state_transfers.labels("received", "failed").inc()
                     if isinstance(exc, StateError):  # bytes that arrived whole but do not hold

@@ -33,6 +33,7 @@ import torch
 from peer.codec import all_finite
 from peer.errors import StateError
 from peer.sync.outer import tensor_sha256
+from peer.types import StateHeader
 
 MAGIC = b"PEERSTATE1\n"
 FORMAT = "peerstate1"
@@ -92,10 +93,37 @@ def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = Non
     return blob
 
 
-def decode_state(blob: bytes | bytearray | memoryview, numel: int) -> tuple[GlobalState, dict[str, torch.Tensor]]:
+def params_span(blob: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(offset, nbytes)`` of the parameters inside a blob that ``encode_state`` wrote."""
+    view = memoryview(blob)
+    (hlen,) = struct.unpack_from("<Q", view, len(MAGIC))
+    start = len(MAGIC) + 8
+    entry = next(e for e in json.loads(bytes(view[start : start + hlen]))["tensors"] if e["name"] == "params")
+    return start + hlen + entry["offset"], entry["nbytes"]
+
+
+def state_header(state: GlobalState, blob: bytes | bytearray | memoryview) -> StateHeader:
+    """The header a donor sends before ``blob`` (``encode_state(state)``). Each byte is hashed
+    once: the parameters' sha256 is ``global_hash`` (already known; the joiner checks the bytes
+    against it as they arrive, and it is the hash the swarm attests), and ``sha256`` covers the
+    rest of the blob (header, momentum). Any thread."""
+    offset, nbytes = params_span(blob)
+    view = memoryview(blob)
+    rest = hashlib.sha256(view[:offset])
+    rest.update(view[offset + nbytes :])
+    return StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(view),
+                       sha256=rest.hexdigest(), format=FORMAT, params_offset=offset, params_bytes=nbytes)
+
+
+def decode_state(blob: bytes | bytearray | memoryview, numel: int,
+                 checked: StateHeader | None = None) -> tuple[GlobalState, dict[str, torch.Tensor]]:
     """Parse a state blob for a model of ``numel`` parameters; raise StateError if it does not fit.
     The tensors share a writable ``blob``'s memory (the caller must not reuse it), and copy a
-    read-only one."""
+    read-only one.
+
+    ``checked``: the header the blob came with, once the transport has checked that the bytes
+    at ``params_offset`` hash to its ``global_hash`` (``GrpcPeerClient.get_state``). When the
+    parameters are exactly those bytes, their hash is not computed again."""
     view = memoryview(blob)
     if len(view) < len(MAGIC) + 8 or bytes(view[: len(MAGIC)]) != MAGIC:
         raise StateError("not a peer state blob (bad magic)")
@@ -139,6 +167,10 @@ def decode_state(blob: bytes | bytearray | memoryview, numel: int) -> tuple[Glob
     if params is None or momentum is None or params.numel() != numel or momentum.numel() != numel:
         raise StateError("state lacks params/momentum of the model's size")
     state = GlobalState(round=rnd, params=params, momentum=momentum)
+    body_at = len(view) - len(body)
+    if (checked is not None and checked.params_bytes == 4 * numel and checked.global_hash == want_hash
+            and checked.params_offset == body_at + int(next(e for e in table if e["name"] == "params")["offset"])):
+        state.with_hash(want_hash)
     if state.global_hash != want_hash:
         raise StateError("state parameters do not match the hash in their header")
     if not (all_finite(params) and all_finite(momentum)):

@@ -17,7 +17,6 @@ written.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -28,12 +27,12 @@ from pathlib import Path
 
 from peer.errors import StateError
 from peer.sync.state import (
-    FORMAT,
     GlobalState,
     decode_state,
     encode_state,
     read_checkpoint,
     read_legacy_checkpoint,
+    state_header,
     write_checkpoint,
 )
 from peer.types import StateHeader
@@ -112,8 +111,7 @@ class StateStore:
             # building this one: a stream still serving it holds its own reference.
             self._snapshot = None
             blob = encode_state(state)
-            header = StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(blob),
-                                 sha256=hashlib.sha256(blob).hexdigest(), format=FORMAT)
+            header = state_header(state, blob)
             self._snapshot = (state, (header, blob))
             return header, blob
 
@@ -122,9 +120,11 @@ class StateStore:
         state = self._state
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.snapshot, state)
 
-    async def async_decode(self, blob: bytes | memoryview) -> GlobalState:
-        """Parse and verify a state blob from a donor (on the executor). Raises StateError."""
-        state, _ = await asyncio.get_running_loop().run_in_executor(self._executor, decode_state, blob, self._numel)
+    async def async_decode(self, blob: bytes | memoryview, checked: StateHeader | None = None) -> GlobalState:
+        """Parse and verify a state blob from a donor (on the executor); ``checked`` as in
+        ``decode_state``. Raises StateError."""
+        state, _ = await asyncio.get_running_loop().run_in_executor(self._executor, decode_state, blob, self._numel,
+                                                                     checked)
         return state
 
     def generations(self) -> list[Path]:

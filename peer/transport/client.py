@@ -197,7 +197,8 @@ class GrpcPeerClient:
         self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float
     ) -> tuple[StateHeader, memoryview]:
         """The donor's state blob (a writable view nobody else holds), its size bounded by
-        ``max_state_bytes`` before anything is allocated and its sha256 checked as it arrives.
+        ``max_state_bytes`` before anything is allocated and its hashes checked as it arrives:
+        the header's ``global_hash`` over the parameters' bytes, ``sha256`` over the rest.
         Raises StateError (a donor that lies or breaks the framing) or PeerUnavailable."""
         # The messages arrive serialized (no deserializer): ``assemble_frames`` reads the
         # chunks' data in place instead of copying it out of protobuf messages.
@@ -217,8 +218,11 @@ class GrpcPeerClient:
             if header.total_bytes > self._max_state_bytes:
                 raise StateError(f"{address} offers {header.total_bytes} bytes of state; the limit is "
                                  f"{self._max_state_bytes}")
+            # The parameters' bytes are checked against the hash the donor announces for them
+            # (which the caller compares with the attested one), the rest against ``sha256``.
             blob = await assemble_frames(it, header.total_bytes, header.sha256, self._idle, f"state from {address}",
-                                         self._executor)
+                                         self._executor, (header.params_offset, header.params_bytes),
+                                         header.global_hash)
             return header, blob
         except grpc.aio.AioRpcError as exc:
             raise self._fail("GetState", exc, address) from None

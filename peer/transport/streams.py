@@ -177,6 +177,10 @@ class Reassembly:
     another thread and hashes (sha256) each piece once it is in, so the hash is ready soon
     after the last chunk, and the loop only copies.
 
+    ``inner`` = ``(start, nbytes)``, a range inside the payload that gets its own sha256 (a state's
+    parameters, whose hash is the one the swarm attests): every byte is hashed once, either into
+    the inner digest or into the digest of everything else.
+
     ``total_bytes`` must already be bounded by the caller. The buffer is an anonymous mapping
     whose pages are taken only just ahead of the chunks (see ``hash_until_done``): a sender
     that announces much and sends little costs little more than it sent, and nothing is
@@ -184,9 +188,12 @@ class Reassembly:
     ``hash_until_done`` to one other.
     """
 
-    def __init__(self, total_bytes: int, what: str) -> None:
+    def __init__(self, total_bytes: int, what: str, inner: tuple[int, int] = (0, 0)) -> None:
         if total_bytes < 0:
             raise RoundError("malformed", f"{what}: a payload of {total_bytes} bytes")
+        if not (0 <= inner[0] and 0 <= inner[1] and inner[0] + inner[1] <= total_bytes):
+            raise RoundError("malformed", f"{what}: a range of {inner[1]} bytes at {inner[0]} outside a payload of "
+                                          f"{total_bytes} bytes")
         try:
             # Private: Python's default for an anonymous mapping is shared memory, slower to fault in.
             self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if total_bytes else None
@@ -200,6 +207,7 @@ class Reassembly:
         self._closed = False
         self._populating = True
         self._what = what
+        self._inner = (inner[0], inner[0] + inner[1])
 
     @property
     def done(self) -> bool:
@@ -219,16 +227,18 @@ class Reassembly:
         self._closed = True
         self._progress.put(None)
 
-    def hash_until_done(self) -> str | None:
-        """The sha256 (hex) of the whole payload, hashed piece by piece as ``add`` writes it;
-        None if ``close`` came first. Blocks until then: run it on a worker thread (or after
-        the last ``add``). Bytes once written are never written again, so reading them here
-        while the loop writes further on is safe; hashlib lets go of the GIL meanwhile.
+    def hash_until_done(self) -> tuple[str, str] | None:
+        """The sha256 (hex) of the payload outside the ``inner`` range and that of the range, each
+        hashed piece by piece as ``add`` writes it; None if ``close`` came first. Blocks until
+        then: run it on a worker thread (or after the last ``add``). Bytes once written are never
+        written again, so reading them here while the loop writes further on is safe; hashlib
+        lets go of the GIL meanwhile.
 
         While it waits for the writer, it also maps in the buffer's pages a little ahead of it
         (at most ``POPULATE_AHEAD_BYTES`` past what arrived), so that the loop's copies do not
         take a page fault every 4 KiB."""
-        digest = hashlib.sha256()
+        outer, inner = hashlib.sha256(), hashlib.sha256()
+        lo, hi = self._inner
         hashed = written = mapped = 0
         while hashed < self._total:
             try:
@@ -242,9 +252,13 @@ class Reassembly:
             if end is None or self._closed:  # closed: what is still queued is not wanted
                 return None
             written = end
-            digest.update(self._buf[hashed:written])
+            # [hashed, written) cut at the inner range's ends: before it, in it, after it.
+            for a, b, digest in ((hashed, min(written, lo), outer), (max(hashed, lo), min(written, hi), inner),
+                                 (max(hashed, hi), written, outer)):
+                if a < b:
+                    digest.update(self._buf[a:b])
             hashed = written
-        return digest.hexdigest()
+        return outer.hexdigest(), inner.hexdigest()
 
     def _populate(self, start: int) -> int:
         """Fault in the pages of one block from ``start`` (page-aligned); return the block's end."""
@@ -265,13 +279,17 @@ class Reassembly:
 
 
 async def assemble_frames(it: AsyncIterator[bytes], total_bytes: int, sha256_hex: str, idle_s: float, what: str,
-                          executor: Executor | None = None) -> memoryview:
+                          executor: Executor | None = None, inner: tuple[int, int] = (0, 0),
+                          inner_sha256_hex: str | None = None) -> memoryview:
     """Read serialized chunk messages from ``it`` until ``total_bytes`` (bounded by the caller)
     arrived, each checked as ``Reassembly.add`` does, while a thread of ``executor`` (None:
-    the loop's default) hashes what arrived; return the payload once its sha256 is
-    ``sha256_hex``. Raises RoundError: a stream that ends early or stalls for ``idle_s``, a
-    malformed or misplaced chunk, a hash mismatch. Loop; each step copies at most 1 MiB."""
-    parts = Reassembly(total_bytes, what)
+    the loop's default) hashes what arrived; return the payload once the sha256 of the bytes
+    outside the ``inner`` range ``(start, nbytes)`` is ``sha256_hex`` and that of the range is
+    ``inner_sha256_hex`` (with the default empty range, ``sha256_hex`` covers everything).
+    Raises RoundError: a range outside the payload, a stream that ends early or stalls for
+    ``idle_s``, a malformed or misplaced chunk, a hash mismatch. Loop; each step copies at
+    most 1 MiB."""
+    parts = Reassembly(total_bytes, what, inner)
     hashed = asyncio.get_running_loop().run_in_executor(executor, parts.hash_until_done)
     try:
         while not parts.done:
@@ -281,6 +299,9 @@ async def assemble_frames(it: AsyncIterator[bytes], total_bytes: int, sha256_hex
         parts.close()
         await asyncio.gather(hashed, return_exceptions=True)  # it stops at its next piece
         raise
-    if await hashed != sha256_hex:
+    outer, inner_hex = await hashed
+    if outer != sha256_hex:
         raise RoundError("corrupt", f"{what}: fails its sha256 check")
+    if inner[1] and inner_hex != inner_sha256_hex:
+        raise RoundError("corrupt", f"{what}: the {inner[1]} bytes at {inner[0]} fail their sha256 check")
     return parts.payload()

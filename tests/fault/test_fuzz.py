@@ -162,7 +162,8 @@ def fake_peer():
 
 def _state_messages() -> st.SearchStrategy:
     header = st.builds(pb.StateHeader, round=U64, global_hash=TEXT, total_bytes=st.integers(0, 512), sha256=TEXT,
-                       format=TEXT)
+                       format=TEXT, params_offset=st.one_of(st.integers(0, 600), U64),
+                       params_bytes=st.one_of(st.integers(0, 600), U64))
     chunk = st.builds(pb.Chunk, offset=st.integers(0, 512), data=st.binary(max_size=128))
     msg = st.one_of(st.builds(pb.StateMessage, header=header), st.builds(pb.StateMessage, chunk=chunk))
     return st.lists(msg, max_size=4)
@@ -201,7 +202,7 @@ def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status
                     continue
                 if isinstance(result, tuple) and result and hasattr(result[0], "sha256"):
                     try:
-                        decode_state(result[1], 16)  # a state that passed the transport's checks
+                        decode_state(result[1], 16, result[0])  # a state that passed the transport's checks
                     except PeerError:
                         pass
                 group = getattr(result, "group", None)

@@ -89,7 +89,7 @@ def test_reassembly_writes_in_place_and_hashes_what_arrived():
         assert not parts.done
         parts.add(*chunk_of_frame(frame))
 
-    assert parts.hash_until_done() == _sha(payload)  # everything arrived: returns at once
+    assert parts.hash_until_done() == (_sha(payload), _sha(b""))  # everything arrived: returns at once
     blob = parts.payload()
     assert parts.done and blob == payload and not blob.readonly
 
@@ -106,7 +106,47 @@ def test_the_hash_follows_the_writer_from_another_thread():
             parts.add(*chunk_of_frame(frame))
 
         # Assert
-        assert hashed.result(timeout=10) == _sha(payload)
+        assert hashed.result(timeout=10) == (_sha(payload), _sha(b""))
+
+
+@pytest.mark.parametrize("start, nbytes, chunk", [
+    (0, 100, 7), (3, 1000, 999), (999, 1, 999), (1000, 2000, 999), (5000, 1000, 333), (0, 6000, 1000), (6000, 0, 9),
+])
+def test_the_inner_range_gets_its_own_hash_and_every_byte_is_hashed_once(start, nbytes, chunk):
+    # Chunks cut the range anywhere: at its start, inside it, exactly at its end.
+    payload = bytes(range(251)) * 24  # 6024 bytes
+    parts = Reassembly(len(payload), "state", (start, nbytes))
+    with ThreadPoolExecutor(1) as pool:
+        hashed = pool.submit(parts.hash_until_done)
+        for offset, frame in chunk_frames(payload, chunk):
+            parts.add(*chunk_of_frame(frame))
+
+        outer, inner = hashed.result(timeout=10)
+
+    assert inner == _sha(payload[start : start + nbytes])
+    assert outer == _sha(payload[:start] + payload[start + nbytes :])
+
+
+@pytest.mark.parametrize("inner", [(-1, 4), (0, 11), (8, 3), (11, 0)])
+def test_an_inner_range_outside_the_payload_is_refused(inner):
+    with pytest.raises(RoundError, match="outside") as err:
+        Reassembly(10, "state", inner)
+    assert err.value.reason == "malformed"
+
+
+async def test_assemble_frames_checks_the_inner_range_against_its_own_hash():
+    payload = bytes(range(256)) * 40
+    frames = [frame for _, frame in chunk_frames(payload, 1000)]
+    rest, inner = _sha(payload[:100] + payload[612:]), _sha(payload[100:612])
+
+    blob = await assemble_frames(_messages(frames), len(payload), rest, 1.0, "state", None, (100, 512), inner)
+    assert blob == payload
+    # The right bytes, each hash given for the other part (or the whole): refused.
+    for outer_hex, inner_hex in ((inner, rest), (_sha(payload), inner), (rest, _sha(payload))):
+        with pytest.raises(RoundError, match="sha256") as err:
+            await assemble_frames(_messages(frames), len(payload), outer_hex, 1.0, "state", None, (100, 512),
+                                  inner_hex)
+        assert err.value.reason == "corrupt"
 
 
 def test_a_closed_reassembly_stops_its_hash():
@@ -143,7 +183,7 @@ def test_reassembly_of_a_short_stream_has_no_payload():
 
 def test_empty_payload():
     parts = Reassembly(0, "state")
-    assert parts.hash_until_done() == _sha(b"") and parts.payload() == b""
+    assert parts.hash_until_done() == (_sha(b""), _sha(b"")) and parts.payload() == b""
 
 
 async def test_assemble_frames_reads_a_whole_stream():
@@ -202,5 +242,5 @@ def test_without_page_prefaulting_the_hash_is_the_same(monkeypatch):
     for offset, frame in chunk_frames(payload, 65536):
         parts.add(*chunk_of_frame(frame))
 
-    assert parts.hash_until_done() == _sha(payload) and parts.payload() == payload
+    assert parts.hash_until_done() == (_sha(payload), _sha(b"")) and parts.payload() == payload
     assert not parts._populating

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
 
+import peer.sync.state as state_mod
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
 from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, step_in_place, tensor_sha256
 from peer.sync.round import shard_bounds
 from peer.sync.state import (
-    MAX_HEADER, GlobalState, decode_state, encode_state, max_blob_bytes, read_checkpoint, write_checkpoint,
+    MAX_HEADER, GlobalState, decode_state, encode_state, max_blob_bytes, read_checkpoint, state_header,
+    write_checkpoint,
 )
 
 
@@ -217,6 +221,42 @@ def test_a_served_state_fits_the_bound_a_joiner_puts_on_it(n):
 def test_state_for_another_model_is_refused():
     with pytest.raises(StateError, match="this model has 99"):
         decode_state(encode_state(_state()), 99)
+
+
+def test_a_donor_header_hashes_the_parameters_and_the_rest_apart():
+    state = _state()
+    blob = encode_state(state)
+
+    header = state_header(state, blob)
+
+    start, end = header.params_offset, header.params_offset + header.params_bytes
+    assert header.params_bytes == 400 and bytes(blob[start:end]) == state.params.numpy().tobytes()
+    assert header.global_hash == hashlib.sha256(blob[start:end]).hexdigest() == state.global_hash
+    assert header.sha256 == hashlib.sha256(blob[:start] + blob[end:]).hexdigest()
+    assert header.total_bytes == len(blob) and header.round == state.round
+
+
+def test_a_checked_header_spares_the_parameter_hash_only_where_it_covers_the_parameters(monkeypatch):
+    # Prepare: the transport checked this header's range against its hash (get_state).
+    state = _state()
+    blob = encode_state(state)
+    header = state_header(state, blob)
+    calls = []
+    monkeypatch.setattr(state_mod, "tensor_sha256", lambda *t: calls.append(t) or tensor_sha256(*t))
+
+    # Execute / Assert: the range is the parameters': not hashed again.
+    back, _ = decode_state(bytearray(blob), 100, header)
+    assert back.global_hash == state.global_hash and calls == []
+    # A range that is not the parameters' (or of another size, or another hash): hashed again,
+    # so a header cannot vouch for parameters it did not cover.
+    for lie in (replace(header, params_offset=header.params_offset + 4), replace(header, params_bytes=396),
+                replace(header, global_hash="0" * 64)):
+        decode_state(bytearray(blob), 100, lie)
+    assert len(calls) == 3
+    tampered = bytearray(blob)
+    tampered[header.params_offset + 8] ^= 0x01
+    with pytest.raises(StateError, match="hash"):
+        decode_state(tampered, 100, replace(header, params_offset=header.params_offset + 400))
 
 
 def test_state_with_flipped_parameter_bytes_fails_the_hash():

@@ -242,18 +242,22 @@ class GetStateRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., schema_hash: _Optional[str] = ...) -> None: ...
 
 class StateHeader(_message.Message):
-    __slots__ = ("round", "global_hash", "total_bytes", "sha256", "format")
+    __slots__ = ("round", "global_hash", "total_bytes", "sha256", "format", "params_offset", "params_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_HASH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     global_hash: str
     total_bytes: int
     sha256: str
     format: str
-    def __init__(self, round: _Optional[int] = ..., global_hash: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+    params_offset: int
+    params_bytes: int
+    def __init__(self, round: _Optional[int] = ..., global_hash: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., params_offset: _Optional[int] = ..., params_bytes: _Optional[int] = ...) -> None: ...
 
 class StateMessage(_message.Message):
     __slots__ = ("header", "chunk")
