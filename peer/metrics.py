@@ -79,6 +79,13 @@ class Metrics:
                                 "reason.", ["reason"], registry=r)
         self.discovery_ignored = Counter("peer_discovery_ignored", "Discovered services ignored, by reason.",
                                          ["reason"], registry=r)
+        self.mirror_active = Gauge(
+            "peer_sync_device_mirror_active", "1 while each round's answers are applied on the training device "
+            "(peer.sync.mirror); 0 without a mirror or after it switched itself off.", registry=r)
+        self.mirror_off = Counter(
+            "peer_sync_device_mirror_off", "Times the device mirror switched itself off, by reason (error: the "
+            "device step failed, e.g. out of memory; bits: its result differed from the host's).", ["reason"],
+            registry=r)
         self.checkpoints = Counter("peer_checkpoint_writes", "Checkpoints written, by outcome.", ["outcome"],
                                    registry=r)
         for outcome in ("completed", "failed"):

@@ -173,6 +173,7 @@ class RoundDriver:
         self._inner = inner
         self._executor = executor
         self._metrics = metrics
+        metrics.mirror_active.set(1 if self._mirror is not None and self._mirror.enabled else 0)
         self._address = address
         self._hook = phase_hook
         self._stopping = False
@@ -645,6 +646,9 @@ class RoundDriver:
             # adopted) stays the one hashed, served and saved, and checks the device's.
             await offload(self._executor, avg.numel(), self._mirror.advance, before, Answers(group.codec, answers),
                           state)
+            if not self._mirror.enabled:
+                self._metrics.mirror_active.set(0)
+                self._metrics.mirror_off.labels(self._mirror.off_reason).inc()
         p = self.progress
         p.completed += 1
         self._metrics.rounds.labels("completed").inc()

@@ -80,6 +80,7 @@ class DeviceMirror:
         self._buf: torch.Tensor | None = None
         self._verified = False  # whether an advance was compared with the host in full
         self.enabled = True
+        self.off_reason = ""  # why it turned off: "error" (a failed device step) or "bits" (other bits)
         self.copies = 0  # host states copied in (the first, and after a resync or failure)
         self.advances = 0  # rounds applied on the device
 
@@ -127,10 +128,10 @@ class DeviceMirror:
             del grad
             differ = self._differences(after)
         except (CodecError, RuntimeError, ValueError) as exc:  # RuntimeError: out of device memory
-            self._turn_off(f"applying round {before.round} on {self.device} failed: {exc}")
+            self._turn_off("error", f"applying round {before.round} on {self.device} failed: {exc}")
             return False
         if differ:
-            self._turn_off(f"round {before.round}: the outer step on {self.device} gave other bits than on the host "
+            self._turn_off("bits", f"round {before.round}: the outer step on {self.device} gave other bits than on the host "
                            f"({differ})")
             return False
         self._tag = (after.round, after.global_hash)
@@ -157,9 +158,10 @@ class DeviceMirror:
         self._verified = True
         return ", ".join(found)
 
-    def _turn_off(self, why: str) -> None:
+    def _turn_off(self, reason: str, why: str) -> None:
         log.error("%s; the trainer gets the host's state copied from now on", why)
         self.enabled = False
+        self.off_reason = reason
         self._drop()
 
     def _drop(self) -> None:

@@ -381,6 +381,24 @@ async def test_a_mirror_catches_up_by_copying_after_a_resync(tmp_path, pool):
     assert torch.equal(start, net["p15"].store.state.params)
 
 
+async def test_a_mirror_that_switches_itself_off_is_shown_in_the_metrics(tmp_path, pool):
+    # Prepare: p22's device copy goes wrong after one good round (as a device whose arithmetic
+    # differed would leave it)
+    net = _swarm(tmp_path, pool, 3, mirrored=("p22",))
+    node, mirror = net["p22"], net["p22"].mirror
+    assert node.metric("peer_sync_device_mirror_active") == 1 and net["p15"].metric("peer_sync_device_mirror_active") == 0
+    mirror.start(node.store.state)
+    await _round(net.values())
+    mirror.start(node.store.state)[5] += 1.0
+    # Execute
+    await _round(net.values())
+    # Assert: the round still completed alike for all; the mirror is off, and says why
+    assert len({n.store.state.global_hash for n in net.values()}) == 1 and node.store.state.round == 2
+    assert not mirror.enabled and mirror.off_reason == "bits"
+    assert node.metric("peer_sync_device_mirror_active") == 0
+    assert node.metric("peer_sync_device_mirror_off_total", reason="bits") == 1
+
+
 def test_deadlines_adapt_between_margin_and_cap():
     d = Deadlines(matchmaking_cap_s=10, reduce_cap_s=30, factor=4, margin_s=1, smoothing=0.5)
     assert (d.matchmaking_timeout(), d.reduce_deadline()) == (10, 30)  # no observation: the caps

@@ -110,7 +110,7 @@ def test_a_device_that_computes_other_bits_turns_the_mirror_off(caplog):
     with caplog.at_level(logging.ERROR, logger="peer.sync.mirror"):
         applied = mirror.advance(state, answers, after)
     # Assert: caught by the first (full) comparison; from now on the host's state is used
-    assert not applied and not mirror.enabled
+    assert not applied and not mirror.enabled and mirror.off_reason == "bits"
     assert "other bits than on the host (1 of 3001 parameters values)" in caplog.text
     assert mirror.start(after) is after.params
 
@@ -133,4 +133,4 @@ def test_answers_that_do_not_decode_turn_the_mirror_off():
     good = _answers("int8", 0)
     after = _host_round(state, good)
     short = Answers("int8", good.shards[:-1])
-    assert not mirror.advance(state, short, after) and not mirror.enabled
+    assert not mirror.advance(state, short, after) and not mirror.enabled and mirror.off_reason == "error"
