@@ -48,6 +48,7 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import ConfigError
+from peer.sync.state import StateSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,18 @@ class FaultyService:
         return reply
 
     async def state_snapshot(self, run_id, peer_id, schema_hash):
-        header, blob = await self._inner.state_snapshot(run_id, peer_id, schema_hash)
-        if self._plan._match("bad_state", header.round):
-            blob = lying_state(blob)
-            # A header that fits the lie (the whole blob under ``sha256``, no parameter range):
-            # the transport passes it, so the joiner's checks of the content are what refuse it.
-            header = replace(header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), params_offset=0,
-                             params_bytes=0)
-        return header, blob
+        state = await self._inner.state_snapshot(run_id, peer_id, schema_hash)
+        if not self._plan._match("bad_state", state.header.round):
+            return state
+        try:
+            blob = lying_state(state.tobytes())
+        finally:
+            state.release()
+        # A header that fits the lie (the whole blob under ``sha256``, no parameter range):
+        # the transport passes it, so the joiner's checks of the content are what refuse it.
+        header = replace(state.header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), params_offset=0,
+                         params_bytes=0)
+        return StateSnapshot(header, (blob,))
 
     async def reduce_part(self, header, payload):
         answer_header, answer = await self._inner.reduce_part(header, payload)

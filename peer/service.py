@@ -13,9 +13,10 @@ from peer.membership import Membership
 from peer.metrics import Metrics
 from peer.sync.driver import RoundDriver
 from peer.sync.round import PhaseHook, no_hook
+from peer.sync.state import StateSnapshot
 from peer.sync.store import StateStore
 from peer.types import (
-    HandshakeReply, JoinReply, JoinRequest, LocalRank, PeerInfo, ReduceHeader, StateHeader, StatusInfo,
+    HandshakeReply, JoinReply, JoinRequest, LocalRank, PeerInfo, ReduceHeader, StatusInfo,
 )
 
 
@@ -68,13 +69,13 @@ class Service:
     def reduce_rejected(self, header: ReduceHeader | None, error: RoundError) -> None:
         self._driver.rejected(header, error)
 
-    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]:
+    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> StateSnapshot:
         me = self._me()
         if run_id != me.run_id:
             raise HandshakeRefused("run_mismatch", f"run {run_id!r} != {me.run_id!r}")
         if schema_hash != me.schema_hash:
             raise HandshakeRefused("schema_mismatch", "model schema differs")
-        return await self._store.async_snapshot()
+        return await self._store.async_serve()
 
     async def serving_state(self, sent_bytes: int) -> None:
         await self._hook("serve_state", self._store.state.round)

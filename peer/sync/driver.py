@@ -32,7 +32,7 @@ from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.confirm import AnswerChecks
 from peer.sync.mirror import Answers, DeviceMirror
-from peer.sync.outer import outer_step_hashed
+from peer.sync.outer import step_hashed_into, step_stays_finite
 from peer.sync.round import (
     Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
     no_hook, offload,
@@ -178,6 +178,7 @@ class RoundDriver:
         self._hook = phase_hook
         self._stopping = False
         self._tasks = TaskSet()
+        self._applying: asyncio.Future | None = None  # the outer step under way (``_apply``)
         self.progress = Progress()
         s = cfg.sync
         self.deadlines = Deadlines(matchmaking_cap_s=s.matchmaking_timeout_s, reduce_cap_s=s.reduce_deadline_s,
@@ -635,12 +636,16 @@ class RoundDriver:
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
         before = self._store.state
-        state = await offload(self._executor, avg.numel(), self._outer, before, avg)
+        # Shielded: once under way, the step and its adopt finish even if this round is
+        # cancelled (a stop): an in-place step left half-adopted would label the next round's
+        # bytes with this round's hash.
+        apply = asyncio.ensure_future(self._apply(before, avg))
+        self._applying = apply  # a reference until it is done (never fire-and-forget)
+        state = await asyncio.shield(apply)
         if state is None:
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
             return None
-        self._store.adopt(state)
         if self._mirror is not None and self._mirror.enabled:
             # The same answers and the same step on the training device; the host's state (just
             # adopted) stays the one hashed, served and saved, and checks the device's.
@@ -672,22 +677,55 @@ class RoundDriver:
         if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
             log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
 
-    def _outer(self, s: GlobalState, avg: torch.Tensor) -> GlobalState | None:
+    async def _apply(self, before: GlobalState, avg: torch.Tensor) -> GlobalState | None:
+        """The outer step from ``before`` (the current state) with ``avg``, and its adopt: the
+        new state, or None (nothing adopted) when it would be non-finite (loop).
+
+        In place over ``before``'s tensors when the store says nothing pins them
+        (``StateStore.begin_step``): no new memory, no page faults; fresh tensors otherwise. The
+        step ends (``end_step``: pins are given again) only once the executor thread is done
+        writing, and after the adopt, so that no reader ever sees the next round's bytes under
+        this round's label."""
+        in_place = self._store.begin_step(before)
+        try:
+            state = await offload(self._executor, avg.numel(), self._outer, before, avg, in_place)
+            if state is not None:
+                self._store.adopt(state)
+            return state
+        finally:
+            self._store.end_step()
+
+    def _outer(self, s: GlobalState, avg: torch.Tensor, in_place: bool = False) -> GlobalState | None:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
         None if it made the parameters or momentum non-finite: never adopted, served or saved.
+
+        ``in_place``: the step may write over ``s``'s own tensors (nothing else reads them,
+        ``StateStore.begin_step``). It does when the result is certain to be finite
+        (``step_stays_finite``, one read of ``avg``): a non-finite result could not be undone,
+        and the previous state must then be kept. Otherwise, and when not ``in_place``, the new
+        state gets fresh tensors (8 bytes a value) and ``s`` stays as it was. The same bits
+        either way (``step_hashed_into``).
 
         It runs on the host even when the model is on a GPU: the new state's bytes must be on
         the host to be hashed, served and saved, so the step there costs no copy, where the step
         on the device would copy 8 bytes a value back. A mirror repeats it on the device
         (``peer.sync.mirror``), checked against this one. ``s``: the state of round ``s.round``
         the step starts from."""
+        lr, momentum = self._settings.outer_lr, self._settings.outer_momentum
+        s.global_hash  # noqa: B018 (cached before the bytes change: the mirror and logs name the old state by it)
+        if in_place and step_stays_finite(s.magnitude, avg, lr=lr, momentum=momentum):
+            params, buf = s.params, s.momentum
+        else:
+            in_place = False
+            params, buf = torch.empty_like(s.params), torch.empty_like(s.momentum)
         # One sweep: step, finiteness and the sha256 the next round's consistency check needs.
-        params, buf, digest, finite = outer_step_hashed(s.params, avg, s.momentum, lr=self._settings.outer_lr,
-                                                        momentum=self._settings.outer_momentum,
-                                                        param_numel=self._param_numel, int_slices=self._int_slices)
-        if not finite:
+        digest, size = step_hashed_into(s.params, avg, s.momentum, params, buf, lr=lr, momentum=momentum,
+                                        param_numel=self._param_numel, int_slices=self._int_slices)
+        if not math.isfinite(size):
+            if in_place:  # step_stays_finite proved otherwise: a bug, and the old state is gone
+                raise RuntimeError(f"round {s.round}: the in-place outer step gave non-finite values")
             return None
-        return GlobalState(s.round + 1, params, buf).with_hash(digest)
+        return GlobalState(s.round + 1, params, buf).with_hash(digest, size)
 
     def _fail(self, rnd: int, reason: str, message: str) -> None:
         self.progress.failed += 1

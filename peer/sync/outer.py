@@ -82,10 +82,9 @@ def step_in_place(params: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *
     """``outer_step`` in place on ``params`` and ``buf`` (1-D float32, one device, equal length),
     with ``grad`` as scratch (its values are destroyed): the same operations, so the same bits,
     with no temporary. Raises ``ValueError`` like ``outer_step``."""
-    if not (params.shape == grad.shape == buf.shape) or params.dim() != 1:
-        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
-                         f"buf {tuple(buf.shape)}")
+    _check_shapes(params, grad, buf)
     n = _param_numel(params, param_numel)
+    _check_slices(params.numel(), n, int_slices)
     if n < params.numel():
         _buffers_step(params, grad, params, buf, n, int_slices)
     p, b, g = params[:n], buf[:n], grad[:n]
@@ -110,9 +109,7 @@ def _buffers_step(params: torch.Tensor, grad: torch.Tensor, new_params: torch.Te
     average (theta - g), no momentum, integer slices rounded."""
     torch.sub(params[n:], grad[n:], out=new_params[n:])
     buf[n:] = 0
-    for start, stop in int_slices:
-        if not n <= start <= stop <= params.numel():
-            raise ValueError(f"integer buffer slice ({start}, {stop}) outside the buffers [{n}, {params.numel()})")
+    for start, stop in int_slices:  # checked by the caller (_check_slices)
         new_params[start:stop].round_()
 
 
@@ -122,41 +119,113 @@ def outer_step_hashed(
 ) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
     """``outer_step`` (the same ops, so the same bits), the sha256 hex of the new parameters
     (``tensor_sha256(new_params)``) and whether the new parameters and buffer are all finite,
-    in one sweep over memory: chunk by chunk, each new chunk is checked and hashed while it is
-    still in cache, instead of four more passes over the whole state. Inputs are not modified.
+    in one sweep over memory (``step_hashed_into`` fresh tensors). Inputs are not modified.
     Any thread."""
-    if not (params.shape == grad.shape == momentum_buf.shape) or params.dim() != 1:
-        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
-                         f"buf {tuple(momentum_buf.shape)}")
+    _check_shapes(params, grad, momentum_buf)
+    new_params, buf = torch.empty_like(params), torch.empty_like(momentum_buf)
+    digest, size = step_hashed_into(params, grad, momentum_buf, new_params, buf, lr=lr, momentum=momentum,
+                                    param_numel=param_numel, int_slices=int_slices)
+    return new_params, buf, digest, math.isfinite(size)
+
+
+def step_hashed_into(
+    params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, out_params: torch.Tensor,
+    out_buf: torch.Tensor, *, lr: float, momentum: float, param_numel: int | None = None,
+    int_slices: tuple[tuple[int, int], ...] = (),
+) -> tuple[str, float]:
+    """The outer step of ``(params, momentum_buf)`` with ``grad`` written into ``(out_params,
+    out_buf)``: the same ops as ``outer_step``, so the same bits. Returns the sha256 hex of the
+    new parameters (``tensor_sha256(out_params)``) and ``magnitude(out_params, out_buf)`` (inf or
+    NaN when the new state is not finite), found in the same sweep: chunk by chunk, each new
+    chunk is checked and hashed while it is still in cache, instead of four more passes over
+    the whole state. ``grad`` is only read. Any thread; 1-D float32 CPU tensors of one length.
+
+    The outputs may be the inputs themselves (``out_params is params``, ``out_buf is
+    momentum_buf``): the step in place, with no allocation but one chunk of scratch. Fresh
+    outputs cost 8 bytes a value and their page faults (most of the time of a step here: a
+    fresh 40 MB tensor filled once takes ~25 ms, the whole in-place step of 10M values ~40).
+    In place, the old values are gone once it starts: only for a state nothing else reads
+    (``peer.sync.store.StateStore.begin_step``) and whose result is known to be finite
+    (``step_stays_finite``), since a non-finite result cannot be undone. Every argument is
+    checked (``ValueError``) before the first value is written."""
+    _check_shapes(params, grad, momentum_buf)
+    _check_shapes(out_params, grad, out_buf)
     total = params.numel()
     n = _param_numel(params, param_numel)
-    new_params, buf = torch.empty_like(params), torch.empty_like(momentum_buf)
+    _check_slices(total, n, int_slices)
     work = torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
     if n < total:
-        _buffers_step(params, grad, new_params, buf, n, int_slices)
+        _buffers_step(params, grad, out_params, out_buf, n, int_slices)
     h = hashlib.sha256()
-    finite = True
-    bytes_of = memoryview(new_params.numpy()).cast("B")
+    size = 0.0
+    bytes_of = memoryview(out_params.numpy()).cast("B")
     chunks = [(a, min(n, a + OUTER_CHUNK)) for a in range(0, n, OUTER_CHUNK)]
     chunks += [(a, min(total, a + OUTER_CHUNK)) for a in range(n, total, OUTER_CHUNK)]
     for start, stop in chunks:
-        if start >= n:  # the buffers, already stepped: check and hash only
-            p = new_params[start:stop]
-            if finite:
-                lo, hi = torch.aminmax(p)
-                finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
-            h.update(bytes_of[4 * start:4 * stop])
-            continue
-        b, p = buf[start:stop], new_params[start:stop]
-        _param_step(params[start:stop], grad[start:stop], momentum_buf[start:stop], out_theta=p, out_mom=b,
-                    work=work[:stop - start], lr=lr, momentum=momentum)
-        if finite:
-            # min/max are NaN when a NaN is present; an Inf shows as an infinite extreme.
-            lo, hi = torch.aminmax(p)
-            blo, bhi = torch.aminmax(b)
-            finite = all(math.isfinite(float(v)) for v in (lo, hi, blo, bhi))
+        p = out_params[start:stop]
+        if start < n:  # the buffers (start >= n) are already stepped: check and hash only
+            _param_step(params[start:stop], grad[start:stop], momentum_buf[start:stop], out_theta=p,
+                        out_mom=out_buf[start:stop], work=work[:stop - start], lr=lr, momentum=momentum)
+            size = _max_abs(size, out_buf[start:stop])
+        size = _max_abs(size, p)
         h.update(bytes_of[4 * start:4 * stop])
-    return new_params, buf, h.hexdigest(), finite
+    return h.hexdigest(), size
+
+
+FINITE_MARGIN = 4.0
+"""``step_stays_finite`` wants its bound this many times below the float32 maximum: each of the
+step's roundings moves a value by at most one part in 2^24 of itself."""
+
+
+def _max_abs(size: float, t: torch.Tensor) -> float:
+    """max(size, max |t|), NaN once a NaN was seen (min/max are NaN when a NaN is present; an
+    Inf shows as an infinite extreme)."""
+    if math.isnan(size) or not t.numel():
+        return size
+    lo, hi = torch.aminmax(t)
+    lo, hi = float(lo), float(hi)
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(size, -lo, hi)
+
+
+def magnitude(*tensors: torch.Tensor) -> float:
+    """The largest ``|x|`` over float32 tensors, as a Python float: inf when one holds an Inf,
+    NaN when one holds a NaN. One read of each (``aminmax``: ~6 ms for 10M values here)."""
+    size = 0.0
+    for t in tensors:
+        size = _max_abs(size, t)
+    return size
+
+
+def step_stays_finite(state_magnitude: float, grad: torch.Tensor, *, lr: float, momentum: float) -> bool:
+    """Whether the outer step of a state whose values are at most ``state_magnitude`` in
+    absolute value (parameters and momentum: ``magnitude``) with ``grad`` is certain to give
+    only finite values. One read of ``grad``.
+
+    From finite inputs, the step's products and sums can only fail by overflowing, and
+    ``|buf'| <= |g| + m |buf|``, ``|theta'| <= |theta| + lr |g| + lr m |buf'|`` (buffers:
+    ``|theta| + |g|``), so an exact bound ``FINITE_MARGIN`` times below the float32 maximum
+    proves the result finite. False (maybe finite, maybe not) otherwise, and for a NaN/Inf in
+    either: the caller then steps into fresh tensors, and keeps the old state if the result
+    is not finite."""
+    a, c = state_magnitude, magnitude(grad)
+    if not (math.isfinite(a) and math.isfinite(c)):
+        return False
+    lr, m = abs(float(lr)), abs(float(momentum))
+    mom = c + m * a
+    bound = max(a + lr * c + lr * m * mom, a + c, mom)
+    return bound * FINITE_MARGIN < torch.finfo(torch.float32).max
+
+
+def _check_shapes(params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor) -> None:
+    if not (params.shape == grad.shape == momentum_buf.shape) or params.dim() != 1:
+        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
+                         f"buf {tuple(momentum_buf.shape)}")
+
+
+def _check_slices(total: int, n: int, int_slices: tuple[tuple[int, int], ...]) -> None:
+    for start, stop in int_slices:
+        if not n <= start <= stop <= total:
+            raise ValueError(f"integer buffer slice ({start}, {stop}) outside the buffers [{n}, {total})")
 
 
 def tensor_sha256(*tensors: torch.Tensor) -> str:

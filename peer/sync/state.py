@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 
 from peer.codec import all_finite
 from peer.errors import StateError
-from peer.sync.outer import tensor_sha256
+from peer.sync.outer import magnitude, tensor_sha256
 from peer.types import StateHeader
 
 MAGIC = b"PEERSTATE1\n"
@@ -43,21 +44,44 @@ CHECKPOINT_FORMAT = "peer-checkpoint-2"
 
 @dataclass(frozen=True)
 class GlobalState:
+    """One round's global state. Its tensors are never modified while it is the store's
+    current state or pinned (``peer.sync.store.StateStore``): hold on to it for the span of one
+    round, and pin it (``StateStore.async_pin``) to read its bytes beyond that. Once the outer
+    step wrote the next round over these very tensors (in place, when nothing pinned them), the
+    store retires this object: ``params`` and ``momentum`` become None, so that a late reader
+    fails loudly instead of reading the next round's values under this round's label."""
+
     round: int
     params: torch.Tensor      # 1-D float32 CPU
     momentum: torch.Tensor    # 1-D float32 CPU, same length
 
     @functools.cached_property
     def global_hash(self) -> str:
-        # Cached: the tensors of a GlobalState are never modified in place (outer_step and
-        # decode_state build new ones), and peers ask for the hash on every status and join.
+        # Cached: the tensors of a GlobalState are not modified while anyone may ask (see
+        # above), and peers ask for the hash on every status and join.
         return tensor_sha256(self.params)
 
-    def with_hash(self, digest: str) -> GlobalState:
-        """Record ``global_hash`` computed elsewhere (the outer step hashes the parameters as
-        it writes them, ``outer_step_hashed``); it must be ``tensor_sha256(params)``. Returns self."""
+    @functools.cached_property
+    def magnitude(self) -> float:
+        """The largest |value| of the parameters and momentum (``peer.sync.outer.magnitude``):
+        the outer step's bound that lets it write in place (``step_stays_finite``)."""
+        return magnitude(self.params, self.momentum)
+
+    def with_hash(self, digest: str, size: float | None = None) -> GlobalState:
+        """Record ``global_hash`` (and ``magnitude``, ``size``) computed elsewhere (the outer step
+        finds both as it writes the state, ``step_hashed_into``); ``digest`` must be
+        ``tensor_sha256(params)``. Returns self."""
         self.__dict__["global_hash"] = digest  # where cached_property keeps its value
+        if size is not None:
+            self.__dict__["magnitude"] = size
         return self
+
+    def retire(self) -> None:
+        """Drop the tensors (``StateStore.adopt`` after an in-place step wrote the next round
+        over them). The round and the hash, if cached, stay: they name what this state was."""
+        self.global_hash  # noqa: B018 (cached before the tensors go; normally already is)
+        object.__setattr__(self, "params", None)
+        object.__setattr__(self, "momentum", None)
 
 
 def max_blob_bytes(numel: int) -> int:
@@ -67,10 +91,11 @@ def max_blob_bytes(numel: int) -> int:
     return len(MAGIC) + 8 + MAX_HEADER + 8 * numel
 
 
-def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytearray:
-    """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state)."""
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
-               for name, t in {"params": state.params, "momentum": state.momentum, **(extra or {})}.items()}
+def state_prefix(state: GlobalState, tensors: dict[str, torch.Tensor]) -> bytes:
+    """The wire blob's bytes before its tensors: ``MAGIC``, the header length and the JSON
+    header (round, numel, global_hash, the table of ``tensors``, which follow in order), padded
+    so that the tensors start 64-byte aligned in the blob (a joiner's tensors use the received
+    blob's memory as they are; JSON allows trailing spaces)."""
     table, offset = [], 0
     for name, t in tensors.items():
         table.append({"name": name, "offset": offset, "nbytes": 4 * t.numel(), "shape": list(t.shape)})
@@ -79,17 +104,50 @@ def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = Non
         "format": FORMAT, "round": state.round, "numel": state.params.numel(),
         "global_hash": state.global_hash, "tensors": table,
     }).encode()
-    # One buffer, each tensor copied in once: the blob is the only copy this makes (building
-    # per-tensor bytes and joining them held the state twice over, 16 bytes a parameter).
-    # JSON allows trailing spaces: pad the header so that the tensors start 64-byte aligned in
-    # the blob (a joiner's tensors use the received blob's memory as they are).
     header += b" " * (-(len(MAGIC) + 8 + len(header)) % 64)
-    prefix = MAGIC + struct.pack("<Q", len(header)) + header
-    blob = bytearray(len(prefix) + offset)
+    return MAGIC + struct.pack("<Q", len(header)) + header
+
+
+def state_parts(state: GlobalState) -> tuple[bytes, memoryview, memoryview]:
+    """The wire blob of ``state`` (what ``encode_state(state)`` writes) as three consecutive
+    pieces: the prefix, then views of the parameters' and the momentum's own memory, not
+    copies. A donor streams them as they are (``StateStore.async_serve``): the views are valid
+    only while ``state`` is pinned."""
+    tensors = {"params": state.params, "momentum": state.momentum}
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise StateError(f"state tensor {name!r} is not contiguous float32 on the host")
+    return (state_prefix(state, tensors), *(memoryview(t.numpy()).cast("B") for t in tensors.values()))
+
+
+@dataclass
+class StateSnapshot:
+    """What a donor streams for one GetState: ``header`` (its ``sha256`` covers the whole blob)
+    and the blob as consecutive ``parts`` (``state_parts``, or one bytes object), read in place.
+    ``release()`` once the stream is done (ended, failed or cancelled): it unpins the state whose
+    memory the parts are (idempotent; any thread)."""
+
+    header: StateHeader
+    parts: tuple[bytes | bytearray | memoryview, ...]
+    release: Callable[[], None] = lambda: None
+
+    def tobytes(self) -> bytes:
+        """The whole blob in one bytes object (a copy: for tests and fault injection)."""
+        return b"".join(bytes(p) for p in self.parts)
+
+
+def encode_state(state: GlobalState, extra: dict[str, torch.Tensor] | None = None) -> bytearray:
+    """Serialize ``state`` (and optional named float32 tensors, e.g. inner optimizer state) into
+    one new buffer, each tensor copied in once. A donor does not: it streams ``state_parts``."""
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
+               for name, t in {"params": state.params, "momentum": state.momentum, **(extra or {})}.items()}
+    prefix = state_prefix(state, tensors)
+    blob = bytearray(len(prefix) + sum(4 * t.numel() for t in tensors.values()))
     blob[: len(prefix)] = prefix
-    for entry, t in zip(table, tensors.values()):
-        start = len(prefix) + entry["offset"]
-        blob[start : start + entry["nbytes"]] = memoryview(t.numpy()).cast("B")
+    start = len(prefix)
+    for t in tensors.values():
+        blob[start : start + 4 * t.numel()] = memoryview(t.numpy()).cast("B")
+        start += 4 * t.numel()
     return blob
 
 
@@ -113,6 +171,18 @@ def state_header(state: GlobalState, blob: bytes | bytearray | memoryview) -> St
     rest.update(view[offset + nbytes :])
     return StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(view),
                        sha256=rest.hexdigest(), format=FORMAT, params_offset=offset, params_bytes=nbytes)
+
+
+def parts_header(state: GlobalState, parts: tuple[bytes, memoryview, memoryview]) -> StateHeader:
+    """``state_header`` for the blob as ``state_parts(state)`` lays it out (prefix, parameters,
+    momentum), without joining it: the parameters are the second part, and ``sha256`` covers the
+    prefix and the momentum (one read of the momentum). Any thread; ``state`` pinned."""
+    prefix, params, momentum = parts
+    rest = hashlib.sha256(prefix)
+    rest.update(momentum)
+    return StateHeader(round=state.round, global_hash=state.global_hash,
+                       total_bytes=len(prefix) + len(params) + len(momentum), sha256=rest.hexdigest(), format=FORMAT,
+                       params_offset=len(prefix), params_bytes=len(params))
 
 
 def decode_state(blob: bytes | bytearray | memoryview, numel: int,
@@ -178,12 +248,14 @@ def decode_state(blob: bytes | bytearray | memoryview, numel: int,
     return state, tensors
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Atomic: write a temp file beside ``path``, fsync it, rename it over ``path``, fsync the dir."""
+def write_atomic(path: Path, data: bytes | bytearray | memoryview | tuple) -> None:
+    """Atomic: write a temp file beside ``path``, fsync it, rename it over ``path``, fsync the dir.
+    ``data``: the bytes, or a tuple of pieces written one after the other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        for piece in data if isinstance(data, tuple) else (data,):
+            fh.write(piece)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -194,20 +266,37 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def encode_checkpoint(state: GlobalState, meta: dict[str, str] | None = None) -> bytes:
-    """``state`` as safetensors bytes with its metadata (``meta`` adds string entries such as
-    run_id, task, schema_hash; it cannot override the format, round or hashes)."""
-    from safetensors.torch import save
-
+def checkpoint_parts(state: GlobalState, meta: dict[str, str] | None = None) -> tuple[bytes, memoryview, memoryview]:
+    """``state`` as a safetensors file with its metadata (``meta`` adds string entries such as
+    run_id, task, schema_hash; it cannot override the format, round or hashes), in three
+    pieces: the safetensors header, then views of the parameters' and momentum's own memory
+    (``safetensors.torch.save`` would first copy both into one new buffer, 8 bytes a value). The
+    layout is safetensors': an 8-byte little-endian header length, the JSON header padded with
+    spaces to a multiple of 8 bytes, the tensors' raw little-endian bytes in the order of their
+    ``data_offsets``. The views are valid while ``state`` is pinned (``StateStore``)."""
+    parts = state_parts(state)[1:]
     metadata = {**(meta or {}), "format": CHECKPOINT_FORMAT, "round": str(state.round),
                 "numel": str(state.params.numel()), "global_sha256": state.global_hash,
                 "momentum_sha256": tensor_sha256(state.momentum)}
-    return save({"global": state.params.contiguous(), "momentum": state.momentum.contiguous()}, metadata)
+    table: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, part in zip(("global", "momentum"), parts):
+        table[name] = {"dtype": "F32", "shape": [len(part) // 4], "data_offsets": [offset, offset + len(part)]}
+        offset += len(part)
+    header = json.dumps(table, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return (struct.pack("<Q", len(header)) + header, *parts)
+
+
+def encode_checkpoint(state: GlobalState, meta: dict[str, str] | None = None) -> bytes:
+    """``checkpoint_parts`` joined into one bytes object (a copy of the state: for tests)."""
+    return b"".join(bytes(p) for p in checkpoint_parts(state, meta))
 
 
 def write_checkpoint(path: Path, state: GlobalState, meta: dict[str, str] | None = None) -> None:
-    """Write ``state`` to ``path`` as a safetensors checkpoint, atomically."""
-    write_atomic(path, encode_checkpoint(state, meta))
+    """Write ``state`` to ``path`` as a safetensors checkpoint, atomically, from the state's own
+    memory (``checkpoint_parts``: no serialized copy)."""
+    write_atomic(path, checkpoint_parts(state, meta))
 
 
 def checkpoint_metadata(data: bytes | memoryview) -> dict[str, str]:

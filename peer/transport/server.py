@@ -32,6 +32,16 @@ _CODES = {
 }
 
 
+class StatePayload(Protocol):
+    """A donor's state: its ``header`` and its blob as consecutive ``parts`` (read in place:
+    they do not change until ``release()``)."""
+
+    header: StateHeader
+    parts: tuple[bytes | bytearray | memoryview, ...]
+
+    def release(self) -> None: ...
+
+
 class Handler(Protocol):
     """What the server needs from the daemon (``peer.service`` implements it). Called on the
     event loop. Framing, chunking and checksums stay in the transport."""
@@ -45,7 +55,9 @@ class Handler(Protocol):
     async def reduce_part(self, header: ReduceHeader, payload: bytes) -> tuple[ReduceHeader, bytes]:
         """Owner side: add the part, return the averaged shard's header and payload."""
     def reduce_rejected(self, header: ReduceHeader | None, error: RoundError) -> None: ...
-    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> tuple[StateHeader, bytes]: ...
+    async def state_snapshot(self, run_id: str, peer_id: str, schema_hash: str) -> StatePayload:
+        """The state to serve, pinned until its ``release()`` (the servicer calls it once the
+        stream is over, however it ends). Raises HandshakeRefused or StateError."""
     def state_served(self, ok: bool) -> None: ...
     async def serving_state(self, sent_bytes: int) -> None:
         """Called between the chunks of a GetState stream (a seam for fault injection)."""
@@ -132,7 +144,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
         try:
-            header, blob = await self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
+            state = await self._h.state_snapshot(request.run_id, request.peer_id, request.schema_hash)
         except (HandshakeRefused, StateError) as exc:
             self._h.state_served(False)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -140,13 +152,18 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         ok = False
         try:
             # Serialized here (see ``_serialize_state``): the chunks are framed straight from the
-            # snapshot, which is never modified, with one copy of each.
-            yield pb.StateMessage(header=convert.state_header_to_pb(header)).SerializeToString()
-            for offset, frame in chunk_frames(blob, self._chunk_bytes):
-                await self._h.serving_state(offset)
-                yield frame
+            # state's memory, which is pinned (never modified) until released, with one copy of
+            # each; a part's chunks do not straddle into the next part.
+            yield pb.StateMessage(header=convert.state_header_to_pb(state.header)).SerializeToString()
+            start = 0
+            for part in state.parts:
+                for offset, frame in chunk_frames(part, self._chunk_bytes, start):
+                    await self._h.serving_state(offset)
+                    yield frame
+                start += len(part)
             ok = True
         finally:
+            state.release()
             self._h.state_served(ok)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:  # noqa: N802

@@ -121,13 +121,17 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     return -1, pos
 
 
-def chunk_frames(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+def chunk_frames(payload: bytes | bytearray | memoryview, chunk_bytes: int,
+                 start: int = 0) -> Iterator[tuple[int, bytes]]:
     """``(offset, message)`` for each piece of ``payload``: the serialized
     ``StateMessage(chunk=Chunk(offset, data))``, byte for byte what protobuf writes, made with
-    one copy of the data (``payload`` is read in place and must not change meanwhile)."""
+    one copy of the data (``payload`` is read in place and must not change meanwhile).
+    ``start``: the stream offset of ``payload``'s first byte (a blob sent as several payloads,
+    one after the other)."""
     view = memoryview(payload).cast("B")
-    for offset in range(0, len(view), chunk_bytes):
-        data = view[offset : offset + chunk_bytes]
+    for at in range(0, len(view), chunk_bytes):
+        data = view[at : at + chunk_bytes]
+        offset = start + at
         # proto3 leaves a zero offset out; fields in number order, as protobuf writes them.
         inner = (bytes([_TAG_OFFSET]) + _varint(offset) if offset else b"") + bytes([_TAG_DATA]) + _varint(len(data))
         yield offset, b"".join((bytes([_TAG_CHUNK]), _varint(len(inner) + len(data)), inner, data))

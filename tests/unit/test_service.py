@@ -47,9 +47,10 @@ async def test_state_is_served_only_for_this_run_and_model(tmp_path, pool):
         await service.state_snapshot("other", "x", "s")
     with pytest.raises(HandshakeRefused):
         await service.state_snapshot("r", "x", "another-schema")
-    header, blob = await service.state_snapshot("r", "x", "s")
-    state, _ = decode_state(blob, NUMEL)
-    assert header.global_hash == state.global_hash
+    served = await service.state_snapshot("r", "x", "s")
+    state, _ = decode_state(served.tobytes(), NUMEL)
+    served.release()
+    assert served.header.global_hash == state.global_hash
     await service.serving_state(0)
     assert hooked == [("serve_state", 0)]
 

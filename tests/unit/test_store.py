@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from peer.errors import StateError
-from peer.sync.state import GlobalState, checkpoint_metadata, decode_state
+from peer.sync.state import GlobalState, checkpoint_metadata, decode_state, encode_state
 from peer.sync.store import StateStore
 
 
@@ -40,26 +41,39 @@ async def test_adopt_makes_a_state_current_and_reports_it(tmp_path, pool):
     assert store.state is new
 
 
-async def test_a_snapshot_is_built_once_per_state_off_the_loop(tmp_path, pool):
+async def test_a_snapshot_serves_the_state_memory_hashed_once_off_the_loop(tmp_path, pool):
+    # Prepare
     store = _store(tmp_path, pool)
     loop_thread = threading.get_ident()
     threads = []
-    original = store.snapshot
+    original = store._snapshot_of
 
     def spy(state):
         threads.append(threading.get_ident())
         return original(state)
 
-    store.snapshot = spy
-    header, blob = await store.async_snapshot()
-    again = await store.async_snapshot()
-    assert again[1] is blob  # cached: the same bytes object
+    store._snapshot_of = spy
+    # Execute
+    served = await store.async_serve()
+    again = await store.async_serve()
+    # Assert: the blob a joiner decodes, made of the state's own memory (no copy), its header
+    # hashed once per state (the prefix cached), off the loop; pinned until released
+    assert again.header is served.header and again.parts[0] is served.parts[0]
+    assert served.parts[1].obj is not None and served.parts[1] == memoryview(store.state.params.numpy()).cast("B")
     assert loop_thread not in threads
+    blob = served.tobytes()
+    assert served.header.sha256 == hashlib.sha256(blob).hexdigest() and served.header.total_bytes == len(blob)
+    assert blob == encode_state(store.state)
     state, _ = decode_state(blob, 1000)
-    assert header.round == 0 and header.global_hash == store.state.global_hash == state.global_hash
+    assert served.header.round == 0 and served.header.global_hash == store.state.global_hash == state.global_hash
+    assert store.pinned(store.state) == 4  # two readers, each pinning the parameters and the momentum
+    served.release()
+    served.release()  # idempotent
+    again.release()
+    assert store.pinned(store.state) == 0
     store.adopt(_state(1, seed=2))
     header2, blob2 = await store.async_snapshot()
-    assert header2.round == 1 and blob2 is not blob
+    assert header2.round == 1 and decode_state(blob2, 1000)[0].round == 1
 
 
 async def test_checkpoint_round_trip_and_resume(tmp_path, pool):
