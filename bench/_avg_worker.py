@@ -130,7 +130,7 @@ class PeerWorker:
         del avg, mine
         round_peak = memory_status()["peak_rss_bytes"]
         reset_peak()
-        await self.d.store.async_snapshot()
+        await serve_state(self.d)
         snapshot_peak = memory_status()["peak_rss_bytes"]
         self._prepared[r + 1] = self._inputs(r + 1)
         return {"seconds": seconds, "ok": ok, "bytes_sent": None, "wire_tx_bytes": None, **memory_status(),
@@ -145,6 +145,22 @@ class PeerWorker:
                 await self.d.stop()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def serve_state(d) -> None:
+    """What a donor does for a GetState, less the network: the pinned snapshot, framed chunk by
+    chunk as the servicer frames it (``chunk_frames``), then released."""
+    from peer.transport.streams import chunk_frames
+
+    served = await d.store.async_serve()
+    try:
+        start = 0
+        for part in served.parts:
+            for _ in chunk_frames(part, d.cfg.sync.chunk_bytes, start):
+                pass
+            start += len(part)
+    finally:
+        served.release()
 
 
 def memory_status() -> dict:

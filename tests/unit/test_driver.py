@@ -8,7 +8,9 @@ leadership or do not know us, and the driver must still finish, fail or resync a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +24,8 @@ from peer.membership import Attested
 from peer.metrics import Metrics
 from peer.sync.driver import Deadlines, RoundDriver
 from peer.sync.mirror import DeviceMirror
-from peer.sync.state import GlobalState
+from peer.sync.outer import outer_step, tensor_sha256
+from peer.sync.state import GlobalState, decode_state, read_checkpoint
 from peer.sync.store import StateStore
 from peer.types import JoinOutcome, JoinReply
 
@@ -513,6 +516,64 @@ async def test_a_nonfinite_outer_step_is_never_adopted(tmp_path, pool):
     assert await node.driver.round(huge, 1.0) is None
     assert node.store.state is before
     assert node.metric("peer_sync_invalid_claims_total", reason="nonfinite_outer") == 1
+
+
+async def test_a_state_being_served_is_never_overwritten_and_the_step_is_in_place_once_it_is_not(tmp_path, pool):
+    # Prepare: a donor streams round 0 to a joiner (pinned) while this peer completes rounds
+    node = _swarm(tmp_path, pool, 1)["p15"]
+    served = await node.store.async_serve()
+    round0 = node.store.state
+    blob0 = served.tobytes()
+    # Execute: round 0 -> 1 while round 0 is being served
+    await node.driver.round(_delta(node), 1.0)
+    round1 = node.store.state
+    # Assert: a fresh state; the served bytes are still round 0's, whole (its sha256 holds)
+    assert round1.round == 1 and round1.params.data_ptr() != round0.params.data_ptr()
+    assert served.tobytes() == blob0 and hashlib.sha256(blob0).hexdigest() == served.header.sha256
+    assert decode_state(blob0, NUMEL)[0].global_hash == round0.global_hash == served.header.global_hash
+    served.release()
+    # Execute: round 1 -> 2, nothing pins round 1
+    want_p, want_b = outer_step(round1.params, _delta(node), round1.momentum, lr=SETTINGS.outer_lr,
+                                momentum=SETTINGS.outer_momentum)
+    where = (round1.params.data_ptr(), round1.momentum.data_ptr())
+    await node.driver.round(_delta(node), 1.0)
+    round2 = node.store.state
+    # Assert: written over round 1's memory, the reference's bits, hashed; round 1's object retired
+    assert round2.round == 2 and (round2.params.data_ptr(), round2.momentum.data_ptr()) == where
+    assert torch.equal(round2.params.view(torch.int32), want_p.view(torch.int32))
+    assert torch.equal(round2.momentum.view(torch.int32), want_b.view(torch.int32))
+    assert round2.global_hash == tensor_sha256(want_p)
+    assert round1.params is None and round1.momentum is None and round1.round == 1
+
+
+async def test_a_state_being_checkpointed_is_never_overwritten(tmp_path, pool):
+    # Prepare: a checkpoint write that is still reading the state when the next round ends
+    node = _swarm(tmp_path, pool, 1)["p15"]
+    store = node.store
+    writing, finish = threading.Event(), threading.Event()
+    write = store.write
+
+    def slow_write(state):
+        writing.set()
+        finish.wait(10)
+        return write(state)
+
+    store.write = slow_write
+    round0 = store.state
+    kept = (round0.params.clone(), round0.momentum.clone())
+    checkpoint = asyncio.ensure_future(store.async_checkpoint())
+    await asyncio.get_running_loop().run_in_executor(None, writing.wait, 10)
+    # Execute: a round while the checkpoint of round 0 is being written (the store's executor is
+    # busy with it: the step runs on the driver's)
+    await node.driver.round(_delta(node), 1.0)
+    finish.set()
+    assert await checkpoint
+    # Assert: round 0's tensors untouched, the file holds round 0 whole, nothing pinned after
+    assert store.state.round == 1 and store.state.params.data_ptr() != round0.params.data_ptr()
+    assert torch.equal(round0.params, kept[0]) and torch.equal(round0.momentum, kept[1])
+    saved, _ = read_checkpoint(store.checkpoint_path, NUMEL)
+    assert saved.round == 0 and torch.equal(saved.params, kept[0])
+    assert store.pinned(round0) == 0
 
 
 async def test_a_member_that_keeps_missing_the_deadline_is_left_out(tmp_path, pool):

@@ -185,3 +185,45 @@ async def test_an_old_peerstate1_checkpoint_is_loaded_when_it_fits_else_refused(
     assert not await bigger.async_load()
     assert bigger.state.round == 0
     assert "old PEERSTATE1 checkpoint (parameters only, no buffers)" in caplog.text
+
+
+async def test_a_reader_asking_during_an_in_place_step_waits_and_gets_the_new_state(tmp_path, pool):
+    # Prepare: an outer step allowed to write over the current state
+    store = _store(tmp_path, pool)
+    old = store.state
+    assert store.begin_step(old)
+    # Execute: a donor asks while the step writes
+    asking = asyncio.ensure_future(store.async_serve())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waited = not asking.done()
+    old.params.add_(1.0)  # the step, in place
+    old.momentum.mul_(0.5)
+    new = GlobalState(old.round + 1, old.params, old.momentum)
+    store.adopt(new)
+    store.end_step()
+    served = await asking
+    # Assert: it waited, then got the new state (never the old label on new bytes); the old
+    # object is retired, so a late reader fails instead of reading round 1 as round 0
+    assert waited and served.header.round == 1 and served.header.global_hash == new.global_hash
+    assert decode_state(served.tobytes(), 1000)[0].global_hash == new.global_hash
+    assert old.params is None and old.round == 0
+    # ...and a pinned state is not given to the next step
+    assert not store.begin_step(new)
+    served.release()
+    assert store.begin_step(new)
+    store.end_step()
+
+
+async def test_a_step_that_is_not_adopted_leaves_the_state_current(tmp_path, pool):
+    store = _store(tmp_path, pool)
+    state = store.state
+    assert store.begin_step(state)
+    with pytest.raises(StateError):
+        store.begin_step(state)  # one step at a time
+    store.end_step()  # e.g. a non-finite result, stepped into fresh tensors and dropped
+    assert store.state is state and state.params is not None
+    served = await store.async_serve()
+    assert served.header.round == 0
+    served.release()
+    assert not store.begin_step(_state(1))  # not the current state

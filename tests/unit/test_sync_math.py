@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import torch
 import peer.sync.state as state_mod
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
-from peer.sync.outer import OUTER_CHUNK, outer_step, outer_step_hashed, step_in_place, tensor_sha256
+from peer.sync.outer import (
+    OUTER_CHUNK, magnitude, outer_step, outer_step_hashed, step_hashed_into, step_in_place, step_stays_finite,
+    tensor_sha256,
+)
 from peer.sync.round import shard_bounds
 from peer.sync.state import (
     MAX_HEADER, GlobalState, decode_state, encode_state, max_blob_bytes, read_checkpoint, state_header,
@@ -288,3 +292,67 @@ def test_checkpoint_is_atomic_and_torn_files_are_refused(tmp_path):
     path.write_bytes(good)
     with pytest.raises(StateError, match="this model's state has 99"):
         read_checkpoint(path, 99)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 2 * OUTER_CHUNK + 3])
+def test_the_step_in_place_is_outer_step_bit_for_bit_with_its_hash_and_magnitude(n):
+    # Prepare: parameters, then buffers with an integer slice, as a model with BatchNorm lays them out
+    gen = torch.Generator().manual_seed(n)
+    theta, g, buf = (torch.randn(n, generator=gen) for _ in range(3))
+    k = max(0, n - 7)
+    slices = ((k + 2, k + 4),) if n > 7 else ()
+    want_p, want_b = outer_step(theta, g, buf, lr=0.7, momentum=0.9, param_numel=k, int_slices=slices)
+    g_kept = g.clone()
+    p_ptr, b_ptr = theta.data_ptr(), buf.data_ptr()
+    # Execute
+    digest, size = step_hashed_into(theta, g, buf, theta, buf, lr=0.7, momentum=0.9, param_numel=k,
+                                    int_slices=slices)
+    # Assert: the reference's bits, written over the inputs themselves; grad untouched
+    assert (theta.data_ptr(), buf.data_ptr()) == (p_ptr, b_ptr)
+    assert torch.equal(theta.view(torch.int32), want_p.view(torch.int32))
+    assert torch.equal(buf.view(torch.int32), want_b.view(torch.int32))
+    assert torch.equal(g.view(torch.int32), g_kept.view(torch.int32))
+    assert digest == tensor_sha256(want_p) and size == magnitude(want_p, want_b)
+
+
+def test_the_step_in_place_checks_everything_before_writing():
+    theta, buf = torch.ones(10), torch.ones(10)
+    with pytest.raises(ValueError, match="integer buffer slice"):
+        step_hashed_into(theta, torch.ones(10), buf, theta, buf, lr=0.5, momentum=0.9, param_numel=5,
+                         int_slices=((3, 6),))
+    with pytest.raises(ValueError, match="shape"):
+        step_hashed_into(theta, torch.ones(10), buf, theta, torch.ones(9), lr=0.5, momentum=0.9)
+    assert torch.equal(theta, torch.ones(10)) and torch.equal(buf, torch.ones(10))
+
+
+@pytest.mark.parametrize(("state", "grad", "finite"), [
+    (1.0, 1.0, True),
+    (5e37, 5e37, False),     # near the float32 maximum: not provably finite (the caller steps into fresh tensors)
+    (3e38, 1.0, False),
+    (1.0, math.inf, False),
+    (1.0, math.nan, False),
+    (math.nan, 1.0, False),
+])
+def test_step_stays_finite_only_when_it_proves_it(state, grad, finite):
+    g = torch.full((5,), 0.5)
+    g[3] = grad
+    assert step_stays_finite(state, g, lr=0.7, momentum=0.9) is finite
+
+
+def test_step_stays_finite_is_never_wrong_near_the_edge():
+    # Prepare: states and averages around the largest values the bound accepts
+    gen = torch.Generator().manual_seed(3)
+    fmax = torch.finfo(torch.float32).max
+    accepted = 0
+    for scale in (1e36, 3e36, 1e37, 2e37, 4e37, 8e37):
+        theta = (torch.rand(1000, generator=gen) * 2 - 1) * scale
+        buf = (torch.rand(1000, generator=gen) * 2 - 1) * scale
+        g = (torch.rand(1000, generator=gen) * 2 - 1) * scale
+        theta[0], buf[0], g[0] = scale, scale, -scale  # the worst signs in one place
+        # Execute
+        proved = step_stays_finite(magnitude(theta, buf), g, lr=1.0, momentum=0.9)
+        *_, finite = outer_step_hashed(theta, g, buf, lr=1.0, momentum=0.9)
+        # Assert: a proof is never wrong (the converse need not hold)
+        assert finite or not proved
+        accepted += proved
+    assert 0 < accepted < 6 and fmax > 8e37
