@@ -130,9 +130,10 @@ class InnerTrainer:
         self._numel = self._layout.numel
         self._model = model.to(self._device)
         self._model.train()
-        # A separate copy for evaluation so evaluate() never disturbs the training model.
-        self._eval_model = copy.deepcopy(self._model)
-        self._eval_model.eval()
+        # A separate copy for evaluation so evaluate() never disturbs the training model, built
+        # at the first evaluate(): a peer that never evaluates (eval_every_rounds = 0) does not
+        # hold it (4 bytes a value).
+        self._eval_model: torch.nn.Module | None = None
         self._optimizer = task.make_inner_optimizer(self._model.parameters(), inner_lr)
         self._names = [name for name, _ in self._model.named_parameters()]
         self._batches = task.batches(seed, stream_id, batch_size)
@@ -232,6 +233,9 @@ class InnerTrainer:
             if on_step is not None:
                 on_step(i, value)
         self._next_step = first_step + done
+        # The last step's gradients are not needed after the phase (every step sets them anew):
+        # let them go, rather than hold 4 bytes a value through the round.
+        self._optimizer.zero_grad(set_to_none=True)
         delta = start_params - flat_on_device(self._model)
         del start_params
         for start_, stop in self._layout.int_slices:
@@ -262,6 +266,13 @@ class InnerTrainer:
         Raises ``ValueError`` if ``params`` has the wrong shape.
         """
         self._check_flat(params)
+        if self._eval_model is None:
+            # A copy of the training model's structure (its values are replaced right below),
+            # without the gradients it may hold.
+            self._eval_model = copy.deepcopy(self._model)
+            for p in self._eval_model.parameters():
+                p.grad = None
+            self._eval_model.eval()
         assign_flat_state(self._eval_model, params.detach())
         with torch.no_grad():
             return self._task.evaluate(self._eval_model, self._device)
