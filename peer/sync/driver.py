@@ -34,8 +34,8 @@ from peer.sync.confirm import AnswerChecks
 from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import step_hashed_into, step_stays_finite
 from peer.sync.round import (
-    Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group, leader_for,
-    no_hook, offload,
+    INLINE_NUMEL, Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group,
+    leader_for, no_hook, offload,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -178,7 +178,6 @@ class RoundDriver:
         self._hook = phase_hook
         self._stopping = False
         self._tasks = TaskSet()
-        self._applying: asyncio.Future | None = None  # the outer step under way (``_apply``)
         self.progress = Progress()
         s = cfg.sync
         self.deadlines = Deadlines(matchmaking_cap_s=s.matchmaking_timeout_s, reduce_cap_s=s.reduce_deadline_s,
@@ -636,12 +635,7 @@ class RoundDriver:
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
         before = self._store.state
-        # Shielded: once under way, the step and its adopt finish even if this round is
-        # cancelled (a stop): an in-place step left half-adopted would label the next round's
-        # bytes with this round's hash.
-        apply = asyncio.ensure_future(self._apply(before, avg))
-        self._applying = apply  # a reference until it is done (never fire-and-forget)
-        state = await asyncio.shield(apply)
+        state = await self._apply(before, avg)
         if state is None:
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
@@ -683,17 +677,37 @@ class RoundDriver:
 
         In place over ``before``'s tensors when the store says nothing pins them
         (``StateStore.begin_step``): no new memory, no page faults; fresh tensors otherwise. The
-        step ends (``end_step``: pins are given again) only once the executor thread is done
-        writing, and after the adopt, so that no reader ever sees the next round's bytes under
-        this round's label."""
+        adopt and ``end_step`` (pins are given again) happen when the executor thread is done
+        writing, in that order, even if the awaiting round is cancelled meanwhile (a stop): the
+        thread cannot be stopped half-way, and a step that ended without its adopt would leave
+        the next round's bytes under this round's label."""
         in_place = self._store.begin_step(before)
-        try:
-            state = await offload(self._executor, avg.numel(), self._outer, before, avg, in_place)
-            if state is not None:
-                self._store.adopt(state)
+
+        def finish(state: GlobalState | None) -> GlobalState | None:
+            try:
+                if state is not None:
+                    self._store.adopt(state)
+            finally:
+                self._store.end_step()
             return state
-        finally:
-            self._store.end_step()
+
+        if avg.numel() <= INLINE_NUMEL:  # on the loop itself (see ``offload``): nothing can interrupt it
+            try:
+                state = self._outer(before, avg, in_place)
+            except BaseException:
+                self._store.end_step()
+                raise
+            return finish(state)
+        job = asyncio.get_running_loop().run_in_executor(self._executor, self._outer, before, avg, in_place)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self._store.end_step()
+            else:
+                finish(f.result())
+
+        job.add_done_callback(done)  # runs before the awaiting task resumes (registered first)
+        return await asyncio.shield(job)
 
     def _outer(self, s: GlobalState, avg: torch.Tensor, in_place: bool = False) -> GlobalState | None:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.

@@ -22,6 +22,7 @@ from peer.config import Settings, load_config
 from peer.errors import PeerUnavailable, RoundError
 from peer.membership import Attested
 from peer.metrics import Metrics
+from peer.sync import driver as driver_module
 from peer.sync.driver import Deadlines, RoundDriver
 from peer.sync.mirror import DeviceMirror
 from peer.sync.outer import outer_step, tensor_sha256
@@ -574,6 +575,38 @@ async def test_a_state_being_checkpointed_is_never_overwritten(tmp_path, pool):
     saved, _ = read_checkpoint(store.checkpoint_path, NUMEL)
     assert saved.round == 0 and torch.equal(saved.params, kept[0])
     assert store.pinned(round0) == 0
+
+
+async def test_an_in_place_step_is_adopted_even_if_its_round_is_cancelled(tmp_path, pool, monkeypatch):
+    # Prepare: the step on the executor (as for a large model), held there until released
+    monkeypatch.setattr(driver_module, "INLINE_NUMEL", 0)
+    node = _swarm(tmp_path, pool, 1)["p15"]
+    started, go = threading.Event(), threading.Event()
+    outer = node.driver._outer
+
+    def held(*args):
+        started.set()
+        go.wait(10)
+        return outer(*args)
+
+    node.driver._outer = held
+    before = node.store.state
+    # Execute: cancel the round while its step writes; a donor asks meanwhile
+    task = asyncio.ensure_future(node.driver.round(_delta(node), 1.0))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    asking = asyncio.ensure_future(node.store.async_serve())
+    await asyncio.sleep(0.05)
+    waited = not asking.done()
+    go.set()
+    served = await asyncio.wait_for(asking, 10)
+    # Assert: the donor waited for the step, which was adopted: the bytes served are round 1's
+    assert waited and node.store.state.round == 1 and before.params is None
+    assert served.header.round == 1
+    assert decode_state(served.tobytes(), NUMEL)[0].global_hash == served.header.global_hash
+    served.release()
 
 
 async def test_a_member_that_keeps_missing_the_deadline_is_left_out(tmp_path, pool):
