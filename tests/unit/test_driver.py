@@ -8,7 +8,6 @@ leadership or do not know us, and the driver must still finish, fail or resync a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from peer.sync import driver as driver_module
 from peer.sync.driver import Deadlines, RoundDriver
 from peer.sync.mirror import DeviceMirror
 from peer.sync.outer import outer_step, tensor_sha256
-from peer.sync.state import GlobalState, decode_state, read_checkpoint
+from peer.sync.state import GlobalState, decode_state, read_checkpoint, state_header
 from peer.sync.store import StateStore
 from peer.types import JoinOutcome, JoinReply
 
@@ -530,7 +529,7 @@ async def test_a_state_being_served_is_never_overwritten_and_the_step_is_in_plac
     round1 = node.store.state
     # Assert: a fresh state; the served bytes are still round 0's, whole (its sha256 holds)
     assert round1.round == 1 and round1.params.data_ptr() != round0.params.data_ptr()
-    assert served.tobytes() == blob0 and hashlib.sha256(blob0).hexdigest() == served.header.sha256
+    assert served.tobytes() == blob0 and served.header == state_header(round0, blob0)
     assert decode_state(blob0, NUMEL)[0].global_hash == round0.global_hash == served.header.global_hash
     served.release()
     # Execute: round 1 -> 2, nothing pins round 1
