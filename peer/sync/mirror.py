@@ -107,7 +107,8 @@ class DeviceMirror:
         the device, and check the result against ``after``. False, and nothing held, when the
         mirror does not hold ``before`` (the next ``start`` copies ``after`` in), or when the
         device's result differs from the host's or cannot be computed (then the mirror turns
-        off for good, logged)."""
+        off for good, logged). Only ``before``'s round and hash are read: the host's step may
+        have written ``after`` over ``before``'s tensors (``GlobalState.retire``)."""
         if not self.enabled:
             return False
         if self._params is None or self._buf is None or self._tag != (before.round, before.global_hash):

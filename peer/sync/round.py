@@ -27,8 +27,9 @@ the corrected delta that becomes the next residual (4, beside the kept residual'
 ``commit``); as an owner, the K decoded parts of its shard (K x N/K values: 4, dropped as soon
 as they are averaged, though the shard stays registered until the deadline for late streams)
 and their float64 mean in cache-sized chunks only; the averaged delta (4), decoded shard by
-shard straight into one tensor. The outer step then builds the next state (8: parameters and
-momentum) beside the current one, which donors may still be serving (``StateStore``).
+shard straight into one tensor. The outer step then writes the next state over the current one
+(0), or into fresh tensors beside it (8: parameters and momentum) while a donor or a checkpoint
+still reads the current one (``StateStore``).
 """
 
 from __future__ import annotations

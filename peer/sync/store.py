@@ -17,14 +17,15 @@ an in-place step runs, new pins wait for it (one step, tens of milliseconds) and
 new state. So a pinned state's bytes never change, and a reader can never see half of two
 rounds.
 
-Alternatives measured and left: stepping into fresh tensors every round (what this replaced:
-the old and the new state side by side, 8 more at the peak, and ~25 ms of page faults per 40
-MB); ping-pong between two generations (no page faults, but both kept for good: the same 8 more
-at every moment).
+Alternatives left: stepping into fresh tensors every round (what this replaced: the old and the
+new state side by side, 8 more at the peak, and ~25 ms of page faults per 40 MB); ping-pong
+between two generations (no page faults, but both kept for good: the same 8 more at every
+moment).
 
 A donor serves the pinned state's own memory (``state_parts``: a small prefix, then the
-parameters and the momentum as they lie): no serialized copy of the state. The blob's sha256
-(the joiner's end-to-end check) takes one read of it, once per state, cached with the prefix.
+parameters and the momentum as they lie): no serialized copy of the state. The header's sha256
+covers the prefix and the momentum (the parameters' is the global hash, already known): one read
+of the momentum, once per state, cached with the prefix.
 A checkpoint is written from the pinned state in the same way (``write_checkpoint``).
 """
 
@@ -203,7 +204,7 @@ class StateStore:
     # ---------------------------------------------------------------------- donors
 
     def _snapshot_of(self, state: GlobalState) -> tuple[StateHeader, tuple]:
-        """The header and parts of ``state``'s blob; its sha256 (one read of the state) is
+        """The header and parts of ``state``'s blob; the header (one read of the momentum) is
         computed once per state (any thread but the loop; ``state`` pinned)."""
         parts = state_parts(state)
         with self._snapshot_lock:
@@ -216,7 +217,7 @@ class StateStore:
     async def async_serve(self) -> StateSnapshot:
         """The current state as a donor streams it (``StateSnapshot``): pinned until its
         ``release()``, which the caller must call once the stream is over (also when it fails
-        or is cancelled). The blob's sha256 is computed on the executor, once per state."""
+        or is cancelled). The header is computed on the executor, once per state."""
         state, release = await self.async_pin()
         try:
             header, parts = await asyncio.get_running_loop().run_in_executor(self._executor, self._snapshot_of,
