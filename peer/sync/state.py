@@ -78,8 +78,8 @@ class GlobalState:
 
     def retire(self) -> None:
         """Drop the tensors (``StateStore.adopt`` after an in-place step wrote the next round
-        over them). The round and the hash, if cached, stay: they name what this state was."""
-        self.global_hash  # noqa: B018 (cached before the tensors go; normally already is)
+        over them). The round and the hash stay, if the hash was cached before the step (the
+        driver's ``_outer`` makes sure): they name what this state was."""
         object.__setattr__(self, "params", None)
         object.__setattr__(self, "momentum", None)
 
