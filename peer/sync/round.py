@@ -15,20 +15,23 @@ does not answer tries the next one by the same order; a leader whose groups fail
 while (``RoundDriver``).
 
 Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
-id). Each member encodes every shard of its own delta (with error feedback), streams shard j to
-owner j and keeps its own. The owner averages what arrived by its cut-off (weighted by samples),
-encodes the average once and answers every stream with the same bytes; everyone, the owner
-included, applies ``decode(those bytes)``. So all members that complete the round apply the same
-averaged delta, bit for bit, whatever the codec.
+id). Each member encodes every shard of its own delta (with error feedback), one shard at a time,
+and streams shard j to owner j as soon as it is encoded (the wire carries one shard while the codec
+works on the next); it keeps its own. The owner checks each part as it arrives (decoded piece by
+piece into a cache-sized buffer: finite values, its norm) and averages what arrived by its cut-off
+(weighted by samples), encodes the average once and answers every stream with the same bytes;
+everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
+round apply the same averaged delta, bit for bit, whatever the codec.
 
 Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
-``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback,
-the corrected delta that becomes the next residual (4, beside the kept residual's 4, until
-``commit``); as an owner, the K decoded parts of its shard (K x N/K values: 4, dropped as soon
-as they are averaged, though the shard stays registered until the deadline for late streams)
-and their float64 mean in cache-sized chunks only; the averaged delta (4), decoded shard by
-shard straight into one tensor. The outer step then builds the next state (8: parameters and
-momentum) beside the current one, which donors may still be serving (``StateStore``).
+``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback, the
+corrected delta that becomes the next residual (4, beside the kept residual's 4, until ``commit``);
+as an owner, the K parts of its shard as they arrived, encoded (K x N/K x bits/8: with int8, 1;
+dropped as soon as they are averaged, though the shard stays registered until the deadline for late
+streams), decoded again piece by piece into their float64 mean in cache-sized pieces (the robust
+rules, which need whole parts, decode them: 4); the averaged delta (4), decoded shard by shard
+straight into one tensor. The outer step then builds the next state (8: parameters and momentum)
+beside the current one, which donors may still be serving (``StateStore``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ import torch
 
 from peer.codec import Codec, ErrorFeedback, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
-from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_pieces
+from peer.sync.aggregate import (aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum,
+                                 weighted_mean_pieces)
 from peer.sync.confirm import answer_digest
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
@@ -681,7 +685,8 @@ class Reducer:
                     header = ReduceHeader(
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
                         shard_start=m.shard_start, shard_end=m.shard_end, codec=codec.name,
-                        numel=m.shard_end - m.shard_start, total_bytes=codec.encoded_size(m.shard_end - m.shard_start),
+                        numel=m.shard_end - m.shard_start,
+                        total_bytes=codec.encoded_size(m.shard_end - m.shard_start),
                         weight=weight)
                     tasks[m.peer_id] = tg.create_task(self._send(m, header, encoded[j], deadline, stats, k))
             for f in encoded:
