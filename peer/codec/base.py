@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -167,6 +168,27 @@ class Codec(abc.ABC):
         self._decode_into(view, out)
         if not all_finite(out):
             raise CodecError(f"{self.name}: payload decodes to non-finite values")
+
+    def decode_pieces(self, data: Buffer, numel: int, piece: int = 1 << 16) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode ``data`` (``numel`` values) piece by piece, in order: yields ``(start,
+        values)`` for consecutive pieces of about ``piece`` elements (a codec may round it to its
+        block size). ``values`` is a float32 CPU scratch tensor reused for the next piece: read it
+        before advancing. The values are those ``decode`` gives, without its full-size output:
+        a cache-sized buffer instead, for an owner that only reduces the values (norm, mean).
+        Raises ``CodecError`` as ``decode`` does: the size and scales before the first piece, a
+        non-finite value at the piece that holds it."""
+        view, numel = self._sized_view(data, numel)
+        if numel:
+            yield from self._decode_pieces(view, numel, max(1, piece))
+
+    def _decode_pieces(self, view: memoryview, numel: int, piece: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The generic way: decode the whole payload once, then hand it out in pieces."""
+        out = self._decode(view, numel)
+        for start in range(0, numel, piece):
+            values = out[start:start + piece]
+            if not all_finite(values):
+                raise CodecError(f"{self.name}: payload decodes to non-finite values")
+            yield start, values
 
     def _decode_into(self, view: memoryview, out: torch.Tensor) -> None:
         """Decode a checked payload into ``out``; codecs that can skip the temporary override it."""

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 import torch
 
-from peer.codec.base import Codec, check_numel, payload_to
+from peer.codec.base import Codec, all_finite, check_numel, payload_to
 from peer.errors import CodecError
 
 if sys.byteorder != "little":  # scales are written through native float32 views
@@ -110,11 +110,13 @@ class _BlockCodec(Codec):
     def _packed_size(self, numel: int) -> int:
         return -(-check_numel(numel) * int(self.bits_per_value) // 8)
 
-    def _chunks(self, numel: int):
-        """``(element slice, scale rows, packed byte slice)`` for each chunk."""
+    def _chunks(self, numel: int, chunk: int | None = None):
+        """``(element slice, scale rows, packed byte slice)`` for each chunk (of ``chunk``
+        elements, by default ``self._chunk``: a whole number of blocks and of bytes)."""
         bits = int(self.bits_per_value)
-        for start in range(0, numel, self._chunk):
-            stop = min(numel, start + self._chunk)
+        chunk = self._chunk if chunk is None else chunk
+        for start in range(0, numel, chunk):
+            stop = min(numel, start + chunk)
             rows = slice(start // self.block, -(-stop // self.block))
             packed = slice(start * bits // 8, -(-stop * bits // 8))
             yield slice(start, stop), rows, packed
@@ -143,6 +145,20 @@ class _BlockCodec(Codec):
         body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
         for elems, rows, packed in self._chunks(numel):
             self._decode_chunk(body[packed], scales[rows], out[elems])
+
+    def _decode_pieces(self, view: memoryview, numel: int, piece: int):
+        # Pieces of whole blocks and whole bytes (a multiple of 8 blocks), as the chunks are.
+        unit = 8 * self.block
+        piece = max(unit, piece // unit * unit)
+        scales = self._read_scales(view, numel)
+        body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
+        scratch = torch.empty(min(numel, piece), dtype=torch.float32)
+        for elems, rows, packed in self._chunks(numel, piece):
+            values = scratch[: elems.stop - elems.start]
+            self._decode_chunk(body[packed], scales[rows], values)
+            if not all_finite(values):
+                raise CodecError(f"{self.name}: payload decodes to non-finite values")
+            yield elems.start, values
 
     def _read_scales(self, view: memoryview, numel: int) -> torch.Tensor:
         """Parse and validate the scale prefix; a copy, so the payload buffer is not aliased."""

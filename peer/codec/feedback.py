@@ -55,14 +55,26 @@ class ErrorFeedback:
             raise CodecError(f"error feedback expects {self._numel} elements, got {shape}")
         if not self._codec.lossy:
             return [self._codec.encode(x[s:e]) for s, e in bounds], self._residual
+        corrected = self.corrected(x)
+        return [self.encode_shard(corrected, s, e) for s, e in bounds], corrected
+
+    def corrected(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the residual: a new tensor, which ``encode_shard`` turns shard by shard
+        into the residual that the encoded shards leave. ``x`` must have this feedback's size."""
         if self._residual.device != x.device:
             # The residual lives where the deltas do (a GPU: encoded there, see peer.codec.base).
             self._residual = self._residual.to(x.device)
-        corrected = x.to(torch.float32) + self._residual  # a new tensor: x is the caller's
-        payloads = [self._codec.encode(corrected[s:e]) for s, e in bounds]
-        for (s, e), data in zip(bounds, payloads):
-            corrected[s:e].sub_(self._codec.decode(data, e - s, device=corrected.device))
-        return payloads, corrected
+        return x.to(torch.float32) + self._residual  # a new tensor: x is the caller's
+
+    def encode_shard(self, corrected: torch.Tensor, start: int, end: int) -> bytes:
+        """Encode ``corrected[start:end]`` (from ``corrected``) and leave there what the codec
+        lost (the next residual of that shard, kept only by ``commit``). Shards may be encoded
+        one at a time, in any order, each once: the all-reduce sends each as soon as it is
+        encoded. Raises ``CodecError`` as ``encode`` does."""
+        data = self._codec.encode(corrected[start:end])
+        if self._codec.lossy:
+            corrected[start:end].sub_(self._codec.decode(data, end - start, device=corrected.device))
+        return data
 
     def commit(self, residual: torch.Tensor) -> None:
         """Keep ``residual`` (from ``encode_shards``) for the next message."""

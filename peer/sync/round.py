@@ -15,19 +15,22 @@ does not answer tries the next one by the same order; a leader whose groups fail
 while (``RoundDriver``).
 
 Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
-id). Each member encodes every shard of its own delta (with error feedback), streams shard j to
-owner j and keeps its own. The owner averages what arrived by its cut-off (weighted by samples),
-encodes the average once and answers every stream with the same bytes; everyone, the owner
-included, applies ``decode(those bytes)``. So all members that complete the round apply the same
-averaged delta, bit for bit, whatever the codec.
+id). Each member encodes every shard of its own delta (with error feedback), one shard at a time,
+and streams shard j to owner j as soon as it is encoded (the wire carries one shard while the codec
+works on the next); it keeps its own. The owner checks each part as it arrives (decoded piece by
+piece into a cache-sized buffer: finite values, its norm) and averages what arrived by its cut-off
+(weighted by samples), encodes the average once and answers every stream with the same bytes;
+everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
+round apply the same averaged delta, bit for bit, whatever the codec.
 
 Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
-``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback,
-the corrected delta that becomes the next residual (4, beside the kept residual's 4, until
-``commit``); as an owner, the K decoded parts of its shard (K x N/K values: 4, dropped as soon
-as they are averaged, though the shard stays registered until the deadline for late streams)
-and their float64 mean in cache-sized chunks only; the averaged delta (4), decoded shard by
-shard straight into one tensor. The outer step then writes the next state over the current one
+``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback, the
+corrected delta that becomes the next residual (4, beside the kept residual's 4, until ``commit``);
+as an owner, the K parts of its shard as they arrived, encoded (K x N/K x bits/8: with int8, 1;
+dropped as soon as they are averaged, though the shard stays registered until the deadline for late
+streams), decoded again piece by piece into their float64 mean in cache-sized pieces (the robust
+rules, which need whole parts, decode them: 4); the averaged delta (4), decoded shard by shard
+straight into one tensor. The outer step then writes the next state over the current one
 (0), or into fresh tensors beside it (8: parameters and momentum) while a donor or a checkpoint
 still reads the current one (``StateStore``).
 """
@@ -57,7 +60,8 @@ import torch
 
 from peer.codec import Codec, ErrorFeedback, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
-from peer.sync.aggregate import aggregate, cap_weights, norm_outliers
+from peer.sync.aggregate import (aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum,
+                                 weighted_mean_pieces)
 from peer.sync.confirm import answer_digest
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
@@ -374,6 +378,19 @@ class Aggregation:
     norm_outlier_factor: float = 10.0  # a part this many times the median norm is left out
 
 
+_PIECE = 1 << 16
+"""Values per piece when an owner decodes a part to reduce it (256 KiB of float32 and its 512
+KiB float64 widening: they stay in cache, unlike a part's full-size decoded tensor)."""
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    """A part kept encoded (``payload``, checked to decode to finite values) with its L2 norm."""
+
+    payload: bytes | bytearray | memoryview
+    norm: float
+
+
 class OwnedShard:
     """An owner's shard of one group: collects encoded parts, averages, answers everyone.
 
@@ -394,7 +411,10 @@ class OwnedShard:
         self._codec = codec
         self._executor = executor
         self._expected = {m.peer_id: m for m in group.members}
-        self._parts: dict[str, tuple[float, torch.Tensor | None]] = {}  # tensors dropped once averaged
+        # The mean keeps each part encoded (its norm taken on arrival) and decodes it again piece
+        # by piece while averaging; the robust rules need the decoded parts whole.
+        self._by_pieces = aggregation.rule == "mean"
+        self._parts: dict[str, tuple[float, torch.Tensor | _Scanned | None]] = {}  # dropped once averaged
         self._arrived: set[str] = set()  # parts that reached this owner (decoded or not)
         self._stalled = False  # whether this owner's own loop was stalled at its cut-off
         self._pending = 0
@@ -426,7 +446,10 @@ class OwnedShard:
         self._arrived.add(peer_id)
         self._pending += 1
         try:
-            part = await offload(self._executor, self.numel, self._codec.decode, payload, self.numel)
+            if self._by_pieces:
+                part = _Scanned(payload, await offload(self._executor, self.numel, self._scan, payload))
+            else:
+                part = await offload(self._executor, self.numel, self._codec.decode, payload, self.numel)
         except CodecError as exc:
             raise RoundError("corrupt", f"part from {peer_id} does not decode: {exc}") from None
         finally:
@@ -437,6 +460,14 @@ class OwnedShard:
         self._parts[peer_id] = (weight, part)
         if set(self._parts) == set(self._expected):
             await self._finish()
+
+    def _scan(self, payload: bytes) -> float:
+        """The L2 norm of a part, decoded piece by piece into a cache-sized buffer (nothing of
+        the part's size is kept). Raises CodecError as ``decode`` does (size, scales, NaN/Inf).
+        Executor or loop."""
+        scratch = torch.empty(min(self.numel, _PIECE), dtype=torch.float64)
+        return math.sqrt(sum(square_sum(values, scratch) for _, values in
+                             self._codec.decode_pieces(payload, self.numel, _PIECE)))
 
     def _cutoff(self) -> None:
         # A cut-off that fires late means this owner's loop was stalled (CPU starved, a long
@@ -461,10 +492,19 @@ class OwnedShard:
 
         def reduce() -> tuple[bytes, list[str]]:
             parts = [self._parts[p][1] for p in order]
-            outliers = {order[i] for i in norm_outliers(parts, agg.norm_outlier_factor)}
+            norms = [p.norm if isinstance(p, _Scanned) else l2_norm(p) for p in parts]
+            outliers = {order[i] for i in outliers_by_norm(norms, agg.norm_outlier_factor)}
             kept = [p for p in order if p not in outliers]
-            result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
-                               agg.trim_fraction)
+            if self._by_pieces:
+                # The mean straight from the encoded parts, piece by piece: each piece of each
+                # part decoded into a cache-sized buffer and added in, the same bits as
+                # decoding every part whole and averaging (weighted_mean_pieces).
+                result = weighted_mean_pieces(
+                    [self._codec.decode_pieces(self._parts[p][1].payload, self.numel, _PIECE) for p in kept],
+                    [capped[p] for p in kept], self.numel)
+            else:
+                result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
+                                   agg.trim_fraction)
             return self._codec.encode(result), sorted(outliers)
 
         payload, outliers = await offload(self._executor, self.numel * len(order), reduce)
@@ -603,14 +643,31 @@ class Reducer:
         ef = self._feedback(codec, delta.numel())
         bounds = [(m.shard_start, m.shard_end) for m in group.members]
 
-        def encode_all() -> tuple[list[bytes], torch.Tensor | None]:
-            # Error feedback runs over the whole delta, then it is cut into the members' shards.
-            if ef is None:
-                return [codec.encode(delta[s:e]) for s, e in bounds], None
-            return ef.encode_shards(delta, bounds)
+        mine = group.members.index(me)
+        k = len(group.members)
+        # Shards are encoded one at a time, each stream starting as soon as its shard is: the
+        # wire carries the first shard while the codec works on the next. Every member starts
+        # with the shard after its own (no owner gets every member's first part at once) and
+        # encodes its own shard last (it needs no wire).
+        order = [(mine + i) % k for i in range(1, k + 1)]
+        encoded: list[asyncio.Future[bytes]] = [loop.create_future() for _ in range(k)]
+        corrected = await offload(self._executor, delta.numel(), ef.corrected, delta) if ef is not None else None
 
-        payloads, residual = await offload(self._executor, delta.numel(), encode_all)
-        stats = ReduceStats(encoded_bytes=sum(len(p) for p in payloads))
+        def encode_one(j: int) -> bytes:
+            s, e = bounds[j]
+            return codec.encode(delta[s:e]) if ef is None else ef.encode_shard(corrected, s, e)
+
+        async def encode_in_order() -> None:
+            for j in order:
+                try:
+                    encoded[j].set_result(await offload(self._executor, bounds[j][1] - bounds[j][0], encode_one, j))
+                except CodecError as exc:
+                    for f in encoded[j:] + encoded[:j]:
+                        if not f.done():
+                            f.set_exception(exc)
+                    return
+
+        stats = ReduceStats()
         # The owner stops waiting for parts at a share of the deadline, so that its answer
         # reaches every member before their own deadline.
         owned = OwnedShard(group, me, codec, self._executor, cutoff_s=group.reduce_deadline_s * self._cutoff_share,
@@ -619,19 +676,24 @@ class Reducer:
         self._registry.put(owned)
         try:
             await self._hook("reduce", group.round)
-            own_part = payloads[group.members.index(me)]
             tasks: dict[str, asyncio.Task] = {}
             async with asyncio.TaskGroup() as tg:
-                tasks[me.peer_id] = tg.create_task(self._own(owned, own_part, weight))
-                for m, payload in zip(group.members, payloads):
+                tg.create_task(encode_in_order())
+                for j, m in enumerate(group.members):
                     if m.peer_id == self._me:
+                        tasks[m.peer_id] = tg.create_task(self._own(owned, encoded[j], weight))
                         continue
                     header = ReduceHeader(
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
                         shard_start=m.shard_start, shard_end=m.shard_end, codec=codec.name,
-                        numel=m.shard_end - m.shard_start, total_bytes=len(payload), weight=weight)
-                    tasks[m.peer_id] = tg.create_task(self._send(m, header, payload, deadline, stats,
-                                                                 len(group.members)))
+                        numel=m.shard_end - m.shard_start,
+                        total_bytes=codec.encoded_size(m.shard_end - m.shard_start),
+                        weight=weight)
+                    tasks[m.peer_id] = tg.create_task(self._send(m, header, encoded[j], deadline, stats, k))
+            for f in encoded:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()  # a delta the codec refuses (NaN/Inf): as before, the caller's error
+            stats.encoded_bytes = sum(len(f.result()) for f in encoded)
             results: list[tuple[Member, bytes]] = []
             missing = []
             for m in group.members:
@@ -651,6 +713,7 @@ class Reducer:
             def decode_all() -> tuple[torch.Tensor, list[str], list[tuple[str, float, float]]]:
                 # Each averaged shard straight into its slice of the one averaged delta: no
                 # per-shard tensors and no concatenation. decode_into refuses NaN/Inf per shard.
+                # Norms in float64 through a cache-sized buffer (l2_norm), not a widened copy.
                 avg = torch.empty(group.numel, dtype=torch.float32)
                 too_large = []
                 for m, p in results:
@@ -658,9 +721,9 @@ class Reducer:
                     codec.decode_into(p, shard)
                     if weight <= 0:  # a withheld delta bounds nothing
                         continue
-                    own = float(torch.linalg.vector_norm(delta[m.shard_start:m.shard_end], dtype=torch.float64))
+                    own = l2_norm(delta[m.shard_start:m.shard_end])
                     limit = answer_limit(own, len(group.members), factor)
-                    norm = float(torch.linalg.vector_norm(shard, dtype=torch.float64))
+                    norm = l2_norm(shard)
                     if limit is not None and norm > limit:
                         too_large.append((m.peer_id, norm, limit))
                 return avg, [answer_digest(p) for _, p in results], too_large
@@ -675,24 +738,34 @@ class Reducer:
                                  + ", ".join(f"{pid} has norm {norm:.3g} (at most {limit:.3g} by this "
                                              f"member's part)" for pid, norm, limit in too_large),
                                  culprits=tuple(pid for pid, _, _ in too_large))
-            if ef is not None and residual is not None:
-                ef.commit(residual)
+            if ef is not None and corrected is not None:
+                ef.commit(corrected)
             stats.answers = tuple((m.shard_start, m.shard_end, p) for m, p in results)
             return avg, stats
         finally:
             # Give streams that still want our shard's answer a moment, then drop it.
             loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
 
-    async def _own(self, owned: OwnedShard, payload: bytes, weight: float) -> tuple[bytes, int] | Exception:
+    async def _own(self, owned: OwnedShard, encoded: asyncio.Future[bytes], weight: float
+                   ) -> tuple[bytes, int] | Exception:
         try:
+            try:
+                payload = await encoded
+            except CodecError as exc:
+                return RoundError("encode", str(exc))
             await owned.add(self._me, weight, payload)
             return await asyncio.shield(owned.result)
         except RoundError as exc:
             return exc
 
     async def _send(
-        self, m: Member, header: ReduceHeader, payload: bytes, deadline: float, stats: ReduceStats, group_size: int
+        self, m: Member, header: ReduceHeader, encoded: asyncio.Future[bytes], deadline: float, stats: ReduceStats,
+        group_size: int
     ) -> tuple[bytes, int] | Exception:
+        try:
+            payload = await encoded
+        except CodecError as exc:
+            return RoundError("encode", str(exc))
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             return RoundError("deadline", "no time left")

@@ -21,10 +21,12 @@ from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
 from peer.transport.server import MAX_MESSAGE_BYTES
-from peer.transport.streams import assemble, assemble_frames, crc32, next_message, split
+from peer.transport.streams import (assemble_frames, assemble_reduce, chunk_frames, crc32, next_message, parse_reduce,
+                                    serialized)
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 GET_STATE = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/GetState"
+REDUCE = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/Reduce"
 
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -159,25 +161,29 @@ class GrpcPeerClient:
         header = replace(header, total_bytes=len(payload), crc32=crc32(payload))
         if self._tamper is not None:
             payload = self._tamper(header, payload)
-        call = self._stub(address).Reduce(timeout=timeout_s, wait_for_ready=True)
+        # Chunks go out as frames (one copy of the data, see ``chunk_frames``) and answers come
+        # back serialized, their chunks read in place (``assemble_reduce``): the same wire.
+        call = self._channel(address).stream_stream(REDUCE, request_serializer=serialized,
+                                                    response_deserializer=None)(timeout=timeout_s, wait_for_ready=True)
 
         async def send() -> None:
             await call.write(pb.ReduceMessage(header=convert.reduce_header_to_pb(header)))
-            for chunk in split(payload, self._chunk_bytes):
-                await call.write(pb.ReduceMessage(chunk=chunk))
+            for _, frame in chunk_frames(payload, self._chunk_bytes):
+                await call.write(frame)
             await call.done_writing()
 
         writer = asyncio.create_task(send(), name="reduce-send")
         try:
             it = call.__aiter__()
-            first = await next_message(it, timeout_s, f"reduce answer from {address}")
+            first = parse_reduce(await next_message(it, timeout_s, f"reduce answer from {address}"),
+                                 f"reduce answer from {address}")
             if first.WhichOneof("kind") != "header":
                 raise RoundError("malformed", f"{address} answered Reduce without a header")
             reply = convert.reduce_header_from_pb(first.header)
             if reply.total_bytes > 4 * (header.numel + 1024) + 64:
                 raise RoundError("oversized", f"{address} announced {reply.total_bytes} bytes for "
                                  f"{header.numel} elements")
-            result = await assemble(it, reply.total_bytes, self._idle, f"averaged shard from {address}")
+            result = await assemble_reduce(it, reply.total_bytes, self._idle, f"averaged shard from {address}")
             if crc32(result) != reply.crc32:
                 raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
             await writer

@@ -17,7 +17,8 @@ from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.streams import MAX_CHUNK_BYTES, assemble, chunk_frames, crc32, next_message, split
+from peer.transport.streams import (MAX_CHUNK_BYTES, assemble_reduce, chunk_frames, crc32, next_message,
+                                    parse_reduce, serialized)
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,14 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
+        # The last averaged shard answered, its crc32 and its serialized chunks: an owner answers
+        # every member's stream with the same bytes, framed and checksummed once.
+        self._answer: tuple[bytes, int, list[bytes]] | None = None
+
+    def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
+        if self._answer is None or self._answer[0] is not result:
+            self._answer = (result, crc32(result), [frame for _, frame in chunk_frames(result, self._chunk_bytes)])
+        return self._answer[1], self._answer[2]
 
     def _caller(self, context) -> str:
         """The peer id the connection's verified certificate proves ("" if it shows none)."""
@@ -115,11 +124,14 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         reply = await self._h.join_round(convert.join_request_from_pb(request))
         return convert.join_reply_to_pb(reply)
 
-    async def Reduce(self, request_iterator: AsyncIterator[pb.ReduceMessage], context) -> AsyncIterator[pb.ReduceMessage]:  # noqa: N802
+    async def Reduce(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[pb.ReduceMessage | bytes]:  # noqa: N802
+        # Messages arrive serialized (see ``method_handlers``): the part's chunks are read in
+        # place by ``assemble_reduce``, the answer's chunks are written as frames.
         header: ReduceHeader | None = None
         idle = self._idle
         try:
-            first = await next_message(request_iterator.__aiter__(), idle, "reduce header")
+            first = parse_reduce(await next_message(request_iterator.__aiter__(), idle, "reduce header"),
+                                 "reduce header")
             if first.WhichOneof("kind") != "header":
                 raise RoundError("malformed", "a Reduce stream must start with a header")
             header = convert.reduce_header_from_pb(first.header)
@@ -128,18 +140,20 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if header.total_bytes != expected:
                 raise RoundError("bad_size", f"{header.peer_id} announced {header.total_bytes} bytes for shard "
                                  f"{header.shard_start}-{header.shard_end}; {header.codec} needs {expected}")
-            payload = await assemble(request_iterator.__aiter__(), expected, idle, f"reduce part from {header.peer_id}")
+            payload = await assemble_reduce(request_iterator.__aiter__(), expected, idle,
+                                            f"reduce part from {header.peer_id}")
             if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
-            reply = replace(reply, total_bytes=len(result), crc32=crc32(result))
+            checksum, frames = self._answer_frames(result)
+            reply = replace(reply, total_bytes=len(result), crc32=checksum)
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
             await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
             return
         yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
-        for chunk in split(result, self._chunk_bytes):
-            yield pb.ReduceMessage(chunk=chunk)
+        for frame in frames:
+            yield frame
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
@@ -187,13 +201,16 @@ class _Handlers:
 
 
 def method_handlers(servicer: pb_grpc.PeerServiceServicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
-    """The service name and the generated method handlers, except that GetState's responses may
-    be messages serialized by the servicer (its chunks, framed without protobuf's copies)."""
+    """The service name and the generated method handlers, except that GetState's and Reduce's
+    responses may be messages serialized by the servicer (chunks framed without protobuf's
+    copies), and Reduce's requests reach the servicer serialized (it reads chunks in place)."""
     registry = _Handlers()
     pb_grpc.add_PeerServiceServicer_to_server(servicer, registry)
     handlers = dict(registry.handlers)
     handlers["GetState"] = grpc.unary_stream_rpc_method_handler(
         servicer.GetState, request_deserializer=pb.GetStateRequest.FromString, response_serializer=_serialize_state)
+    handlers["Reduce"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Reduce, request_deserializer=None, response_serializer=serialized)
     return registry.service, handlers
 
 

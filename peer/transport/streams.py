@@ -1,13 +1,14 @@
 """Chunked payloads on gRPC streams: split, and reassemble with validation.
 
-Two ways. ``split``/``assemble`` build and read protobuf messages (the Reduce streams).
+Two ways. ``split``/``assemble`` build and read protobuf messages.
 ``chunk_frames``/``assemble_frames`` (GetState, the largest payload) handle the serialized
 messages themselves: protobuf's Python API copies a ``bytes`` field on every step (slicing,
 building, serializing, reading the field), so the donor writes the bytes protobuf would write
 with one copy of the data, and the joiner reads the chunk's data as a view of the received
 message, writes it straight into a buffer of the announced size and hashes it on the way.
 The wire is the same ``StateMessage`` either way; a message in any other valid layout is
-parsed by protobuf.
+parsed by protobuf. The Reduce streams send their chunks the same way (``chunk_frames``) and
+read them with ``assemble_reduce``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,47 @@ async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str
         buf[received : received + n] = data
         received += n
     return buf  # not bytes(buf): that would copy the whole payload once more
+
+
+def serialized(message: bytes | pb.ReduceMessage) -> bytes:
+    """A Reduce message as sent: a chunk already framed (bytes), or a message to serialize."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def parse_reduce(message: bytes, what: str) -> pb.ReduceMessage:
+    """A serialized ``ReduceMessage``; RoundError ('malformed') for one protobuf cannot parse."""
+    try:
+        return pb.ReduceMessage.FromString(message)
+    except DecodeError:
+        raise RoundError("malformed", f"{what}: a message that does not parse") from None
+
+
+async def assemble_reduce(it: AsyncIterator[bytes], total_bytes: int, idle_s: float, what: str) -> bytearray:
+    """``assemble`` for a Reduce stream of serialized messages: a chunk laid out as
+    ``chunk_frames`` writes it (``ReduceMessage.chunk`` has ``StateMessage.chunk``'s field
+    number, so the frames are the same bytes) is read in place, with one copy of its data into
+    the buffer instead of protobuf's three; any other layout is parsed by protobuf. The same
+    checks and errors as ``assemble``; ``total_bytes`` must already be validated."""
+    buf = bytearray(total_bytes)
+    view = memoryview(buf)
+    received = 0
+    try:
+        while received < total_bytes:
+            message = await next_message(it, idle_s, what)
+            fast = chunk_of_frame(message)
+            if fast is None:
+                msg = parse_reduce(message, what)
+                if msg.WhichOneof("kind") != "chunk":
+                    raise RoundError("malformed", f"{what}: expected a chunk, got {msg.WhichOneof('kind')}")
+                fast = msg.chunk.offset, msg.chunk.data
+            offset, data = fast
+            n = len(data)
+            check_chunk(offset, n, received, total_bytes, what)
+            view[received : received + n] = data
+            received += n
+    finally:
+        view.release()
+    return buf
 
 
 def _varint(value: int) -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.sync.aggregate import aggregate, cap_weights, centered_clip, norm_outliers, trimmed_mean
+from peer.sync.aggregate import (aggregate, cap_weights, centered_clip, l2_norm, norm_outliers, trimmed_mean,
+                                 weighted_mean, weighted_mean_pieces)
 
 T = torch.tensor
 
@@ -60,3 +61,44 @@ def test_norm_outliers_are_found_only_with_a_median():
     assert norm_outliers(parts, 10.0) == [3]
     assert norm_outliers(parts[:2] + [T([300.0, 0.0])], 10.0) == [2]
     assert norm_outliers([T([1.0]), T([500.0])], 10.0) == []  # two parts: no meaningful median
+
+
+def _cut(x: torch.Tensor, piece: int):
+    """``(start, values)`` pieces of ``x`` through one reused scratch buffer, as a codec yields them."""
+    scratch = torch.empty(piece)
+    for start in range(0, x.numel(), piece):
+        values = scratch[: min(piece, x.numel() - start)]
+        values.copy_(x[start:start + piece])
+        yield start, values
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000, 1 << 16])
+def test_the_mean_piece_by_piece_is_the_whole_part_mean_bit_for_bit(piece):
+    # Prepare: parts of very different magnitudes, uneven weights, a part of weight 0
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(70_001, generator=g) * s for s in (1e-3, 1.0, 1e3, 5.0)]
+    weights = [1.0, 3.0, 0.5, 0.0]
+
+    # Execute
+    got = weighted_mean_pieces([_cut(p, piece) for p in parts], weights, 70_001)
+
+    # Assert
+    assert torch.equal(got, weighted_mean(parts, weights))
+
+
+def test_the_mean_piece_by_piece_refuses_parts_cut_differently_or_short():
+    a, b = torch.ones(100), torch.ones(100)
+    with pytest.raises(ValueError, match="cut differently"):
+        weighted_mean_pieces([_cut(a, 10), _cut(b, 20)], [1.0, 1.0], 100)
+    with pytest.raises(ValueError, match="ended"):
+        weighted_mean_pieces([_cut(a, 10), _cut(b[:50], 10)], [1.0, 1.0], 100)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        weighted_mean_pieces([_cut(a, 10)], [float("nan")], 100)
+    # every weight 0: zeros, as weighted_mean
+    assert torch.equal(weighted_mean_pieces([_cut(a, 10)], [0.0], 100), torch.zeros(100))
+
+
+def test_l2_norm_is_the_float64_norm():
+    x = torch.randn(200_003, generator=torch.Generator().manual_seed(2)) * 1e3
+    assert l2_norm(x) == pytest.approx(float(x.double().norm()), rel=1e-12)
+    assert l2_norm(torch.empty(0)) == 0.0

@@ -442,3 +442,57 @@ def test_error_feedback_rejects_wrong_size_and_keeps_residual() -> None:
     with pytest.raises(CodecError):
         feedback.encode(bad)
     assert torch.equal(feedback.residual, before)
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("piece", [1, 2048, 4096, 1 << 16])
+def test_decode_pieces_are_the_values_of_decode_in_order(name: str, piece: int) -> None:
+    # Prepare: a size that is not a whole number of blocks or pieces
+    codec = get_codec(name)
+    x = _randn(5003, seed=4)
+    data = codec.encode(x)
+
+    # Execute: the scratch buffer is reused, so each piece is copied out before the next
+    got = [(start, values.clone()) for start, values in codec.decode_pieces(memoryview(data), 5003, piece)]
+
+    # Assert: consecutive pieces from 0 that together are decode's values, bit for bit
+    starts = [s for s, _ in got]
+    assert starts[0] == 0 and all(s + v.numel() == nxt for (s, v), nxt in zip(got, starts[1:] + [5003]))
+    assert torch.equal(torch.cat([v for _, v in got]), codec.decode(data, 5003))
+
+
+@pytest.mark.parametrize("name", BLOCKWISE)
+def test_decode_pieces_refuse_a_wrong_size_before_any_piece_and_non_finite_values(name: str) -> None:
+    # Prepare: an int8/int4 payload whose last block's scale is finite but too large for its
+    # values (q x scale overflows); sign1 decodes to +-scale, so a huge scale stays finite
+    codec = get_codec(name)
+    n = 3 * codec.block
+    data = bytearray(codec.encode(_randn(n, seed=5)))
+    data[8:12] = struct.pack("<f", 3.0e38)
+
+    # Execute / Assert
+    with pytest.raises(CodecError, match="expected"):
+        next(codec.decode_pieces(data, n + codec.block))
+    if name != "sign1":
+        with pytest.raises(CodecError, match="non-finite"):
+            list(codec.decode_pieces(data, n, 8 * codec.block))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "sign1", "fp16"])
+def test_error_feedback_shards_encoded_one_at_a_time_in_any_order_match_encode_shards(name: str) -> None:
+    # Prepare: two feedbacks with the same carried residual
+    codec = get_codec(name)
+    x, first = _randn(1000, seed=6), _randn(1000, seed=7)
+    whole, pieces = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
+    for fb in (whole, pieces):
+        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    bounds = [(0, 300), (300, 301), (301, 1000)]
+
+    # Execute: all shards at once, and one at a time in another order
+    payloads, residual = whole.encode_shards(x, bounds)
+    corrected = pieces.corrected(x)
+    one_by_one = {j: pieces.encode_shard(corrected, *bounds[j]) for j in (2, 0, 1)}
+
+    # Assert: the same bytes and the same residual
+    assert [one_by_one[j] for j in range(3)] == payloads
+    assert torch.equal(corrected, residual)

@@ -280,3 +280,59 @@ async def test_an_owner_blames_a_missing_part_only_when_its_own_cut_off_was_on_t
     await asyncio.sleep(0.01)
     assert seen == [(["a", "b"], [] if stalled else ["c"])]
     owned.close()
+
+
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean"])
+async def test_an_owner_answers_the_encoded_mean_of_the_parts_it_kept(rule):
+    # Prepare: four parts of a shard larger than a piece (the mean decodes them piece by piece),
+    # one of them 1000x the others (a norm outlier, left out), uneven weights
+    from peer.sync.aggregate import aggregate
+    from peer.sync.round import Aggregation
+
+    codec = get_codec("int8")
+    n = 150_001
+    members = tuple(Member(p, p, 0, n, w) for p, w in zip("abcd", (1.0, 2.0, 3.0, 1.0)))
+    group = Group("g", 0, "h", members, "int8", n, reduce_deadline_s=5.0)
+    g = torch.Generator().manual_seed(3)
+    deltas = {"a": torch.randn(n, generator=g), "b": torch.randn(n, generator=g),
+              "c": torch.randn(n, generator=g), "d": torch.randn(n, generator=g) * 1000}
+    pool = ThreadPoolExecutor(1)
+    _POOLS.append(pool)
+    rejected = []
+    owned = OwnedShard(group, members[0], codec, pool, cutoff_s=5.0, aggregation=Aggregation(rule=rule),
+                       on_rejected=lambda pid, err: rejected.append((pid, err.reason)))
+
+    # Execute
+    for m in members:
+        await owned.add(m.peer_id, m.weight, codec.encode(deltas[m.peer_id]))
+    payload, contributors = await asyncio.wait_for(asyncio.shield(owned.result), 5.0)
+
+    # Assert: the bytes of encoding the rule over the decoded parts it kept, whole
+    kept = "abc"
+    expected = aggregate(rule, [codec.decode(codec.encode(deltas[p]), n) for p in kept], [1.0, 2.0, 3.0])
+    assert payload == codec.encode(expected)
+    assert contributors == 4 and rejected == [("d", "norm_outlier")]
+    owned.close()
+
+
+async def test_an_owner_refuses_a_part_that_decodes_to_non_finite_values():
+    # Prepare: a part whose first block's scale is finite but overflows its values
+    import struct
+
+    codec = get_codec("int8")
+    members = (Member("a", "a", 0, 1000, 1.0), Member("b", "b", 0, 1000, 1.0))
+    group = Group("g", 0, "h", members, "int8", 1000, reduce_deadline_s=5.0)
+    pool = ThreadPoolExecutor(1)
+    _POOLS.append(pool)
+    owned = OwnedShard(group, members[0], codec, pool, cutoff_s=0.2)
+    bad = bytearray(codec.encode(torch.ones(1000)))
+    bad[0:4] = struct.pack("<f", 3.0e38)
+
+    # Execute / Assert: refused as corrupt; the shard still averages the good part
+    with pytest.raises(RoundError) as caught:
+        await owned.add("b", 1.0, bytes(bad))
+    assert caught.value.reason == "corrupt"
+    await owned.add("a", 1.0, codec.encode(torch.full((1000,), 2.0)))
+    payload, contributors = await asyncio.wait_for(asyncio.shield(owned.result), 5.0)
+    assert contributors == 1 and torch.equal(codec.decode(payload, 1000), torch.full((1000,), 2.0))
+    owned.close()

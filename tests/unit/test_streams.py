@@ -1,4 +1,4 @@
-"""Chunk framing and reassembly of the GetState stream, without sockets."""
+"""Chunk framing and reassembly of the GetState and Reduce streams, without sockets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from peer.transport.gen import peer_pb2_grpc as pb_grpc
 from peer.transport import streams
 from peer.transport.server import method_handlers
 from peer.transport.streams import (
-    MAX_CHUNK_BYTES, Reassembly, assemble_frames, chunk_frames, chunk_of_frame, read_chunk,
+    MAX_CHUNK_BYTES, Reassembly, assemble_frames, assemble_reduce, chunk_frames, chunk_of_frame, read_chunk,
 )
 
 
@@ -244,3 +244,43 @@ def test_without_page_prefaulting_the_hash_is_the_same(monkeypatch):
 
     assert parts.hash_until_done() == (_sha(payload), _sha(b"")) and parts.payload() == payload
     assert not parts._populating
+
+
+async def test_a_reduce_stream_is_read_from_frames_and_from_any_other_protobuf_layout():
+    # Prepare: the frames this transport sends, and the same chunks as protobuf writes a
+    # ReduceMessage with the fields in another order (what another client may send)
+    payload = bytes(range(256)) * 12
+    frames = [frame for _, frame in chunk_frames(payload, 1000)]
+    data = payload[1000:2000]
+    inner = b"\x12" + streams._varint(len(data)) + data + b"\x08" + streams._varint(1000)  # data, then offset
+    other = b"\x12" + streams._varint(len(inner)) + inner
+    assert chunk_of_frame(other) is None and pb.ReduceMessage.FromString(other).chunk.offset == 1000
+
+    # Execute
+    from_frames = await assemble_reduce(_messages(frames), len(payload), 1.0, "part")
+    from_protobuf = await assemble_reduce(_messages([frames[0], other, *frames[2:]]), len(payload), 1.0, "part")
+
+    # Assert: frames are ReduceMessage chunks, byte for byte
+    assert from_frames == payload and from_protobuf == payload
+    assert [pb.ReduceMessage.FromString(f).chunk.data for f in frames] == [payload[o:o + 1000]
+                                                                         for o in range(0, len(payload), 1000)]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (pb.ReduceMessage(header=pb.ReduceHeader(peer_id="x")).SerializeToString(), "malformed"),  # not a chunk
+    (b"\x12\x05\x08", "malformed"),  # does not parse
+    (pb.ReduceMessage(chunk=pb.Chunk(offset=7, data=b"abc")).SerializeToString(), "malformed"),  # misplaced
+    (pb.ReduceMessage(chunk=pb.Chunk(offset=0, data=b"a" * 5000)).SerializeToString(), "oversized"),  # past the size
+])
+async def test_a_reduce_stream_refuses_what_is_not_the_next_chunk(bad, reason):
+    with pytest.raises(RoundError) as err:
+        await assemble_reduce(_messages([bad]), 4000, 1.0, "part")
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("cut, stall_s, reason", [(2, 0.0, "truncated"), (2, 5.0, "stalled")])
+async def test_a_reduce_stream_that_ends_early_or_stalls_is_refused(cut, stall_s, reason):
+    frames = [frame for _, frame in chunk_frames(b"z" * 4000, 1000)][:cut]
+    with pytest.raises(RoundError) as err:
+        await assemble_reduce(_messages(frames, stall_s), 4000, 0.2, "part")
+    assert err.value.reason == reason
