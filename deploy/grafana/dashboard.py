@@ -142,16 +142,16 @@ def panels() -> list[dict]:
         row("Devices", 50),
         panel("timeseries", "Samples/s per local rank", "Training samples per second of each local rank of a "
               "peer that spans several devices (peer run --local-workers N); a peer's rank count beside it.",
-              [(f"sum by (peer_id, rank) (rate(peer_train_rank_samples_total{{{PEER}}}[$__rate_interval]))",
-                "{{peer_id}} rank {{rank}}"),
+              [(f"sum by (peer_id, rank) (rate(peer_train_rank_samples_total{{{PEER}}}[$__rate_interval])) "
+                + NO_FAILURES.format(label="rank"), "{{peer_id}} rank {{rank}}"),
                (f"peer_train_local_ranks{{{PEER}}}", "{{peer_id}} ranks")],
               (0, 51, 12, 7)),
         panel("timeseries", "Device mirror", "1 while a GPU peer applies each round's answers on its device "
               "(peer.sync.mirror), 0 without one or after it switched itself off; switches off by reason "
               "(error: the device step failed; bits: the device's result differed from the host's).",
               [(f"peer_sync_device_mirror_active{{{PEER}}}", "{{peer_id}} active"),
-               (f"sum by (reason) (increase(peer_sync_device_mirror_off_total{{{RUN}}}[$__rate_interval]))",
-                "off: {{reason}}")],
+               (f"sum by (reason) (increase(peer_sync_device_mirror_off_total{{{RUN}}}[$__rate_interval])) "
+                + NO_FAILURES.format(label="reason"), "off: {{reason}}")],
               (12, 51, 12, 7)),
     ]
     for i, p in enumerate(out, start=1):
