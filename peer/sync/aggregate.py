@@ -12,6 +12,15 @@ _CHUNK = 1 << 16
 """Elements per chunk of the float64 accumulation (512 KiB of float64: stays in L2)."""
 
 
+def _check_weights(parts: int, weights: Sequence[float]) -> None:
+    """ValueError unless there is one weight per part (at least one part), each finite and >= 0."""
+    if parts != len(weights) or not parts:
+        raise ValueError(f"need one weight per part, got {parts} parts and {len(weights)} weights")
+    for w in weights:
+        if not (w >= 0 and w != float("inf")):
+            raise ValueError(f"weights must be finite and >= 0, got {w}")
+
+
 def weighted_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Sum_i w_i x_i / sum_i w_i, accumulated in float64 in the given order (deterministic).
 
@@ -19,11 +28,7 @@ def weighted_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     round where every member withheld its delta moves nothing but momentum).
     Raises ValueError on mismatched lengths or negative / non-finite weights.
     """
-    if len(parts) != len(weights) or not parts:
-        raise ValueError(f"need one weight per part, got {len(parts)} parts and {len(weights)} weights")
-    for w in weights:
-        if not (w >= 0 and w != float("inf")):
-            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    _check_weights(len(parts), weights)
     total = float(sum(weights))
     n = parts[0].numel()
     out = torch.zeros(n, dtype=torch.float32)
@@ -55,11 +60,7 @@ def weighted_mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], w
     next one. The same operations per element as ``weighted_mean``, so the same bits, without
     the parts' full-size tensors. Raises ValueError like ``weighted_mean``, and for parts cut
     differently or shorter than ``numel``."""
-    if len(pieces) != len(weights) or not pieces:
-        raise ValueError(f"need one weight per part, got {len(pieces)} parts and {len(weights)} weights")
-    for w in weights:
-        if not (w >= 0 and w != float("inf")):
-            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    _check_weights(len(pieces), weights)
     total = float(sum(weights))
     out = torch.zeros(numel, dtype=torch.float32)
     used = [(iter(p), w / total) for p, w in zip(pieces, weights) if w > 0]
@@ -96,11 +97,7 @@ AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 
 
 def _stack(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(parts) != len(weights) or not parts:
-        raise ValueError(f"need one weight per part, got {len(parts)} parts and {len(weights)} weights")
-    for w in weights:
-        if not (w >= 0 and w != float("inf")):
-            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    _check_weights(len(parts), weights)
     return torch.stack([p.to(torch.float64) for p in parts]), torch.tensor(weights, dtype=torch.float64)
 
 
