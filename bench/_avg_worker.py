@@ -69,7 +69,7 @@ class PeerWorker:
         from peer.codec import get_codec
 
         self.codec = get_codec(a.codec)
-        self._prepared = {0: self._inputs(0)}
+        self._prepared = {}
         return {"peer_id": self.d.peer_id, **memory_status()}
 
     def _phase(self, phase: str) -> float:
@@ -82,9 +82,11 @@ class PeerWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        # Inputs are built before the parent's barrier (the previous round prepared them), so
-        # that every peer starts the round at the same moment: building them after the release
-        # skewed the starts by up to ~0.1 s, which the matchmaking phase then showed as waiting.
+        # Inputs are built before the parent's barrier (``prepare``), so that every peer starts
+        # the round at the same moment (building them after the release skewed the starts by up
+        # to ~0.1 s, which the matchmaking phase then showed as waiting), and after every peer
+        # has ended the previous round (so that no peer's ~1 s of input building competes for
+        # the CPU with another peer's timed round).
         mine, exact, bound_in = self._prepared.pop(r, None) or self._inputs(r)
         if a.memory:
             return await self._memory_round(r, mine)
@@ -105,8 +107,10 @@ class PeerWorker:
             out["err_bound"] = (2 * bound_in + (self.codec.error_bound(exact.float()) if self.codec.lossy else 0.0)
                                 + float(exact.abs().max()) * 2.0**-22)
         del torch, mine, exact
-        self._prepared[r + 1] = self._inputs(r + 1)
         return out
+
+    async def prepare(self, r: int) -> None:
+        self._prepared[r] = self._inputs(r)
 
     def _inputs(self, r: int) -> tuple:
         from bench.deltas import delta
@@ -132,7 +136,6 @@ class PeerWorker:
         reset_peak()
         await serve_state(self.d)
         snapshot_peak = memory_status()["peak_rss_bytes"]
-        self._prepared[r + 1] = self._inputs(r + 1)
         return {"seconds": seconds, "ok": ok, "bytes_sent": None, "wire_tx_bytes": None, **memory_status(),
                 # The peak over the whole life of the process, and where this round's peaks were.
                 "peak_rss_bytes": max(peak, round_peak, snapshot_peak), "round_peak_rss_bytes": round_peak,
@@ -226,7 +229,7 @@ class GlooWorker:
         dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=a.rank, world_size=a.peers,
                                 timeout=datetime.timedelta(seconds=120))
         dist.barrier()
-        self._prepared = {0: self._inputs(0)}
+        self._prepared = {}
         return {}
 
     async def do_round(self, r: int) -> dict:
@@ -235,7 +238,7 @@ class GlooWorker:
         from bench.deltas import delta, read_tx_bytes
 
         a = self.a
-        t, exact = self._prepared.pop(r, None) or self._inputs(r)  # built before the barrier (see PeerWorker)
+        t, exact = self._prepared.pop(r, None) or self._inputs(r)  # built on ``prepare`` (see PeerWorker)
         tx0 = read_tx_bytes(a.iface)
         t0 = time.perf_counter()
         dist.all_reduce(t)
@@ -245,8 +248,10 @@ class GlooWorker:
         out = {"seconds": seconds, "bytes_sent": None, "wire_tx_bytes": None if tx0 is None else tx1 - tx0,
                "ok": True, "max_abs_err": float((t.double() - exact).abs().max()), "err_bound": 1e-6}
         del t, exact
-        self._prepared[r + 1] = self._inputs(r + 1)
         return out
+
+    async def prepare(self, r: int) -> None:
+        self._prepared[r] = self._inputs(r)
 
     def _inputs(self, r: int) -> tuple:
         from bench.deltas import delta
@@ -269,7 +274,7 @@ def main(argv=None) -> int:
     worker = PeerWorker(a) if a.system == "peer" else GlooWorker(a)
     from bench._proto import serve
 
-    return asyncio.run(serve(worker.setup, worker.do_round, worker.teardown))
+    return asyncio.run(serve(worker.setup, worker.do_round, worker.teardown, prepare=worker.prepare))
 
 
 if __name__ == "__main__":

@@ -52,12 +52,11 @@ def main(argv=None) -> int:
             averaged_tensors=[torch.zeros(a.params)], dht=dht, start=True, prefix=a.run_id.replace(".", "_"),
             target_group_size=a.peers, min_group_size=a.peers, min_matchmaking_time=2.0, request_timeout=1.0,
             compression=compression[a.codec])
-        state[("inputs", 0)] = inputs(0)
         return {"maddrs": [str(m) for m in dht.get_visible_maddrs()]}
 
     async def do_round(r: int) -> dict:
         avg = state["avg"]
-        # Built before the parent's barrier (the previous round prepared them): every rank starts together.
+        # Built on ``prepare``, before the parent's barrier: every rank starts together.
         mine, exact = state.pop(("inputs", r), None) or inputs(r)
         with avg.get_tensors() as tensors:
             tensors[0].copy_(mine)
@@ -72,8 +71,10 @@ def main(argv=None) -> int:
                "ok": result is not None, "max_abs_err": err if result is not None else None,
                "group_size": len(result) if result else 0}
         del mine, exact
-        state[("inputs", r + 1)] = inputs(r + 1)
         return out
+
+    async def prepare(r: int) -> None:
+        state[("inputs", r)] = inputs(r)
 
     def inputs(r: int) -> tuple:
         return delta(a.seed, a.rank, r, a.params), exact_mean(a.seed, a.peers, r, a.params)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         if "dht" in state:
             state["dht"].shutdown()
 
-    return asyncio.run(serve(setup, do_round, teardown))
+    return asyncio.run(serve(setup, do_round, teardown, prepare=prepare))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The line protocol between ``bench.averaging`` and its worker processes (stdlib only).
 
-Parent -> worker (stdin): ``round R`` (run round R now), ``stop``.
+Parent -> worker (stdin): ``prepare R`` (build round R's inputs; answered ``{"event": "prepare"}``),
+``round R`` (run round R now), ``stop``. The parent sends ``round R`` only once every worker has
+answered ``prepare R``, so no worker builds inputs while another is still in a timed round.
 Worker -> parent (stdout, one JSON object a line): ``{"event": "ready", ...}`` once set up,
 ``{"event": "round", "r": R, ...}`` after each round, ``{"event": "done"}`` before exiting,
 ``{"event": "error", "message": ...}`` on failure. Logs go to stderr, never stdout.
@@ -19,8 +21,9 @@ def say(**obj) -> None:
     sys.stdout.flush()
 
 
-async def serve(setup, do_round, teardown, commands=None) -> int:
-    """Run the worker side: ``await setup()`` -> dict, ``await do_round(r)`` -> dict, ``await teardown()``.
+async def serve(setup, do_round, teardown, commands=None, prepare=None) -> int:
+    """Run the worker side: ``await setup()`` -> dict, ``await prepare(r)`` (optional),
+    ``await do_round(r)`` -> dict, ``await teardown()``.
 
     ``commands`` maps other command words to ``async f(arg: str) -> dict``, answered as
     ``{"event": <word>, ...}``.
@@ -35,7 +38,11 @@ async def serve(setup, do_round, teardown, commands=None) -> int:
             if not line or line.strip() == "stop":
                 break
             cmd, _, arg = line.strip().partition(" ")
-            if cmd == "round":
+            if cmd == "prepare":
+                if prepare is not None:
+                    await prepare(int(arg))
+                say(event="prepare", r=int(arg))
+            elif cmd == "round":
                 say(event="round", r=int(arg), **(await do_round(int(arg))))
             elif commands and cmd in commands:
                 say(event=cmd, **(await commands[cmd](arg)))

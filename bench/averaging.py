@@ -16,8 +16,9 @@ so each worker also computes the exact float64 mean and reports its max abs erro
   ``NoCompression`` (fp32), run with bench/.venv-hivemind's python (create it with
   ``bench/setup_hivemind.sh``).
 
-The parent releases every round to all workers at once (a barrier over stdin), so skew between
-processes does not count. A round's time is the slowest worker's; figures are over ``rounds``
+The parent has every worker build its round's inputs (``prepare``), then releases the round to
+all workers at once (a barrier over stdin), so neither skew between processes nor one worker's
+input building during another's round counts. A round's time is the slowest worker's; figures are over ``rounds``
 timed rounds after ``warmup`` untimed ones. Every worker runs with one torch thread and is
 killed in a ``finally``; namespaces are deleted in a ``finally``.
 """
@@ -259,6 +260,10 @@ def run(system: str, peers: int, params: int, codec: str, rounds: int = 5, warmu
                 ready = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers]
             per_round = []
             for r in range(warmup + rounds):
+                for w in workers:
+                    w.send(f"prepare {r}")
+                for w in workers:
+                    w.expect("prepare", deadline)
                 for w in workers:
                     w.send(f"round {r}")
                 msgs = [w.expect("round", deadline) for w in workers]
