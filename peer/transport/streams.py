@@ -36,7 +36,8 @@ POPULATE_BLOCK_BYTES = 4 << 20
 POPULATE_AHEAD_BYTES = 16 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python 3.11 lacks the name
 # A buffer this large asks for transparent huge pages (where the system leaves that to madvise):
-# on the test VM, 80 MB are mapped in in 12-18 ms instead of 25-28 ms.
+# on the test VM, 80 MB are mapped in with 12-18 ms of CPU instead of 22-34 ms (now and then more,
+# when the kernel must first compact memory for 2 MiB pages).
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
 # Protobuf wire tags (field number << 3 | wire type) of ``StateMessage.chunk`` (2, length-
