@@ -62,7 +62,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
     First the sum: a NaN or an infinity anywhere makes it NaN or infinite (IEEE addition never
     turns them back into a number), so a finite sum proves every value finite, in one plain
-    vectorized pass (about four times cheaper than ``extrema``). A non-finite sum is either a bad
+    vectorized pass (two to four times cheaper than ``extrema``). A non-finite sum is either a bad
     value or finite values whose sum overflows: ``extrema`` tells which.
     """
     if x.numel() == 0:
