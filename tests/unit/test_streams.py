@@ -16,7 +16,8 @@ from peer.transport.gen import peer_pb2_grpc as pb_grpc
 from peer.transport import streams
 from peer.transport.server import method_handlers
 from peer.transport.streams import (
-    MAX_CHUNK_BYTES, Reassembly, assemble_frames, assemble_reduce, chunk_frames, chunk_of_frame, read_chunk,
+    HUGE_PAGE_MIN_BYTES, MAX_CHUNK_BYTES, Reassembly, assemble_frames, assemble_reduce, chunk_frames, chunk_of_frame,
+    read_chunk,
 )
 
 
@@ -94,19 +95,21 @@ def test_reassembly_writes_in_place_and_hashes_what_arrived():
     assert parts.done and blob == payload and not blob.readonly
 
 
-def test_the_hash_follows_the_writer_from_another_thread():
-    # Prepare
-    payload = bytes(range(256)) * 4096
+@pytest.mark.parametrize("size, chunk", [(1 << 20, 4096), (HUGE_PAGE_MIN_BYTES + 12345, MAX_CHUNK_BYTES)])
+def test_the_hash_follows_the_writer_from_another_thread(size, chunk):
+    # Prepare (the larger payload is held in huge pages where the system has them)
+    payload = (bytes(range(256)) * (size // 256 + 1))[:size]
     parts = Reassembly(len(payload), "state")
     with ThreadPoolExecutor(1) as pool:
         hashed = pool.submit(parts.hash_until_done)
 
         # Execute
-        for offset, frame in chunk_frames(payload, 4096):
+        for offset, frame in chunk_frames(payload, chunk):
             parts.add(*chunk_of_frame(frame))
 
         # Assert
         assert hashed.result(timeout=10) == (_sha(payload), _sha(b""))
+    assert parts.payload() == payload
 
 
 @pytest.mark.parametrize("start, nbytes, chunk", [
