@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import peer.transport  # noqa: F401  (see below)
 from peer.client import fetch_status, status_dict
+
+# peer.client imports grpc and torch (peer.transport) on its first call, on the caller's event
+# loop; that import took 0.6-0.9 s on a loaded machine and tripped the suite's blocked-loop check
+# (0.5 s) in the first ``status()`` of a test. Imported here, once, outside any loop.
 
 LISTEN_RE = re.compile(r"listening on \S+ \(grpc (?P<grpc>\S+), metrics :(?P<metrics>\d+)\)")
 PEER_RE = re.compile(r"peer (?P<id>[\w-]+) listening")
