@@ -155,6 +155,33 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         for frame in frames:
             yield frame
 
+    async def ReduceWhole(self, request: pb.ReducePart, context) -> pb.ReducePart:  # noqa: N802
+        # ``Reduce`` in one message each way, for a part that fits one chunk: the same checks,
+        # in the same order, and the same errors.
+        header: ReduceHeader | None = None
+        try:
+            header = convert.reduce_header_from_pb(request.header)
+            await self._authorize(context, "Reduce", header.peer_id)
+            expected = await self._h.reduce_expect(header)
+            if header.total_bytes != expected or len(request.data) != expected:
+                raise RoundError("bad_size", f"{header.peer_id} sent {len(request.data)} bytes (announced "
+                                 f"{header.total_bytes}) for shard {header.shard_start}-{header.shard_end}; "
+                                 f"{header.codec} needs {expected}")
+            if expected > MAX_CHUNK_BYTES:
+                raise RoundError("oversized", f"{header.peer_id} sent a part of {expected} bytes whole; parts over "
+                                 f"{MAX_CHUNK_BYTES} bytes are streamed (Reduce)")
+            payload = request.data  # (each read of a bytes field copies it: once)
+            if crc32(payload) != header.crc32:
+                raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
+            reply, result = await self._h.reduce_part(header, payload)
+            checksum, _ = self._answer_frames(result)
+        except RoundError as exc:
+            self._h.reduce_rejected(header, exc)
+            await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            return pb.ReducePart()  # (abort raises)
+        reply = replace(reply, total_bytes=len(result), crc32=checksum)
+        return pb.ReducePart(header=convert.reduce_header_to_pb(reply), data=bytes(result))
+
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
         try:
