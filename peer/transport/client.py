@@ -220,9 +220,10 @@ class GrpcPeerClient:
             raise self._fail("Reduce", exc, address) from None
         reply = convert.reduce_header_from_pb(answer.header)
         result = answer.data  # (each read of a bytes field copies it: once)
-        if len(result) != reply.total_bytes or len(result) > 4 * (header.numel + 1024) + 64:
-            raise RoundError("oversized", f"{address} answered {len(result)} bytes (announced {reply.total_bytes}) "
-                             f"for {header.numel} elements")
+        if len(result) > 4 * (header.numel + 1024) + 64:
+            raise RoundError("oversized", f"{address} answered {len(result)} bytes for {header.numel} elements")
+        if len(result) != reply.total_bytes:
+            raise RoundError("malformed", f"{address} answered {len(result)} bytes, announcing {reply.total_bytes}")
         if crc32(result) != reply.crc32:
             raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
         return reply, result

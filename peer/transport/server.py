@@ -74,14 +74,22 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
-        # The last averaged shard answered, its crc32 and its serialized chunks: an owner answers
-        # every member's stream with the same bytes, framed and checksummed once.
-        self._answer: tuple[bytes, int, list[bytes]] | None = None
+        # The last averaged shard answered, its crc32 and its serialized chunks (once a stream
+        # needs them): an owner answers every member with the same bytes, checksummed and framed once.
+        self._answer: tuple[bytes, int, list[bytes] | None] | None = None
+
+    def _answer_crc(self, result: bytes) -> int:
+        if self._answer is None or self._answer[0] is not result:
+            self._answer = (result, crc32(result), None)
+        return self._answer[1]
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
-        if self._answer is None or self._answer[0] is not result:
-            self._answer = (result, crc32(result), [frame for _, frame in chunk_frames(result, self._chunk_bytes)])
-        return self._answer[1], self._answer[2]
+        checksum = self._answer_crc(result)
+        frames = self._answer[2]
+        if frames is None:
+            frames = [frame for _, frame in chunk_frames(result, self._chunk_bytes)]
+            self._answer = (result, checksum, frames)
+        return checksum, frames
 
     def _caller(self, context) -> str:
         """The peer id the connection's verified certificate proves ("" if it shows none)."""
@@ -174,7 +182,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
-            checksum, _ = self._answer_frames(result)
+            checksum = self._answer_crc(result)
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
             await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
