@@ -9,11 +9,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake.
 It covers what peers must compute alike, not only the messages: 2 changed the outer step's
 float32 operations (``peer.sync.outer``, no fused multiply-adds), so a peer of version 1 would
-hold other bits after every round; the handshake refuses it instead."""
+hold other bits after every round; the handshake refuses it instead. 4 added ``ReduceWhole`` (a
+part that fits one chunk goes in one message), which members send each other."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ while (``RoundDriver``).
 Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
 id). Each member encodes every shard of its own delta (with error feedback), one shard at a time,
 and streams shard j to owner j as soon as it is encoded (the wire carries one shard while the codec
-works on the next); it keeps its own. The owner checks each part as it arrives (decoded piece by
+works on the next; the transport sends a shard that fits one chunk in one message); it keeps its own. The owner checks each part as it arrives (decoded piece by
 piece into a cache-sized buffer: finite values, its norm) and averages what arrived by its cut-off
 (weighted by samples), encodes the average once and answers every stream with the same bytes;
 everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the

@@ -169,6 +169,8 @@ class GrpcPeerClient:
         header = replace(header, total_bytes=len(payload), crc32=crc32(payload))
         if self._tamper is not None:
             payload = self._tamper(header, payload)
+        if len(payload) <= self._chunk_bytes:
+            return await self._reduce_whole(address, header, payload, timeout_s)
         # Chunks go out as frames (one copy of the data, see ``chunk_frames``) and answers come
         # back serialized, their chunks read in place (``assemble_reduce``): the same wire.
         call = self._channel(address).stream_stream(REDUCE, request_serializer=serialized,
@@ -206,6 +208,25 @@ class GrpcPeerClient:
                 writer.cancel()
             # Collect the writer's outcome; its failure is the read side's failure too.
             await asyncio.gather(writer, return_exceptions=True)
+
+    async def _reduce_whole(self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
+                            ) -> tuple[ReduceHeader, bytes]:
+        """``reduce`` of a part that fits one chunk, by ``ReduceWhole``: one message each way
+        instead of a stream's header, chunk and end each way; the answer is checked alike."""
+        request = pb.ReducePart(header=convert.reduce_header_to_pb(header), data=payload)
+        try:
+            answer = await self._stub(address).ReduceWhole(request, timeout=timeout_s, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise self._fail("Reduce", exc, address) from None
+        reply = convert.reduce_header_from_pb(answer.header)
+        result = answer.data  # (each read of a bytes field copies it: once)
+        if len(result) > 4 * (header.numel + 1024) + 64:
+            raise RoundError("oversized", f"{address} answered {len(result)} bytes for {header.numel} elements")
+        if len(result) != reply.total_bytes:
+            raise RoundError("malformed", f"{address} answered {len(result)} bytes, announcing {reply.total_bytes}")
+        if crc32(result) != reply.crc32:
+            raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+        return reply, result
 
     async def get_state(
         self, address: str, run_id: str, peer_id: str, schema_hash: str, timeout_s: float

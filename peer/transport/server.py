@@ -74,14 +74,22 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
-        # The last averaged shard answered, its crc32 and its serialized chunks: an owner answers
-        # every member's stream with the same bytes, framed and checksummed once.
-        self._answer: tuple[bytes, int, list[bytes]] | None = None
+        # The last averaged shard answered, its crc32 and its serialized chunks (once a stream
+        # needs them): an owner answers every member with the same bytes, checksummed and framed once.
+        self._answer: tuple[bytes, int, list[bytes] | None] | None = None
+
+    def _answer_crc(self, result: bytes) -> int:
+        if self._answer is None or self._answer[0] is not result:
+            self._answer = (result, crc32(result), None)
+        return self._answer[1]
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
-        if self._answer is None or self._answer[0] is not result:
-            self._answer = (result, crc32(result), [frame for _, frame in chunk_frames(result, self._chunk_bytes)])
-        return self._answer[1], self._answer[2]
+        checksum = self._answer_crc(result)
+        frames = self._answer[2]
+        if frames is None:
+            frames = [frame for _, frame in chunk_frames(result, self._chunk_bytes)]
+            self._answer = (result, checksum, frames)
+        return checksum, frames
 
     def _caller(self, context) -> str:
         """The peer id the connection's verified certificate proves ("" if it shows none)."""
@@ -154,6 +162,33 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
         for frame in frames:
             yield frame
+
+    async def ReduceWhole(self, request: pb.ReducePart, context) -> pb.ReducePart:  # noqa: N802
+        # ``Reduce`` in one message each way, for a part that fits one chunk: the same checks,
+        # in the same order, and the same errors.
+        header: ReduceHeader | None = None
+        try:
+            header = convert.reduce_header_from_pb(request.header)
+            await self._authorize(context, "Reduce", header.peer_id)
+            expected = await self._h.reduce_expect(header)
+            if header.total_bytes != expected or len(request.data) != expected:
+                raise RoundError("bad_size", f"{header.peer_id} sent {len(request.data)} bytes (announced "
+                                 f"{header.total_bytes}) for shard {header.shard_start}-{header.shard_end}; "
+                                 f"{header.codec} needs {expected}")
+            if expected > MAX_CHUNK_BYTES:
+                raise RoundError("oversized", f"{header.peer_id} sent a part of {expected} bytes whole; parts over "
+                                 f"{MAX_CHUNK_BYTES} bytes are streamed (Reduce)")
+            payload = request.data  # (each read of a bytes field copies it: once)
+            if crc32(payload) != header.crc32:
+                raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
+            reply, result = await self._h.reduce_part(header, payload)
+            checksum = self._answer_crc(result)
+        except RoundError as exc:
+            self._h.reduce_rejected(header, exc)
+            await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            return pb.ReducePart()  # (abort raises)
+        reply = replace(reply, total_bytes=len(result), crc32=checksum)
+        return pb.ReducePart(header=convert.reduce_header_to_pb(reply), data=bytes(result))
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)

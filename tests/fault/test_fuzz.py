@@ -41,11 +41,19 @@ def _info(me: str, run: st.SearchStrategy, schema: st.SearchStrategy) -> st.Sear
                      address=st.one_of(TEXT, st.just("127.0.0.1:9")), metrics_port=U32, task=TEXT)
 
 
+def _reduce_header(me: str, run: str) -> st.SearchStrategy:
+    return st.builds(pb.ReduceHeader, run_id=st.sampled_from([run, "x"]), group_id=TEXT, round=U64,
+                     peer_id=st.just(me), shard_start=U64, shard_end=U64,
+                     codec=st.sampled_from(["int8", "fp32", "evil", ""]), numel=U64, total_bytes=U64,
+                     crc32=U32, weight=F64, contributors=U32)
+
+
+def _reduce_part(me: str, run: str) -> st.SearchStrategy:
+    return st.builds(pb.ReducePart, header=_reduce_header(me, run), data=st.binary(max_size=64))
+
+
 def _reduce_messages(me: str, run: str) -> st.SearchStrategy:
-    header = st.builds(pb.ReduceHeader, run_id=st.sampled_from([run, "x"]), group_id=TEXT, round=U64,
-                       peer_id=st.just(me), shard_start=U64, shard_end=U64,
-                       codec=st.sampled_from(["int8", "fp32", "evil", ""]), numel=U64, total_bytes=U64,
-                       crc32=U32, weight=F64, contributors=U32)
+    header = _reduce_header(me, run)
     chunk = st.builds(pb.Chunk, offset=U64, data=st.binary(max_size=64))
     msg = st.one_of(st.builds(pb.ReduceMessage, header=header), st.builds(pb.ReduceMessage, chunk=chunk))
     return st.lists(msg, min_size=0, max_size=4)
@@ -95,6 +103,11 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
             call("Reduce", lambda: list(stub.Reduce(iter(messages), timeout=5)))
 
         @FUZZ
+        @given(part=_reduce_part(me, run_id))
+        def reduce_whole(part):
+            call("ReduceWhole", lambda: stub.ReduceWhole(part, timeout=5))
+
+        @FUZZ
         @given(req=st.builds(pb.GetStateRequest, run_id=run, peer_id=st.just(me), schema_hash=schema))
         def get_state(req):
             call("GetState", lambda: [m.WhichOneof("kind") for m in stub.GetState(req, timeout=5)])
@@ -106,7 +119,7 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
             call(f"raw-{method}", lambda: fn(raw, timeout=5))
 
         try:
-            for fuzz in (handshake, join, reduce, get_state, garbage):
+            for fuzz in (handshake, join, reduce, reduce_whole, get_state, garbage):
                 fuzz()
             stub.Leave(pb.LeaveRequest(run_id=run_id, peer_id=me), timeout=5)
         finally:
@@ -141,6 +154,9 @@ class _FakePeer:
                 for _ in request_iterator:
                     pass
                 yield from outer.reply["reduce"]
+
+            def ReduceWhole(self, request, context):  # noqa: N802
+                return outer.reply["reduce_whole"]
 
             def GetState(self, request, context):  # noqa: N802
                 yield from outer.reply["state"]
@@ -181,20 +197,24 @@ _GROUP = st.builds(pb.Group, group_id=TEXT, round=U64, global_hash=TEXT, members
        status=st.builds(pb.StatusResponse, peer=_info("x", TEXT, TEXT), loss=F64, samples=U64),
        join=st.builds(pb.JoinRoundResponse, outcome=st.integers(0, 9), message=TEXT, group=_GROUP, leader_hint=TEXT,
                       leader_round=U64),
-       reduce=_reduce_messages("x", "r"), state=_state_messages())
-def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status, join, reduce, state):
-    fake_peer.reply = {"handshake": handshake, "status": status, "join": join, "reduce": reduce, "state": state}
+       reduce=_reduce_messages("x", "r"), reduce_whole=_reduce_part("x", "r"), state=_state_messages())
+def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status, join, reduce, reduce_whole, state):
+    fake_peer.reply = {"handshake": handshake, "status": status, "join": join, "reduce": reduce,
+                       "reduce_whole": reduce_whole, "state": state}
     address = f"127.0.0.1:{fake_peer.port}"
     me = PeerInfo("me", "r", 1, "s")
 
     async def drive() -> None:
         client = GrpcPeerClient(chunk_bytes=1 << 20, chunk_idle_timeout_s=1, max_state_bytes=1 << 16,
                                 reconnect_wait_s=0.2)
+        # Parts larger than a chunk are streamed (Reduce), smaller ones go whole (ReduceWhole).
+        streaming = GrpcPeerClient(chunk_bytes=8, chunk_idle_timeout_s=1, reconnect_wait_s=0.2)
+        part = ReduceHeader("r", "g", 1, "me", 0, 16, "int8", 16, 0)
         try:
             for fn in (lambda: client.handshake(address, me, 3), lambda: client.status(address, 3),
                        lambda: client.join_round(address, JoinRequest("r", "me", 1, "h", 1.0, "me:1"), 3),
-                       lambda: client.reduce(address, ReduceHeader("r", "g", 1, "me", 0, 16, "int8", 16, 0),
-                                             b"\x00" * 20, 3),
+                       lambda: client.reduce(address, part, b"\x00" * 20, 3),
+                       lambda: streaming.reduce(address, part, b"\x00" * 20, 3),
                        lambda: client.get_state(address, "r", "me", "s", 3)):
                 try:
                     result = await fn()
@@ -214,6 +234,7 @@ def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status
                         pass
         finally:
             await client.close()
+            await streaming.close()
 
     asyncio.run(drive())
     assert threading.active_count() < 100

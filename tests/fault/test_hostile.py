@@ -122,6 +122,43 @@ async def test_broken_reduce_streams_are_refused_with_a_reason(messages, half_cl
         await server.stop(0)
 
 
+async def _reduce_whole(port: int, header: pb.ReduceMessage, data: bytes):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/peer.v1.PeerService/ReduceWhole",
+                                   request_serializer=pb.ReducePart.SerializeToString,
+                                   response_deserializer=pb.ReducePart.FromString)
+        try:
+            return grpc.StatusCode.OK, await call(pb.ReducePart(header=header.header, data=data), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details()
+
+
+@pytest.mark.parametrize("header, data, reason", [
+    (_header(round=8), GOOD, "malformed"),                          # wrong round
+    (_header(payload=b"\x01" * 10), b"\x01" * 10, "bad_size"),      # the wrong size, announced
+    (_header(), GOOD[:100], "bad_size"),                            # less than announced
+    (_header(), GOOD + b"x", "bad_size"),                           # more than announced
+    (_header(), b"\x02" * EXPECTED, "corrupt"),                     # crc
+])
+async def test_broken_whole_parts_are_refused_with_a_reason(header, data, reason):
+    # Prepare
+    handler = RecordingHandler()
+    server = PeerServer(handler, "127.0.0.1:0", chunk_idle_timeout_s=0.5)
+    await server.start()
+    try:
+        # Execute
+        got, details = await asyncio.wait_for(_reduce_whole(server.port, header, data), 15)
+        # Assert: the sender gets a clear status, the owner counts the reason, nothing is averaged
+        assert got == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert [e.reason for e in handler.rejected] == [reason]
+        assert handler.parts == []
+        # ... and the server still answers a well-formed part whole, with its crc32
+        ok, reply = await _reduce_whole(server.port, _header(), GOOD)
+        assert ok == grpc.StatusCode.OK and reply.data == GOOD and reply.header.crc32 == zlib.crc32(GOOD)
+    finally:
+        await server.stop(0)
+
+
 async def test_a_chunk_over_one_mib_is_refused():
     handler = RecordingHandler()
     big = b"\x01" * ((1 << 20) + 1)
@@ -137,6 +174,10 @@ async def test_a_chunk_over_one_mib_is_refused():
         got, details = await _reduce(server.port, [_header(payload=big), _chunk(0, big)])
         assert got == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
         assert [e.reason for e in handler.rejected] == ["oversized"]
+        # ... and so is such a part sent whole (those are streamed)
+        got, details = await _reduce_whole(server.port, _header(payload=big), big)
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and "streamed" in details
+        assert [e.reason for e in handler.rejected] == ["oversized", "oversized"]
     finally:
         await server.stop(0)
 

@@ -518,3 +518,24 @@ def test_all_finite_sees_every_nan_and_infinity(values: list[float], finite: boo
 def test_all_finite_agrees_with_isfinite(values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float32)
     assert all_finite(x) is bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_small_tensors_encode_and_scale_like_the_general_path(name: str) -> None:
+    # Prepare: sizes on both sides of SMALL_NUMEL (numpy below it), magnitudes far apart,
+    # a tail block, and a zero block (which the numpy path leaves to the general one)
+    from peer.codec.blockwise import SMALL_NUMEL, _BlockCodec
+
+    codec = get_codec(name)
+    gen = torch.Generator().manual_seed(3)
+    cases = [torch.randn(n, generator=gen) * s for n, s in [(1, 1.0), (300, 1e-30), (4805, 2.0), (SMALL_NUMEL, 1e30),
+                                                            (SMALL_NUMEL + 1, 1.0)]]
+    cases.append(torch.cat([torch.zeros(256), torch.randn(700, generator=gen)]))
+    for x in cases:
+        # Execute
+        small = codec.encode(x)
+        general = _BlockCodec._encode(codec, x)
+        # Assert: the same bytes, and decode (numpy scaling below SMALL_NUMEL) as the torch-only path
+        assert small == general, x.numel()
+        assert torch.equal(codec.decode(small, x.numel()).view(torch.int32),
+                           codec.decode_torch(small, x.numel()).view(torch.int32)), x.numel()

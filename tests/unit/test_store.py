@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,16 +111,27 @@ async def test_a_failed_write_is_reported_not_raised(tmp_path, pool):
     assert outcomes == [False]
 
 
-async def test_background_checkpoints_respect_the_interval(tmp_path, pool):
+async def test_background_checkpoints_respect_the_interval(tmp_path, pool, monkeypatch):
+    # The store's clock is set by hand (a loaded machine once let 0.2 s of wall time pass between
+    # creating the store and its first call, and a third checkpoint was written)
+    import peer.sync.store
+
+    now = [100.0]
+    monkeypatch.setattr(peer.sync.store, "time", SimpleNamespace(monotonic=lambda: now[0]))
     outcomes = []
     store = _store(tmp_path, pool, interval=0.2, on_checkpoint=outcomes.append)
+    now[0] += 0.19
     store.maybe_checkpoint()  # interval not yet passed since start
-    await asyncio.sleep(0.25)
+    now[0] += 0.02
     store.adopt(_state(1, seed=5))
     store.maybe_checkpoint()
     store.maybe_checkpoint()  # one is running or just done within the interval: no second one
     await store.async_checkpoint()
     assert outcomes == [True, True]
+    now[0] += 0.21
+    store.maybe_checkpoint()  # the interval passed again
+    await store.async_checkpoint()
+    assert outcomes == [True, True, True, True]
 
 
 async def test_three_generations_are_kept_and_a_bad_newest_falls_back(tmp_path, pool, caplog):

@@ -231,6 +231,14 @@ class ReduceMessage(_message.Message):
     chunk: Chunk
     def __init__(self, header: _Optional[_Union[ReduceHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
+class ReducePart(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ReduceHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ReduceHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class GetStateRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "schema_hash")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

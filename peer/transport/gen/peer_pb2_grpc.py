@@ -54,6 +54,11 @@ class PeerServiceStub:
                 request_serializer=peer_dot_v1_dot_peer__pb2.ReduceMessage.SerializeToString,
                 response_deserializer=peer_dot_v1_dot_peer__pb2.ReduceMessage.FromString,
                 _registered_method=True)
+        self.ReduceWhole = channel.unary_unary(
+                '/peer.v1.PeerService/ReduceWhole',
+                request_serializer=peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
+                response_deserializer=peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/peer.v1.PeerService/GetState',
                 request_serializer=peer_dot_v1_dot_peer__pb2.GetStateRequest.SerializeToString,
@@ -99,6 +104,15 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReduceWhole(self, request, context):
+        """Reduce for a part that fits one chunk: the header and the part in one request, the
+        owner's header and averaged shard in one reply (a stream costs a message each way per
+        header, chunk and end, each a wake-up of both processes; a small model's round is mostly those).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
         """State transfer to a joiner or a peer that fell behind: the snapshot of the last completed round.
         """
@@ -135,6 +149,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Reduce,
                     request_deserializer=peer_dot_v1_dot_peer__pb2.ReduceMessage.FromString,
                     response_serializer=peer_dot_v1_dot_peer__pb2.ReduceMessage.SerializeToString,
+            ),
+            'ReduceWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReduceWhole,
+                    request_deserializer=peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
+                    response_serializer=peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
@@ -255,6 +274,33 @@ class PeerService:
             '/peer.v1.PeerService/Reduce',
             peer_dot_v1_dot_peer__pb2.ReduceMessage.SerializeToString,
             peer_dot_v1_dot_peer__pb2.ReduceMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReduceWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peer.v1.PeerService/ReduceWhole',
+            peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
+            peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
             options,
             channel_credentials,
             insecure,
