@@ -23,16 +23,24 @@ piece into a cache-sized buffer: finite values, its norm) and averages what arri
 everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
 round apply the same averaged delta, bit for bit, whatever the codec.
 
-Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
-``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback, the
-corrected delta that becomes the next residual (4, beside the kept residual's 4, until ``commit``);
-as an owner, the K parts of its shard as they arrived, encoded (K x N/K x bits/8: with int8, 1;
-dropped as soon as they are averaged, though the shard stays registered until the deadline for late
-streams), decoded again piece by piece into their float64 mean in cache-sized pieces (the robust
-rules, which need whole parts, decode them: 4); the averaged delta (4), decoded shard by shard
-straight into one tensor. The outer step then writes the next state over the current one
-(0), or into fresh tensors beside it (8: parameters and momentum) while a donor or a checkpoint
-still reads the current one (``StateStore``).
+Where the round's copies live, and why (bytes per model parameter, N parameters, K members,
+int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~24 B/param at its peak):
+
+| copy | B/param | lives | why |
+|---|---|---|---|
+| training model (the trainer's) | 4 | always | the inner phase trains it |
+| global state: parameters, momentum | 8 | always | ``StateStore``; the step writes over it |
+| the delta, given to the round | 4 | until the round ends | with error feedback it holds the corrected delta, then the next residual (``ErrorFeedback.corrected_in_place``): no separate corrected tensor |
+| error-feedback residual | 4 | always (error feedback on) | changed only by a completed round (``commit`` copies the delta's memory into it): a failed round leaves it as it was |
+| this member's encoded shards | 1 | until every stream is over | the wire reads them in place |
+| an owner's parts, encoded | K x 1/K | until averaged | checked on arrival piece by piece (no decoded part; the robust rules decode them: 4/K x K) |
+| an owner's mean | 0 | | decoded, averaged and encoded piece by piece (``weighted_mean_iter``, ``Codec.encode_pieces``) |
+| an owner's answer | 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline |
+| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (finite, norm, magnitude); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
+| next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
+
+Buffers of 1 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
+they leave the resident set, where glibc's heaps would keep them between rounds.
 """
 
 from __future__ import annotations
