@@ -74,14 +74,26 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
-        # The last averaged shard answered, its crc32 and its serialized chunks: an owner answers
-        # every member's stream with the same bytes, framed and checksummed once.
+        # The averaged shard being answered, its crc32 and its serialized chunks: an owner answers
+        # every member's stream with the same bytes, framed and checksummed once. Kept while a
+        # stream sends it (``_answer_users``), not until the next round: twice the shard's
+        # encoded size (N/K x bits/8 each) that nobody needs between rounds.
         self._answer: tuple[bytes, int, list[bytes]] | None = None
+        self._answer_users = 0
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
         if self._answer is None or self._answer[0] is not result:
             self._answer = (result, crc32(result), [frame for _, frame in chunk_frames(result, self._chunk_bytes)])
+            self._answer_users = 0
+        self._answer_users += 1
         return self._answer[1], self._answer[2]
+
+    def _answer_sent(self, result: bytes) -> None:
+        """A stream is done with ``result``'s frames; the last one lets them go."""
+        if self._answer is not None and self._answer[0] is result:
+            self._answer_users -= 1
+            if self._answer_users <= 0:
+                self._answer = None
 
     def _caller(self, context) -> str:
         """The peer id the connection's verified certificate proves ("" if it shows none)."""
@@ -145,15 +157,19 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
+            del payload  # averaged (or refused) by now: not kept while the answer is sent
             checksum, frames = self._answer_frames(result)
             reply = replace(reply, total_bytes=len(result), crc32=checksum)
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
             await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
             return
-        yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
-        for frame in frames:
-            yield frame
+        try:
+            yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
+            for frame in frames:
+                yield frame
+        finally:
+            self._answer_sent(result)
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
