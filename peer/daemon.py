@@ -75,18 +75,21 @@ def load_peer_id(state_dir: Path, configured: str | None) -> str:
     return peer_id
 
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 1 << 23
 """Buffers of this many bytes or more are their own memory maps (glibc's ``M_MMAP_THRESHOLD``)."""
 
 
 def large_buffers_to_os() -> None:
     """Have glibc give every buffer of ``MMAP_THRESHOLD`` bytes or more back to the system when
-    it is freed (a no-op elsewhere). A round's transient buffers (encoded shards and answers,
-    tens of MB at 50M parameters) are below glibc's own ceiling for that (32 MB): by default it
-    raises its threshold to the largest freed map and serves such buffers from its heaps from
-    then on, where freed ones stay resident; bench.memory measured ~2 B/param kept that way
-    between rounds at N=50M, growing round by round. A fixed threshold also fixes the trim
-    threshold (2x). The price: fresh pages for each large buffer (~0.5 ms a 2.5 MB shard)."""
+    it is freed (a no-op elsewhere). A round's transient buffers (encoded shards and answers:
+    25 MB each with K=2 at 50M parameters) are below glibc's own ceiling for that (32 MB): by
+    default it raises its threshold to the largest map freed and serves such buffers from its
+    heaps from then on, where freed ones stay resident; bench.memory measured ~2 B/param kept
+    that way between rounds at N=50M, growing round by round. A fixed threshold also fixes the
+    trim threshold (2x). The price: fresh pages for each buffer that large (~1 ms per 8 MB);
+    smaller ones (1 MB frames, a 10M model's 2.5 MB shards) are reused from the heaps as before
+    (with 1 MB every frame took fresh pages: CPU per round at K=4, N=10M looked ~5 % higher,
+    within this machine's noise)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (malloc.h)

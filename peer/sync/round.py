@@ -39,7 +39,7 @@ int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~24 B/param a
 | the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (finite, norm, magnitude); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
 | next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
 
-Buffers of 1 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
+Buffers of 8 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
 they leave the resident set, where glibc's heaps would keep them between rounds.
 """
 
