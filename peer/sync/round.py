@@ -35,7 +35,7 @@ int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~24 B/param a
 | this member's encoded shards | 1 | until every stream is over | the wire reads them in place |
 | an owner's parts, encoded | K x 1/K | until averaged | checked on arrival piece by piece (no decoded part; the robust rules decode them: 4/K x K) |
 | an owner's mean | 0 | | decoded, averaged and encoded piece by piece (``weighted_mean_iter``, ``Codec.encode_pieces``) |
-| an owner's answer | 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline |
+| an owner's answer, and its frames | 1/K + 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline; the servicer keeps the frames only while streams send them |
 | the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (finite, norm, magnitude); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
 | next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
 
