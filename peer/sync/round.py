@@ -24,7 +24,7 @@ everyone, the owner included, applies ``decode(those bytes)``. So all members th
 round apply the same averaged delta, bit for bit, whatever the codec.
 
 Where the round's copies live, and why (bytes per model parameter, N parameters, K members,
-int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~24 B/param at its peak):
+int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~23 B/param at its peak):
 
 | copy | B/param | lives | why |
 |---|---|---|---|
