@@ -478,14 +478,20 @@ def test_decode_pieces_refuse_a_wrong_size_before_any_piece_and_non_finite_value
             list(codec.decode_pieces(data, n, 8 * codec.block))
 
 
+def _two_feedbacks(name: str, seed: int) -> tuple[torch.Tensor, ErrorFeedback, ErrorFeedback]:
+    """A delta of 1000 values and two feedbacks carrying the same residual."""
+    codec = get_codec(name)
+    x, first = _randn(1000, seed=seed), _randn(1000, seed=seed + 1)
+    pair = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
+    for fb in pair:
+        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    return x, *pair
+
+
 @pytest.mark.parametrize("name", ["int8", "int4", "sign1", "fp16"])
 def test_error_feedback_shards_encoded_one_at_a_time_in_any_order_match_encode_shards(name: str) -> None:
     # Prepare: two feedbacks with the same carried residual
-    codec = get_codec(name)
-    x, first = _randn(1000, seed=6), _randn(1000, seed=7)
-    whole, pieces = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
-    for fb in (whole, pieces):
-        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    x, whole, pieces = _two_feedbacks(name, 6)
     bounds = [(0, 300), (300, 301), (301, 1000)]
 
     # Execute: all shards at once, and one at a time in another order
@@ -534,11 +540,7 @@ def test_encode_pieces_refuses_pieces_that_do_not_cover_the_values(name: str) ->
 @pytest.mark.parametrize("name", ["int8", "int4", "sign1", "fp16"])
 def test_error_feedback_corrected_in_place_matches_corrected_bit_for_bit(name: str) -> None:
     # Prepare: two feedbacks with the same carried residual
-    codec = get_codec(name)
-    x, first = _randn(1000, seed=10), _randn(1000, seed=11)
-    fresh, in_place = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
-    for fb in (fresh, in_place):
-        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    x, fresh, in_place = _two_feedbacks(name, 10)
     own = in_place.residual
     bounds = [(0, 300), (300, 1000)]
 
