@@ -87,9 +87,9 @@ class PeerWorker:
         # to ~0.1 s, which the matchmaking phase then showed as waiting), and after every peer
         # has ended the previous round (so that no peer's ~1 s of input building competes for
         # the CPU with another peer's timed round).
+        if a.memory:  # (the delta is popped there: a reference here would outlive the round)
+            return await self._memory_round(r)
         mine, exact, bound_in = self._prepared.pop(r, None) or self._inputs(r)
-        if a.memory:
-            return await self._memory_round(r, mine)
         tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
         cpu0 = cpu_seconds()
@@ -102,7 +102,7 @@ class PeerWorker:
                "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
         out.update({f"{p}_s": self._phase(p) - v for p, v in phases0.items()})
         if avg is not None:
-            out["max_abs_err"] = float((avg.double() - exact).abs().max())
+            out["max_abs_err"] = float((avg.tensor().double() - exact).abs().max())
             # + float32 rounding of the average (the exact mean is float64).
             out["err_bound"] = (2 * bound_in + (self.codec.error_bound(exact.float()) if self.codec.lossy else 0.0)
                                 + float(exact.abs().max()) * 2.0**-22)
@@ -121,9 +121,11 @@ class PeerWorker:
         return (delta(a.seed, a.rank, r, a.params),
                 *_exact_and_bound(a.seed, a.peers, r, a.params, self.codec))
 
-    async def _memory_round(self, r: int, mine) -> dict:
+    async def _memory_round(self, r: int) -> dict:
         """A round, then the donor snapshot a joiner would ask for; peak RSS so far. This process
-        holds only what a peer holds (its delta) besides the daemon."""
+        holds only what a peer holds (its delta, given to the round) besides the daemon: the next
+        round's delta is built once this one is gone."""
+        mine = (self._prepared.pop(r, None) or self._inputs(r))[0]
         phases0 = {p: self._phase(p) for p in ("matchmaking", "reduce", "outer")}
         peak = memory_status()["peak_rss_bytes"]
         reset_peak()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,10 +94,11 @@ class Codec(abc.ABC):
     bits_per_value: float
     lossy: bool
 
-    def encode(self, x: torch.Tensor) -> bytes:
+    def encode(self, x: torch.Tensor) -> bytes | bytearray:
         """Encode ``x`` (1-D float32, finite, any device) to exactly ``encoded_size(x.numel())``
         bytes: on the host path for a CPU tensor, on ``x``'s device otherwise (then only the
-        payload is copied to the host).
+        payload is copied to the host). The block codecs' host path gives a bytearray, written
+        in place (no copy of the whole payload); nobody changes a payload once encoded.
 
         Raises ``CodecError`` for a tensor of the wrong shape or dtype, or one holding NaN or
         infinity: every receiver would reject such a payload, so the sender refuses it.
@@ -106,6 +107,25 @@ class Codec(abc.ABC):
         if x.device.type == "cpu":
             return self._encode(x)
         return self._encode_torch(x).cpu().numpy().tobytes()
+
+    def encode_pieces(self, pieces: Iterable[tuple[int, torch.Tensor]], numel: int) -> bytes | bytearray:
+        """``encode`` of the ``numel`` values that ``pieces`` yields as ``(start, values)``, in
+        order (consecutive float32 CPU pieces, cut anywhere; ``values`` may be a scratch reused
+        for the next piece): the same bytes as ``encode`` of them whole. The block codecs encode
+        as the pieces come, through one chunk of scratch, so that an owner's shard-sized mean
+        never exists (``peer.sync.aggregate.weighted_mean_iter``); others gather them first.
+        Raises ``CodecError`` as ``encode`` does, and for pieces that do not cover ``numel``."""
+        check_numel(numel)
+        out = torch.empty(numel, dtype=torch.float32)
+        done = 0
+        for start, values in pieces:
+            if start != done or start + values.numel() > numel:
+                raise CodecError(f"{self.name}: a piece at {start} of {values.numel()} values; expected one at {done}")
+            out[start:start + values.numel()].copy_(values)
+            done = start + values.numel()
+        if done != numel:
+            raise CodecError(f"{self.name}: pieces ended at {done} of {numel} values")
+        return self.encode(out)
 
     def encode_torch(self, x: torch.Tensor) -> bytes:
         """``encode`` by the torch-only path on ``x``'s device, also for a CPU tensor (the

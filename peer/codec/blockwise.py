@@ -150,18 +150,53 @@ class _BlockCodec(Codec):
             packed = slice(start * bits // 8, -(-stop * bits // 8))
             yield slice(start, stop), rows, packed
 
-    def _encode(self, x: torch.Tensor) -> bytes:
-        n = x.numel()
+    def _payload(self, n: int) -> tuple[bytearray, torch.Tensor, np.ndarray]:
+        """The payload of ``n`` values (a bytearray: returned as it is written, without the
+        copy that ``ndarray.tobytes`` makes of a whole payload), its scales and its body."""
         head = 4 * self.nblocks(n)
-        payload = np.empty(head + self._packed_size(n), dtype=np.uint8)
-        scales = torch.from_numpy(payload[:head].view(np.float32))
-        body = payload[head:]
+        data = bytearray(head + self._packed_size(n))
+        payload = np.frombuffer(data, dtype=np.uint8)
+        return data, torch.from_numpy(payload[:head].view(np.float32)), payload[head:]
+
+    def _encode(self, x: torch.Tensor) -> bytearray:
+        n = x.numel()
+        data, scales, body = self._payload(n)
+        head = scales.numel()
         work = torch.empty(min(n, self._chunk), dtype=torch.float32)
         for elems, rows, packed in self._chunks(n):
             self._encode_chunk(x[elems], scales[rows], body[packed], work)
         if head and not bool(torch.isfinite(scales).all()):
             raise CodecError(f"{self.name}: cannot encode NaN or infinite values")
-        return payload.tobytes()
+        return data
+
+    def encode_pieces(self, pieces, numel: int) -> bytearray:
+        # Each chunk gathered from the pieces into one chunk of scratch and encoded once full:
+        # the chunks of ``_encode``, so the same bytes.
+        n = check_numel(numel)
+        data, scales, body = self._payload(n)
+        head = scales.numel()
+        gathered = torch.empty(min(n, self._chunk), dtype=torch.float32)
+        work = torch.empty_like(gathered)
+        chunks = self._chunks(n)
+        elems, rows, packed = next(chunks, (slice(0, 0), None, None))
+        done = 0
+        for start, values in pieces:
+            if start != done or start + values.numel() > n:
+                raise CodecError(f"{self.name}: a piece at {start} of {values.numel()} values; expected one at {done}")
+            taken = 0
+            while taken < values.numel():
+                take = min(values.numel() - taken, elems.stop - done)
+                at = done - elems.start
+                gathered[at:at + take].copy_(values[taken:taken + take])
+                taken, done = taken + take, done + take
+                if done == elems.stop:
+                    self._encode_chunk(gathered[:elems.stop - elems.start], scales[rows], body[packed], work)
+                    elems, rows, packed = next(chunks, (slice(n, n), None, None))
+        if done != n:
+            raise CodecError(f"{self.name}: pieces ended at {done} of {n} values")
+        if head and not bool(torch.isfinite(scales).all()):
+            raise CodecError(f"{self.name}: cannot encode NaN or infinite values")
+        return data
 
     def _decode(self, view: memoryview, numel: int) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32)

@@ -66,19 +66,43 @@ class ErrorFeedback:
             self._residual = self._residual.to(x.device)
         return x.to(torch.float32) + self._residual  # a new tensor: x is the caller's
 
+    def corrected_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """``corrected(x)`` written over ``x`` itself when it can hold it (a contiguous 1-D
+        float32 tensor): ``x`` plus the residual, the same bits, in the caller's memory (its values
+        are gone). A new tensor as ``corrected`` otherwise. After ``encode_shard`` of every shard
+        it holds the next residual, which ``commit(copy=True)`` copies into the residual's own
+        memory (the caller keeps ``x``; nothing of it is kept here)."""
+        if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous() or x.requires_grad:
+            return self.corrected(x)
+        if self._residual.device != x.device:
+            self._residual = self._residual.to(x.device)
+        return x.add_(self._residual)
+
     def encode_shard(self, corrected: torch.Tensor, start: int, end: int) -> bytes:
         """Encode ``corrected[start:end]`` (from ``corrected``) and leave there what the codec
         lost (the next residual of that shard, kept only by ``commit``). Shards may be encoded
         one at a time, in any order, each once: the all-reduce sends each as soon as it is
         encoded. Raises ``CodecError`` as ``encode`` does."""
         data = self._codec.encode(corrected[start:end])
-        if self._codec.lossy:
+        if not self._codec.lossy:
+            return data
+        if corrected.device.type != "cpu":
             corrected[start:end].sub_(self._codec.decode(data, end - start, device=corrected.device))
+            return data
+        # On the host piece by piece, through a cache-sized buffer: no shard-sized decoded copy
+        # (the same bits: one subtraction a value either way).
+        for at, values in self._codec.decode_pieces(data, end - start):
+            corrected[start + at:start + at + values.numel()].sub_(values)
         return data
 
-    def commit(self, residual: torch.Tensor) -> None:
-        """Keep ``residual`` (from ``encode_shards``) for the next message."""
-        self._residual = residual
+    def commit(self, residual: torch.Tensor, *, copy: bool = False) -> None:
+        """Keep ``residual`` (from ``encode_shards``, or ``encode_shard`` of every shard) for the
+        next message. ``copy``: it lies in the caller's memory (``corrected_in_place``): copied
+        into the residual's own tensor, so that nothing of the caller's is kept here."""
+        if copy and residual.shape == self._residual.shape and residual.device == self._residual.device:
+            self._residual.copy_(residual)
+        else:
+            self._residual = residual
 
     def reset(self) -> None:
         """Forget the residual (after a resync, when the carried error no longer applies)."""

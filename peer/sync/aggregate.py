@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -60,13 +60,32 @@ def weighted_mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], w
     next one. The same operations per element as ``weighted_mean``, so the same bits, without
     the parts' full-size tensors. Raises ValueError like ``weighted_mean``, and for parts cut
     differently or shorter than ``numel``."""
+    out = torch.empty(numel, dtype=torch.float32)
+    for start, values in weighted_mean_iter(pieces, weights, numel):
+        out[start:start + values.numel()].copy_(values)
+    return out
+
+
+def weighted_mean_iter(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], weights: Sequence[float],
+                       numel: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``weighted_mean_pieces`` piece by piece: yields ``(start, values)`` for consecutive
+    pieces of the mean, cut as the parts are (all zeros in one piece when every weight is 0),
+    ``values`` a float32 scratch reused for the next piece. An owner encodes the pieces as they
+    come (``Codec.encode_pieces``): no shard-sized mean exists. Raises as ``weighted_mean_pieces``
+    (the weights before the first piece)."""
     _check_weights(len(pieces), weights)
+    return _mean_pieces(pieces, weights, numel)
+
+
+def _mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], weights: Sequence[float],
+                 numel: int) -> Iterator[tuple[int, torch.Tensor]]:
     total = float(sum(weights))
-    out = torch.zeros(numel, dtype=torch.float32)
     used = [(iter(p), w / total) for p, w in zip(pieces, weights) if w > 0]
     if total <= 0:
-        return out
-    acc = wide = None
+        if numel:
+            yield 0, torch.zeros(numel, dtype=torch.float32)
+        return
+    acc = wide = narrow = None
     done = 0
     while done < numel:
         start = n = None
@@ -82,15 +101,17 @@ def weighted_mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], w
                 if acc is None or acc.numel() < n:
                     acc = torch.empty(n, dtype=torch.float64)
                     wide = torch.empty(n, dtype=torch.float64)
+                    narrow = torch.empty(n, dtype=torch.float32)
                 a, tmp = acc[:n], wide[:n]
                 a.zero_()
             elif (s, values.numel()) != (start, n):
                 raise ValueError(f"parts are cut differently at element {start}")
             tmp.copy_(values)
             a.add_(tmp, alpha=alpha)
-        out[start:start + n].copy_(a)
+        piece = narrow[:n]
+        piece.copy_(a)
+        yield start, piece
         done = start + n
-    return out
 
 
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")

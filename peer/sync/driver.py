@@ -34,8 +34,8 @@ from peer.sync.confirm import AnswerChecks
 from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import step_hashed_into, step_stays_finite
 from peer.sync.round import (
-    INLINE_NUMEL, Aggregation, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry, check_group,
-    leader_for, no_hook, offload,
+    INLINE_NUMEL, Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
+    check_group, leader_for, no_hook, offload,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -568,9 +568,11 @@ class RoundDriver:
         self._metrics.invalid_claims.labels(reason).inc()
         log.warning("refused what a peer claimed (%s): %s", reason, message)
 
-    async def round(self, delta: torch.Tensor, weight: float) -> torch.Tensor | None:
+    async def round(self, delta: torch.Tensor, weight: float) -> Averaged | None:
         """One round from an already computed delta (benchmarks drive it this way too); return
-        the averaged delta that was applied, or None if the round failed here."""
+        the averaged delta that was applied (kept encoded: ``Averaged.tensor()`` decodes it), or
+        None if the round failed here. The round takes ``delta`` over: with error feedback its
+        memory is reused and its values are gone after the call (``Reducer.run``)."""
         rnd = self._store.state.round
         t0 = time.monotonic()
         self.progress.phase = "matchmaking"
@@ -602,7 +604,8 @@ class RoundDriver:
         self.progress.phase = "reduce"
         leader = self._group_leader
         try:
-            avg, stats = await self.reducer.run(group, delta, weight)
+            sent = delta.clone() if self._cfg.run.dump_dir else delta  # dump_round writes it afterwards
+            avg, stats = await self.reducer.run(group, sent, weight)
             # Kept only for a mirror to apply (a byte a value with int8): let them go otherwise.
             answers, stats.answers = (stats.answers if self._mirror is not None else ()), ()
         except RoundError as exc:
@@ -671,7 +674,7 @@ class RoundDriver:
         if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
             log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
 
-    async def _apply(self, before: GlobalState, avg: torch.Tensor) -> GlobalState | None:
+    async def _apply(self, before: GlobalState, avg: Averaged) -> GlobalState | None:
         """The outer step from ``before`` (the current state) with ``avg``, and its adopt: the
         new state, or None (nothing adopted) when it would be non-finite (loop).
 
@@ -709,13 +712,13 @@ class RoundDriver:
         job.add_done_callback(done)  # runs before the awaiting task resumes (registered first)
         return await asyncio.shield(job)
 
-    def _outer(self, s: GlobalState, avg: torch.Tensor, in_place: bool = False) -> GlobalState | None:
+    def _outer(self, s: GlobalState, avg: Averaged, in_place: bool = False) -> GlobalState | None:
         """The outer step (executor thread: keeps the loop free), hashed here, off the loop.
         None if it made the parameters or momentum non-finite: never adopted, served or saved.
 
         ``in_place``: the step may write over ``s``'s own tensors (nothing else reads them,
         ``StateStore.begin_step``). It does when the result is certain to be finite
-        (``step_stays_finite``, one read of ``avg``): a non-finite result could not be undone,
+        (``step_stays_finite``, from ``avg.magnitude``): a non-finite result could not be undone,
         and the previous state must then be kept. Otherwise, and when not ``in_place``, the new
         state gets fresh tensors (8 bytes a value) and ``s`` stays as it was. The same bits
         either way (``step_hashed_into``).
@@ -799,11 +802,11 @@ class RoundDriver:
         return False
 
 
-def dump_round(out: Path, rnd: int, delta: torch.Tensor, weight: float, avg: torch.Tensor, codec: str) -> None:
+def dump_round(out: Path, rnd: int, delta: torch.Tensor, weight: float, avg: Averaged, codec: str) -> None:
     """Diagnostics (``dump_dir``): this peer's delta and the applied average as .npy files."""
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / f"round{rnd:05d}-delta.npy", delta.cpu().numpy())
-    np.save(out / f"round{rnd:05d}-avg.npy", avg.cpu().numpy())
+    np.save(out / f"round{rnd:05d}-avg.npy", avg.tensor().numpy())
     (out / f"round{rnd:05d}.json").write_text(json.dumps({"round": rnd, "weight": weight, "codec": codec}))

@@ -29,8 +29,26 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
+
+
+class GradPieces(Protocol):
+    """A 1-D float32 gradient the step reads in order, piece by piece, instead of a tensor: the
+    averaged delta kept as its owners' encoded answers (``peer.sync.round.Averaged``), decoded
+    one cache-sized piece at a time, so that no full-size averaged delta exists."""
+
+    magnitude: float
+    """The largest ``|g|`` (``magnitude(g)``), found when the pieces were checked."""
+
+    def numel(self) -> int: ...
+
+    def reader(self) -> Callable[[torch.Tensor], None]:
+        """A function that fills its argument with the next ``numel()`` of its values, from the
+        first value on; the same values, bit for bit, as the gradient decoded whole."""
+        ...
 
 
 def outer_step(
@@ -86,7 +104,7 @@ def step_in_place(params: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *
     n = _param_numel(params, param_numel)
     _check_slices(params.numel(), n, int_slices)
     if n < params.numel():
-        _buffers_step(params, grad, params, buf, n, int_slices)
+        _buffers_step(params, grad[n:], params, buf, n, int_slices)
     p, b, g = params[:n], buf[:n], grad[:n]
     _param_step(p, g, b, out_theta=p, out_mom=b, work=g, lr=lr, momentum=momentum)
 
@@ -103,11 +121,11 @@ def _param_numel(params: torch.Tensor, param_numel: int | None) -> int:
     return n
 
 
-def _buffers_step(params: torch.Tensor, grad: torch.Tensor, new_params: torch.Tensor, buf: torch.Tensor, n: int,
-                  int_slices: tuple[tuple[int, int], ...]) -> None:
+def _buffers_step(params: torch.Tensor, grad_tail: torch.Tensor, new_params: torch.Tensor, buf: torch.Tensor,
+                  n: int, int_slices: tuple[tuple[int, int], ...]) -> None:
     """The buffers' part of the step, in place on ``new_params[n:]`` and ``buf[n:]``: the plain
-    average (theta - g), no momentum, integer slices rounded."""
-    torch.sub(params[n:], grad[n:], out=new_params[n:])
+    average (theta - g), no momentum, integer slices rounded. ``grad_tail`` is ``grad[n:]``."""
+    torch.sub(params[n:], grad_tail, out=new_params[n:])
     buf[n:] = 0
     for start, stop in int_slices:  # checked by the caller (_check_slices)
         new_params[start:stop].round_()
@@ -129,7 +147,7 @@ def outer_step_hashed(
 
 
 def step_hashed_into(
-    params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, out_params: torch.Tensor,
+    params: torch.Tensor, grad: torch.Tensor | GradPieces, momentum_buf: torch.Tensor, out_params: torch.Tensor,
     out_buf: torch.Tensor, *, lr: float, momentum: float, param_numel: int | None = None,
     int_slices: tuple[tuple[int, int], ...] = (),
 ) -> tuple[str, float]:
@@ -147,15 +165,26 @@ def step_hashed_into(
     In place, the old values are gone once it starts: only for a state nothing else reads
     (``peer.sync.store.StateStore.begin_step``) and whose result is known to be finite
     (``step_stays_finite``), since a non-finite result cannot be undone. Every argument is
-    checked (``ValueError``) before the first value is written."""
+    checked (``ValueError``) before the first value is written.
+
+    ``grad`` may also be ``GradPieces``: read in order into one chunk of scratch as the sweep
+    goes (the buffers' part whole: a model's buffers are few), with the same bits."""
     _check_shapes(params, grad, momentum_buf)
     _check_shapes(out_params, grad, out_buf)
     total = params.numel()
     n = _param_numel(params, param_numel)
     _check_slices(total, n, int_slices)
     work = torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
-    if n < total:
-        _buffers_step(params, grad, out_params, out_buf, n, int_slices)
+    if isinstance(grad, torch.Tensor):
+        def grad_of(start: int, stop: int) -> torch.Tensor:
+            return grad[start:stop]
+    else:
+        read, scratch = grad.reader(), torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
+
+        def grad_of(start: int, stop: int) -> torch.Tensor:  # called in order: the params' chunks, then the tail
+            piece = scratch[:stop - start] if stop <= n else torch.empty(stop - start, dtype=params.dtype)
+            read(piece)
+            return piece
     h = hashlib.sha256()
     size = 0.0
     bytes_of = memoryview(out_params.numpy()).cast("B")
@@ -163,8 +192,10 @@ def step_hashed_into(
     chunks += [(a, min(total, a + OUTER_CHUNK)) for a in range(n, total, OUTER_CHUNK)]
     for start, stop in chunks:
         p = out_params[start:stop]
-        if start < n:  # the buffers (start >= n) are already stepped: check and hash only
-            _param_step(params[start:stop], grad[start:stop], momentum_buf[start:stop], out_theta=p,
+        if start == n:  # the buffers, whole, as the sweep reaches them; then check and hash only
+            _buffers_step(params, grad_of(n, total), out_params, out_buf, n, int_slices)
+        if start < n:
+            _param_step(params[start:stop], grad_of(start, stop), momentum_buf[start:stop], out_theta=p,
                         out_mom=out_buf[start:stop], work=work[:stop - start], lr=lr, momentum=momentum)
             size = _max_abs(size, out_buf[start:stop])
         size = _max_abs(size, p)
@@ -196,7 +227,7 @@ def magnitude(*tensors: torch.Tensor) -> float:
     return size
 
 
-def step_stays_finite(state_magnitude: float, grad: torch.Tensor, *, lr: float, momentum: float) -> bool:
+def step_stays_finite(state_magnitude: float, grad: torch.Tensor | GradPieces, *, lr: float, momentum: float) -> bool:
     """Whether the outer step of a state whose values are at most ``state_magnitude`` in
     absolute value (parameters and momentum: ``magnitude``) with ``grad`` is certain to give
     only finite values. One read of ``grad``.
@@ -206,8 +237,8 @@ def step_stays_finite(state_magnitude: float, grad: torch.Tensor, *, lr: float, 
     ``|theta| + |g|``), so an exact bound ``FINITE_MARGIN`` times below the float32 maximum
     proves the result finite. False (maybe finite, maybe not) otherwise, and for a NaN/Inf in
     either: the caller then steps into fresh tensors, and keeps the old state if the result
-    is not finite."""
-    a, c = state_magnitude, magnitude(grad)
+    is not finite. (``GradPieces`` carry their magnitude: no read.)"""
+    a, c = state_magnitude, magnitude(grad) if isinstance(grad, torch.Tensor) else grad.magnitude
     if not (math.isfinite(a) and math.isfinite(c)):
         return False
     lr, m = abs(float(lr)), abs(float(momentum))
@@ -216,9 +247,10 @@ def step_stays_finite(state_magnitude: float, grad: torch.Tensor, *, lr: float, 
     return bound * FINITE_MARGIN < torch.finfo(torch.float32).max
 
 
-def _check_shapes(params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor) -> None:
-    if not (params.shape == grad.shape == momentum_buf.shape) or params.dim() != 1:
-        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(grad.shape)}, "
+def _check_shapes(params: torch.Tensor, grad: torch.Tensor | GradPieces, momentum_buf: torch.Tensor) -> None:
+    shape = grad.shape if isinstance(grad, torch.Tensor) else torch.Size([grad.numel()])
+    if not (params.shape == shape == momentum_buf.shape) or params.dim() != 1:
+        raise ValueError(f"shape mismatch: params {tuple(params.shape)}, grad {tuple(shape)}, "
                          f"buf {tuple(momentum_buf.shape)}")
 
 

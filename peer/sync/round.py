@@ -23,22 +23,31 @@ piece into a cache-sized buffer: finite values, its norm) and averages what arri
 everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
 round apply the same averaged delta, bit for bit, whatever the codec.
 
-Where the round's copies live (bytes per model parameter, N parameters, K members; measured by
-``bench.memory``): the member's encoded shards (N x bits/8, until sent); with error feedback, the
-corrected delta that becomes the next residual (4, beside the kept residual's 4, until ``commit``);
-as an owner, the K parts of its shard as they arrived, encoded (K x N/K x bits/8: with int8, 1;
-dropped as soon as they are averaged, though the shard stays registered until the deadline for late
-streams), decoded again piece by piece into their float64 mean in cache-sized pieces (the robust
-rules, which need whole parts, decode them: 4); the averaged delta (4), decoded shard by shard
-straight into one tensor. The outer step then writes the next state over the current one
-(0), or into fresh tensors beside it (8: parameters and momentum) while a donor or a checkpoint
-still reads the current one (``StateStore``).
+Where the round's copies live, and why (bytes per model parameter, N parameters, K members,
+int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~23 B/param at its peak):
+
+| copy | B/param | lives | why |
+|---|---|---|---|
+| training model (the trainer's) | 4 | always | the inner phase trains it |
+| global state: parameters, momentum | 8 | always | ``StateStore``; the step writes over it |
+| the delta, given to the round | 4 | until the round ends | with error feedback it holds the corrected delta, then the next residual (``ErrorFeedback.corrected_in_place``): no separate corrected tensor |
+| error-feedback residual | 4 | always (error feedback on) | changed only by a completed round (``commit`` copies the delta's memory into it): a failed round leaves it as it was |
+| this member's encoded shards | 1 | until every stream is over | the wire reads them in place |
+| an owner's parts, encoded | K x 1/K | until averaged | checked on arrival piece by piece (no decoded part; the robust rules decode them: 4/K x K) |
+| an owner's mean | 0 | | decoded, averaged and encoded piece by piece (``weighted_mean_iter``, ``Codec.encode_pieces``) |
+| an owner's answer, and its frames | 1/K + 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline; the servicer keeps the frames only while streams send them |
+| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (finite, norm, magnitude); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
+| next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
+
+Buffers of 8 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
+they leave the resident set, where glibc's heaps would keep them between rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -60,9 +69,9 @@ import torch
 
 from peer.codec import Codec, ErrorFeedback, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
-from peer.sync.aggregate import (aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum,
-                                 weighted_mean_pieces)
+from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_iter
 from peer.sync.confirm import answer_digest
+from peer.sync.outer import magnitude
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
 log = logging.getLogger(__name__)
@@ -416,6 +425,7 @@ class OwnedShard:
         self._by_pieces = aggregation.rule == "mean"
         self._parts: dict[str, tuple[float, torch.Tensor | _Scanned | None]] = {}  # dropped once averaged
         self._arrived: set[str] = set()  # parts that reached this owner (decoded or not)
+        self._answered: set[str] = set()  # members given the answer
         self._stalled = False  # whether this owner's own loop was stalled at its cut-off
         self._pending = 0
         self.result: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
@@ -461,6 +471,13 @@ class OwnedShard:
         if set(self._parts) == set(self._expected):
             await self._finish()
 
+    def answered(self, peer_id: str) -> bool:
+        """Note that member ``peer_id`` was given the answer; True once every member was: nobody
+        else may ask, and the shard (its answer: N/K x bits/8 bytes) need not wait for the
+        deadline to go (``ShardRegistry.remove``)."""
+        self._answered.add(peer_id)
+        return self._answered >= self._expected.keys()
+
     def _scan(self, payload: bytes) -> float:
         """The L2 norm of a part, decoded piece by piece into a cache-sized buffer (nothing of
         the part's size is kept). Raises CodecError as ``decode`` does (size, scales, NaN/Inf).
@@ -497,14 +514,15 @@ class OwnedShard:
             kept = [p for p in order if p not in outliers]
             if self._by_pieces:
                 # The mean straight from the encoded parts, piece by piece: each piece of each
-                # part decoded into a cache-sized buffer and added in, the same bits as
-                # decoding every part whole and averaging (weighted_mean_pieces).
-                result = weighted_mean_pieces(
+                # part decoded into a cache-sized buffer and added in, and each piece of the
+                # mean encoded as it comes: the same bytes as decoding every part whole,
+                # averaging and encoding the mean (weighted_mean_iter, encode_pieces).
+                mean = weighted_mean_iter(
                     [self._codec.decode_pieces(self._parts[p][1].payload, self.numel, _PIECE) for p in kept],
                     [capped[p] for p in kept], self.numel)
-            else:
-                result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
-                                   agg.trim_fraction)
+                return self._codec.encode_pieces(mean, self.numel), sorted(outliers)
+            result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
+                               agg.trim_fraction)
             return self._codec.encode(result), sorted(outliers)
 
         payload, outliers = await offload(self._executor, self.numel * len(order), reduce)
@@ -580,6 +598,47 @@ class ReduceStats:
     answers: tuple[tuple[int, int, bytes], ...] = ()
 
 
+class Averaged:
+    """The averaged delta of a round as its owners answered it: each shard's encoded answer
+    (checked by the member: it decodes to finite values within ``answer_limit``), decoded only
+    where it is used. The outer step reads it piece by piece (``peer.sync.outer.GradPieces``):
+    no full-size averaged delta exists. ``tensor()`` decodes it whole (diagnostics, tests,
+    benchmarks): the same values, bit for bit."""
+
+    def __init__(self, codec: Codec, numel: int, shards: tuple[tuple[int, int, bytes], ...], magnitude: float):
+        self.codec = codec
+        self.shards = shards  # (start, end, payload), in order, covering [0, numel)
+        self.magnitude = magnitude
+        self._numel = numel
+
+    def numel(self) -> int:
+        return self._numel
+
+    def reader(self) -> Callable[[torch.Tensor], None]:
+        """``read(out)`` fills ``out`` with the next ``out.numel()`` values, from the first on."""
+        pieces = itertools.chain.from_iterable(
+            (values for _, values in self.codec.decode_pieces(p, e - s, _PIECE)) for s, e, p in self.shards)
+        left = torch.empty(0)
+
+        def read(out: torch.Tensor) -> None:
+            nonlocal left
+            filled, want = 0, out.numel()
+            while filled < want:
+                if not left.numel():
+                    left = next(pieces)  # a scratch the next piece reuses: read before advancing
+                take = min(left.numel(), want - filled)
+                out[filled:filled + take].copy_(left[:take])
+                left, filled = left[take:], filled + take
+        return read
+
+    def tensor(self) -> torch.Tensor:
+        """The whole averaged delta, each shard decoded into its slice of one tensor."""
+        avg = torch.empty(self._numel, dtype=torch.float32)
+        for s, e, p in self.shards:
+            self.codec.decode_into(p, avg[s:e])
+        return avg
+
+
 class Reducer:
     """Member side of the butterfly all-reduce for this peer."""
 
@@ -628,9 +687,15 @@ class Reducer:
             self._ef = ErrorFeedback(codec, numel)
         return self._ef
 
-    async def run(self, group: Group, delta: torch.Tensor, weight: float) -> tuple[torch.Tensor, ReduceStats]:
+    async def run(self, group: Group, delta: torch.Tensor, weight: float) -> tuple[Averaged, ReduceStats]:
         """All-reduce ``delta`` within ``group``; return the averaged delta (identical on every
-        member that completes) and traffic stats. Raises RoundError when a shard is missing."""
+        member that completes; kept encoded, ``Averaged``) and traffic stats. Raises RoundError
+        when a shard is missing.
+
+        ``delta`` is given to the round: with error feedback its own memory holds the corrected
+        delta and then the next residual (``ErrorFeedback.corrected_in_place``), so its values
+        are gone after the call, whether the round completes or fails; a caller that needs them
+        passes a copy. (The residual itself changes only when the round completes.)"""
         me = group.member(self._me)
         if me is None:
             raise RoundError("not_member", f"{self._me} is not in group {group.group_id}")
@@ -651,7 +716,14 @@ class Reducer:
         # encodes its own shard last (it needs no wire).
         order = [(mine + i) % k for i in range(1, k + 1)]
         encoded: list[asyncio.Future[bytes]] = [loop.create_future() for _ in range(k)]
-        corrected = await offload(self._executor, delta.numel(), ef.corrected, delta) if ef is not None else None
+
+        def prepare() -> tuple[list[float], torch.Tensor | None]:
+            # The norms of this member's own parts bound the answers (``answer_limit``); taken
+            # first, as error feedback then corrects the delta in its own memory.
+            norms = [l2_norm(delta[s:e]) if weight > 0 else 0.0 for s, e in bounds]
+            return norms, (ef.corrected_in_place(delta) if ef is not None else None)
+
+        own_norms, corrected = await offload(self._executor, delta.numel(), prepare)
 
         def encode_one(j: int) -> bytes:
             s, e = bounds[j]
@@ -694,6 +766,7 @@ class Reducer:
                 if f.done() and f.exception() is not None:
                     raise f.exception()  # a delta the codec refuses (NaN/Inf): as before, the caller's error
             stats.encoded_bytes = sum(len(f.result()) for f in encoded)
+            encoded.clear()  # every stream is over: this member's encoded shards may go
             results: list[tuple[Member, bytes]] = []
             missing = []
             for m in group.members:
@@ -710,26 +783,25 @@ class Reducer:
 
             factor = self._aggregation.norm_outlier_factor
 
-            def decode_all() -> tuple[torch.Tensor, list[str], list[tuple[str, float, float]]]:
-                # Each averaged shard straight into its slice of the one averaged delta: no
-                # per-shard tensors and no concatenation. decode_into refuses NaN/Inf per shard.
-                # Norms in float64 through a cache-sized buffer (l2_norm), not a widened copy.
-                avg = torch.empty(group.numel, dtype=torch.float32)
-                too_large = []
+            def check_all() -> tuple[float, list[str], list[tuple[str, float, float]]]:
+                # Each averaged shard decoded piece by piece through cache-sized buffers (its
+                # norm, its largest value; decode_pieces refuses NaN/Inf), and kept encoded: the
+                # outer step decodes it again where it is used (``Averaged``), so no full-size
+                # averaged delta exists.
+                too_large, size = [], 0.0
+                scratch = torch.empty(min(max(group.numel, 1), _PIECE), dtype=torch.float64)
                 for m, p in results:
-                    shard = avg[m.shard_start:m.shard_end]
-                    codec.decode_into(p, shard)
-                    if weight <= 0:  # a withheld delta bounds nothing
-                        continue
-                    own = l2_norm(delta[m.shard_start:m.shard_end])
-                    limit = answer_limit(own, len(group.members), factor)
-                    norm = l2_norm(shard)
-                    if limit is not None and norm > limit:
-                        too_large.append((m.peer_id, norm, limit))
-                return avg, [answer_digest(p) for _, p in results], too_large
+                    squares = 0.0
+                    for _, values in codec.decode_pieces(p, m.shard_end - m.shard_start, _PIECE):
+                        squares += square_sum(values, scratch)
+                        size = max(size, magnitude(values))  # finite: decode_pieces refuses NaN/Inf
+                    limit = answer_limit(own_norms[group.members.index(m)], len(group.members), factor)
+                    if limit is not None and math.sqrt(squares) > limit:
+                        too_large.append((m.peer_id, math.sqrt(squares), limit))
+                return size, [answer_digest(p) for _, p in results], too_large
 
             try:
-                avg, stats.answer_digests, too_large = await offload(self._executor, group.numel, decode_all)
+                size, stats.answer_digests, too_large = await offload(self._executor, group.numel, check_all)
             except CodecError as exc:
                 raise RoundError("bad_reply", f"round {group.round}: an averaged shard does not decode: {exc}") from None
             if too_large:
@@ -739,9 +811,9 @@ class Reducer:
                                              f"member's part)" for pid, norm, limit in too_large),
                                  culprits=tuple(pid for pid, _, _ in too_large))
             if ef is not None and corrected is not None:
-                ef.commit(corrected)
+                ef.commit(corrected, copy=corrected is delta)
             stats.answers = tuple((m.shard_start, m.shard_end, p) for m, p in results)
-            return avg, stats
+            return Averaged(codec, group.numel, stats.answers, size), stats
         finally:
             # Give streams that still want our shard's answer a moment, then drop it.
             loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
@@ -754,9 +826,12 @@ class Reducer:
             except CodecError as exc:
                 return RoundError("encode", str(exc))
             await owned.add(self._me, weight, payload)
-            return await asyncio.shield(owned.result)
+            answer = await asyncio.shield(owned.result)
         except RoundError as exc:
             return exc
+        if owned.answered(self._me):
+            self._registry.remove(owned.group.group_id)
+        return answer
 
     async def _send(
         self, m: Member, header: ReduceHeader, encoded: asyncio.Future[bytes], deadline: float, stats: ReduceStats,
@@ -841,6 +916,8 @@ class ReduceOwner:
             self._on_rejected(header, exc)
         await self._hook("owner", header.round)
         result, contributors = await asyncio.shield(owned.result)
+        if owned.answered(header.peer_id):
+            self._registry.remove(owned.group.group_id)
         self._traffic(header.codec, len(result), 0)
         reply = replace(header, peer_id=self._me, total_bytes=len(result), contributors=contributors, weight=0.0)
         return reply, result

@@ -74,13 +74,18 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
-        # The last averaged shard answered, its crc32 and its serialized chunks (once a stream
-        # needs them): an owner answers every member with the same bytes, checksummed and framed once.
+        # The averaged shard being answered, its crc32 and its serialized chunks (once a stream
+        # needs them): an owner answers every member with the same bytes, checksummed and framed
+        # once. Kept while a stream sends it (``_answer_users``), not until the next round: twice
+        # the shard's encoded size (N/K x bits/8 each) that nobody needs between rounds. (A part
+        # answered whole, ``ReduceWhole``, is at most one chunk; its entry waits for the next.)
         self._answer: tuple[bytes, int, list[bytes] | None] | None = None
+        self._answer_users = 0
 
     def _answer_crc(self, result: bytes) -> int:
         if self._answer is None or self._answer[0] is not result:
             self._answer = (result, crc32(result), None)
+            self._answer_users = 0
         return self._answer[1]
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
@@ -89,7 +94,15 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         if frames is None:
             frames = [frame for _, frame in chunk_frames(result, self._chunk_bytes)]
             self._answer = (result, checksum, frames)
+        self._answer_users += 1
         return checksum, frames
+
+    def _answer_sent(self, result: bytes) -> None:
+        """A stream is done with ``result``'s frames; the last one lets them go."""
+        if self._answer is not None and self._answer[0] is result:
+            self._answer_users -= 1
+            if self._answer_users <= 0:
+                self._answer = None
 
     def _caller(self, context) -> str:
         """The peer id the connection's verified certificate proves ("" if it shows none)."""
@@ -153,15 +166,19 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             if crc32(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
+            del payload  # averaged (or refused) by now: not kept while the answer is sent
             checksum, frames = self._answer_frames(result)
             reply = replace(reply, total_bytes=len(result), crc32=checksum)
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
             await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
             return
-        yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
-        for frame in frames:
-            yield frame
+        try:
+            yield pb.ReduceMessage(header=convert.reduce_header_to_pb(reply))
+            for frame in frames:
+                yield frame
+        finally:
+            self._answer_sent(result)
 
     async def ReduceWhole(self, request: pb.ReducePart, context) -> pb.ReducePart:  # noqa: N802
         # ``Reduce`` in one message each way, for a part that fits one chunk: the same checks,

@@ -478,14 +478,20 @@ def test_decode_pieces_refuse_a_wrong_size_before_any_piece_and_non_finite_value
             list(codec.decode_pieces(data, n, 8 * codec.block))
 
 
+def _two_feedbacks(name: str, seed: int) -> tuple[torch.Tensor, ErrorFeedback, ErrorFeedback]:
+    """A delta of 1000 values and two feedbacks carrying the same residual."""
+    codec = get_codec(name)
+    x, first = _randn(1000, seed=seed), _randn(1000, seed=seed + 1)
+    pair = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
+    for fb in pair:
+        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    return x, *pair
+
+
 @pytest.mark.parametrize("name", ["int8", "int4", "sign1", "fp16"])
 def test_error_feedback_shards_encoded_one_at_a_time_in_any_order_match_encode_shards(name: str) -> None:
     # Prepare: two feedbacks with the same carried residual
-    codec = get_codec(name)
-    x, first = _randn(1000, seed=6), _randn(1000, seed=7)
-    whole, pieces = ErrorFeedback(codec, 1000), ErrorFeedback(codec, 1000)
-    for fb in (whole, pieces):
-        fb.commit(fb.encode_shards(first, [(0, 1000)])[1])
+    x, whole, pieces = _two_feedbacks(name, 6)
     bounds = [(0, 300), (300, 301), (301, 1000)]
 
     # Execute: all shards at once, and one at a time in another order
@@ -539,3 +545,65 @@ def test_small_tensors_encode_and_scale_like_the_general_path(name: str) -> None
         assert small == general, x.numel()
         assert torch.equal(codec.decode(small, x.numel()).view(torch.int32),
                            codec.decode_torch(small, x.numel()).view(torch.int32)), x.numel()
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("cuts", [[5003], [1, 2047, 2955], [4096, 907], [1000] * 5 + [3]])
+def test_encode_pieces_gives_the_bytes_of_encode(name: str, cuts: list[int]) -> None:
+    # Prepare: 5003 values (not a whole number of blocks), handed over in pieces cut anywhere,
+    # from one reused scratch buffer as an owner's mean comes
+    codec = get_codec(name)
+    x = _randn(5003, seed=8)
+    starts = [sum(cuts[:i]) for i in range(len(cuts))]
+    scratch = torch.empty(max(cuts))
+
+    def pieces():
+        for start, n in zip(starts, cuts):
+            scratch[:n].copy_(x[start:start + n])
+            yield start, scratch[:n]
+
+    # Execute / Assert: the same bytes as encode of the whole
+    assert bytes(codec.encode_pieces(pieces(), 5003)) == bytes(codec.encode(x))
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_encode_pieces_refuses_pieces_that_do_not_cover_the_values(name: str) -> None:
+    codec = get_codec(name)
+    x = _randn(600, seed=9)
+    with pytest.raises(CodecError, match="ended at 500"):
+        codec.encode_pieces([(0, x[:500])], 600)
+    with pytest.raises(CodecError, match="expected one at 0"):
+        codec.encode_pieces([(100, x[:500])], 600)
+    bad = x.clone()
+    bad[7] = math.nan
+    with pytest.raises(CodecError):
+        codec.encode_pieces([(0, bad[:300]), (300, bad[300:])], 600)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "sign1", "fp16"])
+def test_error_feedback_corrected_in_place_matches_corrected_bit_for_bit(name: str) -> None:
+    # Prepare: two feedbacks with the same carried residual
+    x, fresh, in_place = _two_feedbacks(name, 10)
+    own = in_place.residual
+    bounds = [(0, 300), (300, 1000)]
+
+    # Execute: one corrects into a new tensor, the other in the caller's delta (a copy of x)
+    corrected = fresh.corrected(x)
+    payloads = [fresh.encode_shard(corrected, s, e) for s, e in bounds]
+    fresh.commit(corrected)
+    given = x.clone()
+    assert in_place.corrected_in_place(given) is given
+    same = [in_place.encode_shard(given, s, e) for s, e in bounds]
+    in_place.commit(given, copy=True)
+
+    # Assert: the same bytes and residual; the residual stays its own tensor, not the caller's
+    assert same == payloads
+    assert torch.equal(in_place.residual.view(torch.int32), fresh.residual.view(torch.int32))
+    assert in_place.residual is own and in_place.residual.data_ptr() != given.data_ptr()
+
+
+def test_error_feedback_corrects_a_tensor_it_cannot_write_into_a_new_one() -> None:
+    fb = ErrorFeedback(get_codec("int8"), 10)
+    x = torch.ones(20)[::2]  # not contiguous
+    out = fb.corrected_in_place(x)
+    assert out is not x and torch.equal(out, torch.ones(10)) and torch.equal(x, torch.ones(10))

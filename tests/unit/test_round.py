@@ -12,7 +12,8 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
-from peer.sync.round import Matchmaker, OwnedShard, Reducer, ShardRegistry, leader_for
+from peer.sync.outer import OUTER_CHUNK, magnitude, step_hashed_into, tensor_sha256
+from peer.sync.round import Averaged, Matchmaker, OwnedShard, Reducer, ShardRegistry, leader_for, shard_bounds
 from peer.types import Group, JoinOutcome, JoinRequest, Member
 
 
@@ -108,8 +109,9 @@ async def test_butterfly_gives_every_member_the_same_weighted_mean(codec):
     results = await asyncio.gather(*(n.reducer.run(g, deltas[p], weights[p])
                                      for (p, n), g in zip(net.items(), groups)))
     # Assert: bit-identical results, close to the reference weighted mean within the codec bound
-    avgs = [avg for avg, _ in results]
+    avgs = [avg.tensor() for avg, _ in results]
     assert all(torch.equal(avgs[0], a) for a in avgs[1:])
+    assert all(avg.magnitude == magnitude(avgs[0]) for avg, _ in results)  # found while checking the answers
     ref = sum(deltas[p] * weights[p] for p in net) / 6.0
     c = get_codec(codec)
     bound = sum(c.error_bound(deltas[p]) * weights[p] for p in net) / 6.0 + c.error_bound(ref) + 1e-5
@@ -218,7 +220,7 @@ async def test_a_withheld_delta_weight_zero_is_left_out_but_its_peer_stays_in_sy
     results = await asyncio.gather(net["p0"].reducer.run(group, torch.full((300,), 1.0), 10.0),
                                    net["p1"].reducer.run(group, torch.full((300,), 3.0), 30.0),
                                    net["p2"].reducer.run(group, torch.zeros(300), 0.0))
-    avgs = [a for a, _ in results]
+    avgs = [a.tensor() for a, _ in results]
     assert all(torch.equal(avgs[0], a) for a in avgs)
     assert torch.allclose(avgs[0], torch.full((300,), 2.5))
 
@@ -258,8 +260,8 @@ async def test_a_part_announcing_another_weight_than_its_join_is_left_out():
                                    return_exceptions=True)
     # the liar's parts are refused everywhere (the owners average without it); its own shard's
     # part from itself too, so the honest two agree on the mean of their own deltas
-    assert torch.allclose(results[0][0], torch.full((300,), 2.0))
-    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][0].tensor(), torch.full((300,), 2.0))
+    assert torch.equal(results[0][0].tensor(), results[1][0].tensor())
 
 
 @pytest.mark.parametrize("stalled", [False, True])
@@ -336,3 +338,76 @@ async def test_an_owner_refuses_a_part_that_decodes_to_non_finite_values():
     payload, contributors = await asyncio.wait_for(asyncio.shield(owned.result), 5.0)
     assert contributors == 1 and torch.equal(codec.decode(payload, 1000), torch.full((1000,), 2.0))
     owned.close()
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "int4", "sign1", "fp16", "bf16"])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_the_step_from_the_encoded_answers_is_the_step_from_the_decoded_average_bit_for_bit(codec, k):
+    # Prepare: an averaged delta as K owners answer it (shards that straddle the step's chunks),
+    # a state with buffers (one integer slice) after its parameters
+    c = get_codec(codec)
+    numel = 2 * OUTER_CHUNK + 5003
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(numel, generator=gen) * 1e-2
+    shards = tuple((s, e, c.encode(x[s:e])) for s, e in shard_bounds(numel, k))
+    whole = torch.empty(numel)
+    for s, e, p in shards:  # what the round applied before: each answer decoded into one tensor
+        c.decode_into(p, whole[s:e])
+    avg = Averaged(c, numel, shards, magnitude(whole))
+    theta, buf = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    kw = dict(lr=0.7, momentum=0.9, param_numel=numel - 1000, int_slices=((numel - 10, numel - 4),))
+    want_p, want_b = torch.empty(numel), torch.empty(numel)
+    want = step_hashed_into(theta, whole, buf, want_p, want_b, **kw)
+
+    # Execute: the step read from the answers piece by piece, in place
+    got = step_hashed_into(theta, avg, buf, theta, buf, **kw)
+
+    # Assert: the same bits, hash (the next global hash) and size; the whole tensor too
+    assert got == want and got[0] == tensor_sha256(want_p)
+    assert torch.equal(theta.view(torch.int32), want_p.view(torch.int32))
+    assert torch.equal(buf.view(torch.int32), want_b.view(torch.int32))
+    assert torch.equal(avg.tensor().view(torch.int32), whole.view(torch.int32))
+
+
+async def test_an_owner_lets_its_shard_go_once_every_member_has_the_answer():
+    # Prepare: an owner's shard of a group of three
+    net = _swarm(3, 300)
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replies[0].group
+    me = group.members[0]
+    shard = OwnedShard(group, me, get_codec("int8"), net["p0"].reducer._executor, cutoff_s=5.0)
+
+    # Execute / Assert: True only when the last member was answered (a repeat changes nothing)
+    assert shard.answered("p0") is False
+    assert shard.answered("p0") is False
+    assert shard.answered("p2") is False
+    assert shard.answered("p1") is True
+    shard.close()
+
+
+async def test_after_a_round_no_owner_keeps_its_shard_until_the_deadline():
+    # Prepare: three members; the in-memory client answers as ReduceOwner does
+    net = _swarm(3, 3000)
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replies[0].group
+    gen = torch.Generator().manual_seed(5)
+
+    async def reduce(address, header, payload, timeout_s):
+        node = net[address]
+        owned = await node.registry.get(header.group_id, timeout_s)
+        await owned.add(header.peer_id, header.weight, payload)
+        result, contributors = await asyncio.shield(owned.result)
+        if owned.answered(header.peer_id):
+            node.registry.remove(header.group_id)
+        return replace(header, total_bytes=len(result), contributors=contributors), result
+
+    for n in net.values():
+        n.reducer._client.reduce = reduce
+
+    # Execute
+    await asyncio.gather(*(n.reducer.run(group, torch.randn(3000, generator=gen), 1.0) for n in net.values()))
+
+    # Assert: every owner dropped its shard (its answer) at once, not at the deadline (3 s)
+    for n in net.values():
+        with pytest.raises(RoundError, match="unknown_group|no group"):
+            await n.registry.get(group.group_id, 0.01)
