@@ -162,7 +162,7 @@ class GrpcPeerClient:
         return convert.join_reply_from_pb(reply)
 
     async def reduce(
-        self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
+        self, address: str, header: ReduceHeader, payload: bytes | bytearray | memoryview, timeout_s: float
     ) -> tuple[ReduceHeader, bytes]:
         # wait_for_ready: an owner whose channel is in reconnect backoff is not gone; the
         # deadline still bounds the wait for one that is.
@@ -209,11 +209,14 @@ class GrpcPeerClient:
             # Collect the writer's outcome; its failure is the read side's failure too.
             await asyncio.gather(writer, return_exceptions=True)
 
-    async def _reduce_whole(self, address: str, header: ReduceHeader, payload: bytes, timeout_s: float
+    async def _reduce_whole(self, address: str, header: ReduceHeader, payload: bytes | bytearray | memoryview,
+                            timeout_s: float
                             ) -> tuple[ReduceHeader, bytes]:
         """``reduce`` of a part that fits one chunk, by ``ReduceWhole``: one message each way
         instead of a stream's header, chunk and end each way; the answer is checked alike."""
-        request = pb.ReducePart(header=convert.reduce_header_to_pb(header), data=payload)
+        # protobuf takes bytes only; codecs may hand over the bytearray they wrote (at most a chunk)
+        data = payload if isinstance(payload, bytes) else bytes(payload)
+        request = pb.ReducePart(header=convert.reduce_header_to_pb(header), data=data)
         try:
             answer = await self._stub(address).ReduceWhole(request, timeout=timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:

@@ -159,6 +159,30 @@ async def test_broken_whole_parts_are_refused_with_a_reason(header, data, reason
         await server.stop(0)
 
 
+@pytest.mark.parametrize("buffer", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1000], ids=["whole", "streamed"])
+async def test_a_part_in_any_byte_buffer_goes_out_alike(buffer, chunk_bytes):
+    # Prepare: codecs hand the transport bytes or the bytearray they wrote into (no copy); a part
+    # within one chunk goes whole (ReduceWhole), a larger one on a Reduce stream
+    from peer.transport import GrpcPeerClient
+
+    handler = RecordingHandler()
+    server = PeerServer(handler, "127.0.0.1:0", chunk_idle_timeout_s=0.5)
+    await server.start()
+    client = GrpcPeerClient(chunk_bytes=chunk_bytes, chunk_idle_timeout_s=1)
+    header = ReduceHeader(run_id="r", group_id="g", round=7, peer_id="me", shard_start=0, shard_end=4096,
+                          codec="int8", numel=4096, total_bytes=0)
+    try:
+        # Execute
+        reply, result = await client.reduce(f"127.0.0.1:{server.port}", header, buffer(GOOD), 10)
+        # Assert: the owner got the part and answered it, checksummed
+        assert [bytes(p) for p in handler.parts] == [GOOD] and handler.rejected == []
+        assert bytes(result) == GOOD and reply.crc32 == zlib.crc32(GOOD)
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
 async def test_a_chunk_over_one_mib_is_refused():
     handler = RecordingHandler()
     big = b"\x01" * ((1 << 20) + 1)
