@@ -1,13 +1,12 @@
 """Chunked payloads on gRPC streams: split, and reassemble with validation.
 
-Two ways. ``split``/``assemble`` build and read protobuf messages.
 ``chunk_frames``/``assemble_frames`` (GetState, the largest payload) handle the serialized
 messages themselves: protobuf's Python API copies a ``bytes`` field on every step (slicing,
 building, serializing, reading the field), so the donor writes the bytes protobuf would write
 with one copy of the data, and the joiner reads the chunk's data as a view of the received
 message, writes it straight into a buffer of the announced size and hashes it on the way.
-The wire is the same ``StateMessage`` either way; a message in any other valid layout is
-parsed by protobuf. The Reduce streams send their chunks the same way (``chunk_frames``) and
+The wire is a plain ``StateMessage`` (protobuf would write the same bytes); a message in any
+other valid layout is parsed by protobuf. The Reduce streams send their chunks the same way (``chunk_frames``) and
 read them with ``assemble_reduce``.
 """
 
@@ -52,12 +51,6 @@ def crc32(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def split(payload: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
-    view = memoryview(payload)
-    for offset in range(0, len(view), chunk_bytes):
-        yield pb.Chunk(offset=offset, data=bytes(view[offset : offset + chunk_bytes]))
-
-
 async def next_message(it: AsyncIterator, idle_s: float, what: str):
     """The next message of a stream, or RoundError('stalled'/'truncated') — never an endless wait."""
     try:
@@ -81,28 +74,6 @@ def check_chunk(offset: int, n: int, received: int, total_bytes: int, what: str)
         raise RoundError("oversized", f"{what}: {received + n} bytes exceed the announced {total_bytes}")
 
 
-async def assemble(it: AsyncIterator, total_bytes: int, idle_s: float, what: str, field: str = "chunk") -> bytearray:
-    """Read chunks from ``it`` until ``total_bytes`` arrived, in order, each at most 1 MiB.
-
-    ``total_bytes`` must already be validated by the caller (it is allocated up front).
-    Raises RoundError naming what was wrong: out-of-order or oversized chunks, a stream that
-    ends early or stalls for ``idle_s``.
-    """
-    buf = bytearray(total_bytes)
-    received = 0
-    while received < total_bytes:
-        msg = await next_message(it, idle_s, what)
-        if msg.WhichOneof("kind") != field:
-            raise RoundError("malformed", f"{what}: expected a chunk, got {msg.WhichOneof('kind')}")
-        chunk = msg.chunk
-        data = chunk.data  # each access of a bytes field copies it out of the message (upb)
-        n = len(data)
-        check_chunk(chunk.offset, n, received, total_bytes, what)
-        buf[received : received + n] = data
-        received += n
-    return buf  # not bytes(buf): that would copy the whole payload once more
-
-
 def serialized(message: bytes | pb.ReduceMessage) -> bytes:
     """A Reduce message as sent: a chunk already framed (bytes), or a message to serialize."""
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -117,11 +88,14 @@ def parse_reduce(message: bytes, what: str) -> pb.ReduceMessage:
 
 
 async def assemble_reduce(it: AsyncIterator[bytes], total_bytes: int, idle_s: float, what: str) -> bytearray:
-    """``assemble`` for a Reduce stream of serialized messages: a chunk laid out as
+    """Read the chunks of a Reduce stream of serialized messages from ``it`` until ``total_bytes``
+    arrived, in order, each at most 1 MiB (``check_chunk``). A chunk laid out as
     ``chunk_frames`` writes it (``ReduceMessage.chunk`` has ``StateMessage.chunk``'s field
     number, so the frames are the same bytes) is read in place, with one copy of its data into
-    the buffer instead of protobuf's three; any other layout is parsed by protobuf. The same
-    checks and errors as ``assemble``; ``total_bytes`` must already be validated."""
+    the buffer instead of protobuf's three; any other layout is parsed by protobuf.
+    ``total_bytes`` must already be validated by the caller (it is allocated up front). Raises
+    RoundError naming what was wrong: a message that is not a chunk, out-of-order or oversized
+    chunks, a stream that ends early or stalls for ``idle_s``."""
     buf = bytearray(total_bytes)
     view = memoryview(buf)
     received = 0
