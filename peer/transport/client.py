@@ -37,6 +37,17 @@ ErrorHook = Callable[[str, str], None]
 Tamper = Callable[[ReduceHeader, bytes], bytes]
 
 
+def _answer_bytes_limit(numel: int) -> int:
+    """The most bytes an owner's answer for ``numel`` values may take (float32 values and
+    slack: more than any codec writes); a larger one is refused before it is read."""
+    return 4 * (numel + 1024) + 64
+
+
+def _check_answer_crc(address: str, reply: ReduceHeader, result: bytes | bytearray) -> None:
+    if crc32(result) != reply.crc32:
+        raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+
+
 class GrpcPeerClient:
     """Channels are cached per address (and expected identity) and closed by ``close()``.
     Loop-only.
@@ -190,12 +201,11 @@ class GrpcPeerClient:
             if first.WhichOneof("kind") != "header":
                 raise RoundError("malformed", f"{address} answered Reduce without a header")
             reply = convert.reduce_header_from_pb(first.header)
-            if reply.total_bytes > 4 * (header.numel + 1024) + 64:
+            if reply.total_bytes > _answer_bytes_limit(header.numel):
                 raise RoundError("oversized", f"{address} announced {reply.total_bytes} bytes for "
                                  f"{header.numel} elements")
             result = await assemble_reduce(it, reply.total_bytes, self._idle, f"averaged shard from {address}")
-            if crc32(result) != reply.crc32:
-                raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+            _check_answer_crc(address, reply, result)
             await writer
             return reply, result
         except grpc.aio.AioRpcError as exc:
@@ -210,8 +220,7 @@ class GrpcPeerClient:
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _reduce_whole(self, address: str, header: ReduceHeader, payload: bytes | bytearray | memoryview,
-                            timeout_s: float
-                            ) -> tuple[ReduceHeader, bytes]:
+                            timeout_s: float) -> tuple[ReduceHeader, bytes]:
         """``reduce`` of a part that fits one chunk, by ``ReduceWhole``: one message each way
         instead of a stream's header, chunk and end each way; the answer is checked alike."""
         # protobuf takes bytes only; codecs may hand over the bytearray they wrote (at most a chunk)
@@ -223,12 +232,11 @@ class GrpcPeerClient:
             raise self._fail("Reduce", exc, address) from None
         reply = convert.reduce_header_from_pb(answer.header)
         result = answer.data  # (each read of a bytes field copies it: once)
-        if len(result) > 4 * (header.numel + 1024) + 64:
+        if len(result) > _answer_bytes_limit(header.numel):
             raise RoundError("oversized", f"{address} answered {len(result)} bytes for {header.numel} elements")
         if len(result) != reply.total_bytes:
             raise RoundError("malformed", f"{address} answered {len(result)} bytes, announcing {reply.total_bytes}")
-        if crc32(result) != reply.crc32:
-            raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+        _check_answer_crc(address, reply, result)
         return reply, result
 
     async def get_state(
