@@ -119,13 +119,22 @@ class Codec(abc.ABC):
         out = torch.empty(numel, dtype=torch.float32)
         done = 0
         for start, values in pieces:
-            if start != done or start + values.numel() > numel:
-                raise CodecError(f"{self.name}: a piece at {start} of {values.numel()} values; expected one at {done}")
-            out[start:start + values.numel()].copy_(values)
-            done = start + values.numel()
+            done = self._next_piece(start, values.numel(), done, numel)
+            out[start:done].copy_(values)
+        self._pieces_ended(done, numel)
+        return self.encode(out)
+
+    def _next_piece(self, start: int, count: int, done: int, numel: int) -> int:
+        """Where a piece of ``count`` values at ``start`` ends, when it is the next one of
+        ``encode_pieces`` (``done`` values so far, of ``numel``); CodecError otherwise."""
+        if start != done or start + count > numel:
+            raise CodecError(f"{self.name}: a piece at {start} of {count} values; expected one at {done}")
+        return start + count
+
+    def _pieces_ended(self, done: int, numel: int) -> None:
+        """CodecError unless the pieces of ``encode_pieces`` covered all ``numel`` values."""
         if done != numel:
             raise CodecError(f"{self.name}: pieces ended at {done} of {numel} values")
-        return self.encode(out)
 
     def encode_torch(self, x: torch.Tensor) -> bytes:
         """``encode`` by the torch-only path on ``x``'s device, also for a CPU tensor (the

@@ -181,8 +181,7 @@ class _BlockCodec(Codec):
         elems, rows, packed = next(chunks, (slice(0, 0), None, None))
         done = 0
         for start, values in pieces:
-            if start != done or start + values.numel() > n:
-                raise CodecError(f"{self.name}: a piece at {start} of {values.numel()} values; expected one at {done}")
+            self._next_piece(start, values.numel(), done, n)
             taken = 0
             while taken < values.numel():
                 take = min(values.numel() - taken, elems.stop - done)
@@ -192,8 +191,7 @@ class _BlockCodec(Codec):
                 if done == elems.stop:
                     self._encode_chunk(gathered[:elems.stop - elems.start], scales[rows], body[packed], work)
                     elems, rows, packed = next(chunks, (slice(n, n), None, None))
-        if done != n:
-            raise CodecError(f"{self.name}: pieces ended at {done} of {n} values")
+        self._pieces_ended(done, n)
         if head and not bool(torch.isfinite(scales).all()):
             raise CodecError(f"{self.name}: cannot encode NaN or infinite values")
         return data
@@ -281,14 +279,13 @@ class _AbsmaxCodec(_BlockCodec):
         amax = float(_block_absmax(x, self.block).max()) if x.numel() else 0.0
         return amax * (1.0 / (2 * self.qmax) + _REL_SLACK) + _ABS_SLACK
 
-    def _encode(self, x: torch.Tensor) -> bytes:
+    def _encode(self, x: torch.Tensor) -> bytearray:
         if x.numel() > SMALL_NUMEL or not x.numel():
             return super()._encode(x)
         a = x.numpy()
         n = a.size
-        head = 4 * self.nblocks(n)
-        payload = np.empty(head + self._packed_size(n), dtype=np.uint8)
-        scales = payload[:head].view(np.float32)
+        data, scales_t, body = self._payload(n)
+        scales = scales_t.numpy()
         blocks = _np_blocks(a, self.block)
         for view, rows in blocks:  # absmax; a NaN propagates (np.maximum, max and min do)
             np.maximum(view.max(axis=1), -view.min(axis=1), out=scales[rows])
@@ -304,8 +301,8 @@ class _AbsmaxCodec(_BlockCodec):
         for (src, rows), (dst, _) in zip(blocks, _np_blocks(q, self.block)):
             np.divide(src, scales[rows, None], out=dst)
         np.rint(q, out=q)
-        self._pack_np(q, payload[head:])
-        return payload.tobytes()
+        self._pack_np(q, body)
+        return data
 
     def _pack_np(self, q: np.ndarray, body: np.ndarray) -> None:
         """Pack quantized values (integers in [-qmax, qmax], float32) into ``body``."""

@@ -733,8 +733,8 @@ class Reducer:
             for j in order:
                 try:
                     encoded[j].set_result(await offload(self._executor, bounds[j][1] - bounds[j][0], encode_one, j))
-                except CodecError as exc:
-                    for f in encoded[j:] + encoded[:j]:
+                except CodecError as exc:  # every shard not yet encoded fails alike
+                    for f in encoded:
                         if not f.done():
                             f.set_exception(exc)
                     return
