@@ -515,11 +515,11 @@ class OwnedShard:
             if self._by_pieces:
                 # The mean straight from the encoded parts, piece by piece: each piece of each
                 # part decoded into a cache-sized buffer and added in, and each piece of the
-                # mean encoded as it comes: the same bytes as decoding every part whole,
-                # averaging and encoding the mean (weighted_mean_iter, encode_pieces).
+                # mean encoded as it comes (weighted_mean_iter, encode_pieces); accumulated in
+                # float32 for a lossy codec, whose error dwarfs float32's (``wide``).
                 mean = weighted_mean_iter(
                     [self._codec.decode_pieces(self._parts[p][1].payload, self.numel, _PIECE) for p in kept],
-                    [capped[p] for p in kept], self.numel)
+                    [capped[p] for p in kept], self.numel, wide=not self._codec.lossy)
                 return self._codec.encode_pieces(mean, self.numel), sorted(outliers)
             result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
                                agg.trim_fraction)

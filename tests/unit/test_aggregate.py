@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from peer.sync.aggregate import (aggregate, cap_weights, centered_clip, l2_norm, norm_outliers, trimmed_mean,
-                                 weighted_mean, weighted_mean_pieces)
+                                 weighted_mean, weighted_mean_iter, weighted_mean_pieces)
 
 T = torch.tensor
 
@@ -98,7 +100,28 @@ def test_the_mean_piece_by_piece_refuses_parts_cut_differently_or_short():
     assert torch.equal(weighted_mean_pieces([_cut(a, 10)], [0.0], 100), torch.zeros(100))
 
 
-def test_l2_norm_is_the_float64_norm():
+def test_the_float32_mean_is_within_a_few_roundings_of_the_float64_one():
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.randn(70_001, generator=gen) * s for s in (1.0, 3.0, 0.5, 2.0)]
+    weights = [1.0, 2.0, 0.0, 3.5]
+    exact = weighted_mean(parts, weights)
+    narrow = torch.cat([v.clone() for _, v in weighted_mean_iter([_cut(p, 4096) for p in parts], weights, 70_001,
+                                                                 wide=False)])
+    assert narrow.dtype == torch.float32 and narrow.numel() == 70_001
+    # each term's product and each sum rounds once: at most ~K roundings of the largest term
+    bound = 4 * 2.0**-23 * float(max((p.abs() * w / sum(weights)).max() for p, w in zip(parts, weights)))
+    assert float((narrow - exact).abs().max()) <= bound
+    assert not torch.equal(narrow, exact)  # it is another summation, not the float64 one
+    # every weight 0 and a ragged piece: as the wide path
+    assert torch.equal(torch.cat([v for _, v in weighted_mean_iter([_cut(parts[0], 10)], [0.0], 70_001, wide=False)]),
+                       torch.zeros(70_001))
+
+
+def test_l2_norm_is_close_to_the_float64_norm_even_where_float32_squares_overflow():
     x = torch.randn(200_003, generator=torch.Generator().manual_seed(2)) * 1e3
-    assert l2_norm(x) == pytest.approx(float(x.double().norm()), rel=1e-12)
+    assert l2_norm(x) == pytest.approx(float(x.double().norm()), rel=1e-6)
+    huge = x * 1e25  # squares beyond float32's range: that piece is summed in float64
+    assert math.isinf(float(huge[:65536].dot(huge[:65536])))
+    assert l2_norm(huge) == pytest.approx(float(huge.double().norm()), rel=1e-6)
+    assert math.isnan(l2_norm(torch.tensor([1.0, float("nan")])))
     assert l2_norm(torch.empty(0)) == 0.0

@@ -309,9 +309,16 @@ async def test_an_owner_answers_the_encoded_mean_of_the_parts_it_kept(rule):
         await owned.add(m.peer_id, m.weight, codec.encode(deltas[m.peer_id]))
     payload, contributors = await asyncio.wait_for(asyncio.shield(owned.result), 5.0)
 
-    # Assert: the bytes of encoding the rule over the decoded parts it kept, whole
+    # Assert: the bytes of encoding the rule over the decoded parts it kept, whole (the mean of
+    # a lossy codec's parts accumulated in float32: acc += w_i / sum(w) * x_i in member order)
     kept = "abc"
-    expected = aggregate(rule, [codec.decode(codec.encode(deltas[p]), n) for p in kept], [1.0, 2.0, 3.0])
+    decoded = [codec.decode(codec.encode(deltas[p]), n) for p in kept]
+    if rule == "mean":
+        expected = torch.zeros(n)
+        for x, w in zip(decoded, (1.0, 2.0, 3.0)):
+            expected.add_(x, alpha=w / 6.0)
+    else:
+        expected = aggregate(rule, decoded, [1.0, 2.0, 3.0])
     assert payload == codec.encode(expected)
     assert contributors == 4 and rejected == [("d", "norm_outlier")]
     owned.close()
