@@ -5,7 +5,7 @@
 Side by side, in one run, both over 127.0.0.1 with the server in another process:
   peer  a real ``Daemon`` (synthetic task of N params) serves its snapshot; the bench fetches it
         with the product's ``GrpcPeerClient.get_state`` (1 MiB chunks, idle timeout, the
-        parameters' and the rest's sha256 computed while the chunks arrive) and decodes it with ``decode_state`` (size, shape,
+        parameters' and the rest's digests computed while the chunks arrive) and decodes it with ``decode_state`` (size, shape,
         params-hash and finiteness checks), as a joiner does;
   raw   a bare grpc.aio server streams the same number of bytes in 1 MiB chunks of prebuilt
         protobuf messages to a client that only counts them: the ceiling of gRPC on loopback.

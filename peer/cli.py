@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write the global model as .safetensors (from a running peer or a state dir)",
         description="Write the swarm's current global model (parameters and buffers, with the task model's own "
                     "state_dict names) to a .safetensors file that model.load_state_dict(load_file(...)) reads; "
-                    "metadata: run_id, round, global_sha256, task. Either from a running peer (HOST:PORT) or "
+                    "metadata: run_id, round, global_hash, task. Either from a running peer (HOST:PORT) or "
                     "from a peer's state directory (its newest checkpoint). Nothing is overwritten on error.")
     export.add_argument("address", nargs="?", default=None, metavar="HOST:PORT", help="a running peer")
     export.add_argument("--state-dir", default=None, metavar="DIR", help="a peer's state directory instead")
@@ -193,7 +193,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  local ranks ({len(s['local_ranks'])}): " + ", ".join(
             f"{r['rank']} pid {r['pid']} {r['device']} {'up' if r['alive'] else 'DEAD'} {r['samples']} samples"
             for r in s["local_ranks"]))
-    print(f"  global sha256 {s['global_sha256']}")
+    print(f"  global hash   {s['global_hash']}")
     print("  connection: mutual TLS with the run's credentials" if args.credentials else
           "  connection: plain TCP: this daemon runs --insecure (anyone on its network can join the run)")
     host = s["address"].rsplit(":", 1)[0] or "HOST"
@@ -222,8 +222,8 @@ def _export(args: argparse.Namespace) -> int:
                 raise
             raise PeerUnavailable(f"{exc} (a daemon that runs with run credentials answers only to their holders: "
                                   f"pass --credentials DIR)") from None
-    print(f"exported round {done.round} of task {done.task} ({done.tensors} tensors, global sha256 "
-          f"{done.global_sha256[:16]}...) to {done.path}")
+    print(f"exported round {done.round} of task {done.task} ({done.tensors} tensors, global hash "
+          f"{done.global_hash[:16]}...) to {done.path}")
     return 0
 
 

@@ -22,7 +22,7 @@ def status_dict(s: StatusInfo) -> dict:
     return {
         "peer_id": s.peer.peer_id, "run_id": s.peer.run_id, "task": s.peer.task, "address": s.peer.address,
         "round": s.peer.round, "inner_step": s.inner_step, "loss": nan(s.loss), "eval_loss": nan(s.eval_loss),
-        "eval_accuracy": nan(s.eval_accuracy), "global_sha256": s.peer.global_hash, "peers": list(s.peers),
+        "eval_accuracy": nan(s.eval_accuracy), "global_hash": s.peer.global_hash, "peers": list(s.peers),
         "phase": s.phase, "codec": s.codec, "samples": s.samples, "bytes_sent": s.bytes_sent,
         "bytes_received": s.bytes_received, "last_round_s": s.last_round_s,
         "rounds_completed": s.rounds_completed, "rounds_failed": s.rounds_failed,

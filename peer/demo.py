@@ -11,7 +11,7 @@ peers to stop, and ends with a summary:
 - the bytes each peer sent against what data-parallel training would have sent for the same
   inner steps: a ring all-reduce of fp32 gradients after every step, 2(K-1)/K x 4 x N bytes per
   step and peer for K peers and N parameters;
-- whether every peer holds the same global parameters (sha256).
+- whether every peer holds the same global parameters (their global hash).
 
 Exit status: 0 when every peer completed the rounds and they hold the same parameters, 1 on any
 failure (one line on stderr says which), 2 for bad arguments, 130 on Ctrl-C. Never raises
@@ -377,7 +377,7 @@ def _row(p: _Peer, rounds: int, show_total: bool) -> str:
     phase = s["phase"] if p.running() else ("stopped" if p.exit_code == 0 else f"exit {p.exit_code}")
     return (f"  {p.name:<6} rounds {done}  {phase:<11} loss {num(s['loss'])}  eval loss {num(s['eval_loss'])}  "
             f"acc {acc}  peers {len(s['peers'])}  sent {human_bytes(s['bytes_sent']):>9}  "
-            f"global {s['global_sha256'][:12]}")
+            f"global {s['global_hash'][:12]}")
 
 
 def _final(p: _Peer) -> _Final:
@@ -422,7 +422,7 @@ def _summary(demo: _Demo, elapsed: float) -> int:
                   f"loss than alone")
     _bytes_lines(demo, _params(demo.swarm[0].log()))
     if same:
-        print(f"  same model on every peer: yes (all {k} hold global sha256 {first.global_hash}...)", flush=True)
+        print(f"  same model on every peer: yes (all {k} hold global hash {first.global_hash}...)", flush=True)
     else:
         listing = ", ".join(f"{name} {f.global_hash or '-'}" for name, f in finals.items())
         print(f"  same model on every peer: NO ({listing})", flush=True)
@@ -459,7 +459,7 @@ def _together_accuracy(swarm: list[_Peer], final: _Final) -> str:
     answer's accuracy, labelled with its round."""
     answers = [p.last for p in swarm if p.last and p.last["eval_accuracy"] is not None]
     for s in answers:
-        if (s["global_sha256"].startswith(final.global_hash) and s["eval_loss"] is not None
+        if (s["global_hash"].startswith(final.global_hash) and s["eval_loss"] is not None
                 and f"{s['eval_loss']:.4f}" == final.eval_loss):
             return _pct(s["eval_accuracy"])
     if not answers:

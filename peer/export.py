@@ -2,12 +2,12 @@
 
 The file holds the task model's own ``state_dict`` names (parameters and persistent buffers;
 tied weights once, as ``safetensors.torch.save_model`` writes them) and string metadata:
-``run_id``, ``round``, ``global_sha256`` (the swarm's global hash of that round), ``task`` and
+``run_id``, ``round``, ``global_hash`` (the swarm's global hash of that round, BLAKE3), ``task`` and
 ``schema_hash``. ``model.load_state_dict(safetensors.torch.load_file(path))`` reads it (for a
 model with tied weights: ``safetensors.torch.load_model(model, path)``).
 
 Two sources: a running peer (its status says the run, task and round; ``GetState`` gives the
-state, checked against its sha256 and global hash) or a peer's state directory (its newest good
+state, checked against its digests) or a peer's state directory (its newest good
 checkpoint). Every check runs before anything is written; the output is written to a temporary
 file beside ``--out`` and renamed over it, so a failed export leaves ``--out`` as it was.
 Called from ``peer.cli`` (blocking; never exits the process). Raises ``PeerError`` children.
@@ -39,7 +39,7 @@ class Exported:
 
     path: Path
     round: int
-    global_sha256: str
+    global_hash: str
     task: str
     tensors: int
 
@@ -78,7 +78,7 @@ def _check_out(out: Path) -> None:
 def _write(task: Task, task_name: str, state: GlobalState, run_id: str, out: Path) -> Exported:
     model = model_with_state(task, state.params)
     meta = {"format": MODEL_FORMAT, "run_id": run_id, "round": str(state.round),
-            "global_sha256": state.global_hash, "task": task_name, "schema_hash": schema_hash(model)}
+            "global_hash": state.global_hash, "task": task_name, "schema_hash": schema_hash(model)}
     save_model_file(model, out, meta)
     return Exported(out, state.round, state.global_hash, task_name, len(model.state_dict()))
 

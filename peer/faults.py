@@ -35,7 +35,6 @@ A fault whose round is ``*`` fires in every round.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from blake3 import blake3
 
 from peer.codec import get_codec
 from peer.errors import ConfigError
@@ -187,9 +187,9 @@ class FaultyService:
             blob = lying_state(state.tobytes())
         finally:
             state.release()
-        # A header that fits the lie (the whole blob under ``sha256``, no parameter range):
+        # A header that fits the lie (the whole blob under ``digest``, no parameter range):
         # the transport passes it, so the joiner's checks of the content are what refuse it.
-        header = replace(state.header, total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), params_offset=0,
+        header = replace(state.header, total_bytes=len(blob), digest=blake3(blob).hexdigest(), params_offset=0,
                          params_bytes=0)
         return StateSnapshot(header, (blob,))
 

@@ -204,7 +204,7 @@ class Swarm:
 
     @property
     def global_hash(self) -> str:
-        """sha256 of the global parameters this peer holds (``global_sha256`` of ``peer status``)."""
+        """The digest (BLAKE3) of the global parameters this peer holds (``global_hash`` of ``peer status``)."""
         daemon = self._daemon
         return daemon.state.global_hash if daemon is not None else self._global_hash
 

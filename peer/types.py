@@ -9,12 +9,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 4
+import blake3
+
+PROTOCOL_VERSION = 5
 """Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake.
 It covers what peers must compute alike, not only the messages: 2 changed the outer step's
 float32 operations (``peer.sync.outer``, no fused multiply-adds), so a peer of version 1 would
 hold other bits after every round; the handshake refuses it instead. 4 added ``ReduceWhole`` (a
-part that fits one chunk goes in one message), which members send each other."""
+part that fits one chunk goes in one message), which members send each other. 5 made the state digest (``global_hash``, a state's
+``StateHeader.digest``, members' answer digests) BLAKE3 instead of sha256 and blake2b."""
 
 
 @dataclass(frozen=True)
@@ -142,15 +145,24 @@ class ReduceHeader:
     contributors: int = 0
 
 
+def digest_hasher() -> blake3.blake3:
+    """A hasher of the state digest: BLAKE3-256 (hex: 64 digits), one thread. The swarm names a
+    state by it (``global_hash``: attested by the majority, checked by joiners, in checkpoints and
+    exports; ``StateHeader``), and members compare owners' answers by it, so it must resist collisions a liar
+    could craft (a checksum would not); BLAKE3 does, at ~3x sha256's speed on this CPU with SHA
+    instructions (40 MB: 12.6 vs 35.7 ms, one thread). It releases the GIL on large updates."""
+    return blake3.blake3()
+
+
 @dataclass(frozen=True)
 class StateHeader:
-    """What a donor announces before its state blob. ``global_hash`` is the sha256 of the
-    ``params_bytes`` bytes at ``params_offset`` (the parameters); ``sha256`` that of every other
-    byte of the blob."""
+    """What a donor announces before its state blob. ``global_hash`` is the digest
+    (``digest_hasher``) of the ``params_bytes`` bytes at ``params_offset`` (the parameters);
+    ``digest`` that of every other byte of the blob."""
     round: int
     global_hash: str
     total_bytes: int
-    sha256: str
+    digest: str
     format: str
     params_offset: int = 0
     params_bytes: int = 0

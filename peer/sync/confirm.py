@@ -16,13 +16,12 @@ Loop-only; a confirmation waits at most the group's all-reduce deadline for the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from peer.types import Group, JoinOutcome, JoinReply, JoinRequest
+from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, digest_hasher
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,12 @@ KEEP_GROUPS = 16
 
 
 def answer_digest(payload: bytes) -> str:
-    """The digest a member reports of one owner's answer (an equality check, not a name)."""
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+    """The digest a member reports of one owner's answer: members compare them, so a lying
+    owner must not be able to craft two answers with one digest (``digest_hasher``: BLAKE3,
+    ~5x blake2b's speed here; 128 bits of it are plenty for an equality check)."""
+    h = digest_hasher()
+    h.update(payload)
+    return h.hexdigest(length=16)
 
 
 @dataclass

@@ -232,7 +232,7 @@ class RoundDriver:
         if not (0 <= req.weight < float("inf")) or len(req.global_hash) > 64:
             self._invalid("bad_join", f"{req.peer_id} asked to join with weight {req.weight} / hash "
                           f"{req.global_hash[:16]!r}")
-            return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a sha256 hex hash")
+            return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a hex hash of at most 64 digits")
         self._heard[req.peer_id] = time.monotonic()
         return await self.matchmaker.join(req)
 
@@ -735,7 +735,7 @@ class RoundDriver:
         else:
             in_place = False
             params, buf = torch.empty_like(s.params), torch.empty_like(s.momentum)
-        # One sweep: step, finiteness and the sha256 the next round's consistency check needs.
+        # One sweep: step, finiteness and the digest the next round's consistency check needs.
         digest, size = step_hashed_into(s.params, avg, s.momentum, params, buf, lr=lr, momentum=momentum,
                                         param_numel=self._param_numel, int_slices=self._int_slices)
         if not math.isfinite(size):

@@ -34,6 +34,8 @@ from typing import Protocol
 
 import torch
 
+from peer.types import digest_hasher
+
 
 class GradPieces(Protocol):
     """A 1-D float32 gradient the step reads in order, piece by piece, instead of a tensor: the
@@ -135,8 +137,8 @@ def outer_step_hashed(
     params: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, lr: float, momentum: float,
     param_numel: int | None = None, int_slices: tuple[tuple[int, int], ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
-    """``outer_step`` (the same ops, so the same bits), the sha256 hex of the new parameters
-    (``tensor_sha256(new_params)``) and whether the new parameters and buffer are all finite,
+    """``outer_step`` (the same ops, so the same bits), the digest of the new parameters
+    (``tensor_digest(new_params)``) and whether the new parameters and buffer are all finite,
     in one sweep over memory (``step_hashed_into`` fresh tensors). Inputs are not modified.
     Any thread."""
     _check_shapes(params, grad, momentum_buf)
@@ -152,8 +154,8 @@ def step_hashed_into(
     int_slices: tuple[tuple[int, int], ...] = (),
 ) -> tuple[str, float]:
     """The outer step of ``(params, momentum_buf)`` with ``grad`` written into ``(out_params,
-    out_buf)``: the same ops as ``outer_step``, so the same bits. Returns the sha256 hex of the
-    new parameters (``tensor_sha256(out_params)``) and ``magnitude(out_params, out_buf)`` (inf or
+    out_buf)``: the same ops as ``outer_step``, so the same bits. Returns the digest of the
+    new parameters (``tensor_digest(out_params)``) and ``magnitude(out_params, out_buf)`` (inf or
     NaN when the new state is not finite), found in the same sweep: chunk by chunk, each new
     chunk is checked and hashed while it is still in cache, instead of four more passes over
     the whole state. ``grad`` is only read. Any thread; 1-D float32 CPU tensors of one length.
@@ -185,7 +187,7 @@ def step_hashed_into(
             piece = scratch[:stop - start] if stop <= n else torch.empty(stop - start, dtype=params.dtype)
             read(piece)
             return piece
-    h = hashlib.sha256()
+    h = digest_hasher()
     size = 0.0
     bytes_of = memoryview(out_params.numpy()).cast("B")
     chunks = [(a, min(n, a + OUTER_CHUNK)) for a in range(0, n, OUTER_CHUNK)]
@@ -260,9 +262,23 @@ def _check_slices(total: int, n: int, int_slices: tuple[tuple[int, int], ...]) -
             raise ValueError(f"integer buffer slice ({start}, {stop}) outside the buffers [{n}, {total})")
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """The state digest (``digest_hasher``, hex) of the raw float32 bytes of the given tensors,
+    in order."""
+    h = digest_hasher()
+    for t in tensors:
+        h.update(_bytes_of(t))
+    return h.hexdigest()
+
+
 def tensor_sha256(*tensors: torch.Tensor) -> str:
-    """sha256 hex of the raw float32 bytes of the given tensors, in order."""
+    """sha256 hex of the raw float32 bytes of the given tensors, in order: the digest of
+    checkpoints written before the state digest was BLAKE3 (``peer.sync.state``)."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
+        h.update(_bytes_of(t))
     return h.hexdigest()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B")

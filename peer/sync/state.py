@@ -10,9 +10,11 @@ Two formats, no pickle in either:
   size is validated against the header and the expected numel before anything is allocated.
 - Checkpoint files: safetensors (``safetensors.torch.load_file`` opens them) holding the
   tensors ``global`` and ``momentum`` (1-D float32) and string metadata: ``format``, ``round``,
-  ``numel``, ``global_sha256`` and ``momentum_sha256`` (the integrity check: a torn or altered
-  file fails it), plus what the writer adds (run id, task, schema hash). Written atomically.
-  ``peer export`` turns one into a file of the model's own ``state_dict`` names.
+  ``numel``, ``global_hash`` and ``momentum_hash`` (their state digests, BLAKE3: the integrity
+  check, a torn or altered file fails it), plus what the writer adds (run id, task, schema
+  hash). Written atomically. ``peer export`` turns one into a file of the model's own
+  ``state_dict`` names. Files of the previous format (``peer-checkpoint-2``, the same with
+  ``global_sha256`` and ``momentum_sha256``) are read and checked by their sha256.
 
 Older versions wrote checkpoint files in the wire format followed by its sha256
 (``read_legacy_checkpoint``).
@@ -33,13 +35,16 @@ import torch
 
 from peer.codec import all_finite
 from peer.errors import StateError
-from peer.sync.outer import magnitude, tensor_sha256
+from peer.sync.outer import digest_hasher, magnitude, tensor_digest, tensor_sha256
 from peer.types import StateHeader
 
 MAGIC = b"PEERSTATE1\n"
 FORMAT = "peerstate1"
 MAX_HEADER = 1 << 20
-CHECKPOINT_FORMAT = "peer-checkpoint-2"
+CHECKPOINT_FORMAT = "peer-checkpoint-3"
+SHA256_CHECKPOINT_FORMAT = "peer-checkpoint-2"
+"""The previous checkpoint format: the same, with sha256 digests (``global_sha256``,
+``momentum_sha256``); still read."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class GlobalState:
     def global_hash(self) -> str:
         # Cached: the tensors of a GlobalState are not modified while anyone may ask (see
         # above), and peers ask for the hash on every status and join.
-        return tensor_sha256(self.params)
+        return tensor_digest(self.params)
 
     @functools.cached_property
     def magnitude(self) -> float:
@@ -70,7 +75,7 @@ class GlobalState:
     def with_hash(self, digest: str, size: float | None = None) -> GlobalState:
         """Record ``global_hash`` (and ``magnitude``, ``size``) computed elsewhere (the outer step
         finds both as it writes the state, ``step_hashed_into``); ``digest`` must be
-        ``tensor_sha256(params)``. Returns self."""
+        ``tensor_digest(params)``. Returns self."""
         self.__dict__["global_hash"] = digest  # where cached_property keeps its value
         if size is not None:
             self.__dict__["magnitude"] = size
@@ -122,7 +127,7 @@ def state_parts(state: GlobalState) -> tuple[bytes, memoryview, memoryview]:
 
 @dataclass
 class StateSnapshot:
-    """What a donor streams for one GetState: ``header`` (its ``sha256`` covers the whole blob)
+    """What a donor streams for one GetState: ``header`` (its digests cover the whole blob)
     and the blob as consecutive ``parts`` (``state_parts``, or one bytes object), read in place.
     ``release()`` once the stream is done (ended, failed or cancelled): it unpins the state whose
     memory the parts are (idempotent; any thread)."""
@@ -162,38 +167,43 @@ def params_span(blob: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 def state_header(state: GlobalState, blob: bytes | bytearray | memoryview) -> StateHeader:
     """The header a donor sends before ``blob`` (``encode_state(state)``). Each byte is hashed
-    once: the parameters' sha256 is ``global_hash`` (already known; the joiner checks the bytes
-    against it as they arrive, and it is the hash the swarm attests), and ``sha256`` covers the
+    once: the parameters' digest is ``global_hash`` (already known; the joiner checks the bytes
+    against it as they arrive, and it is the hash the swarm attests), and ``digest`` covers the
     rest of the blob (header, momentum). Any thread."""
     offset, nbytes = params_span(blob)
     view = memoryview(blob)
-    rest = hashlib.sha256(view[:offset])
+    rest = digest_hasher()
+    rest.update(view[:offset])
     rest.update(view[offset + nbytes :])
     return StateHeader(round=state.round, global_hash=state.global_hash, total_bytes=len(view),
-                       sha256=rest.hexdigest(), format=FORMAT, params_offset=offset, params_bytes=nbytes)
+                       digest=rest.hexdigest(), format=FORMAT, params_offset=offset, params_bytes=nbytes)
 
 
 def parts_header(state: GlobalState, parts: tuple[bytes, memoryview, memoryview]) -> StateHeader:
     """``state_header`` for the blob as ``state_parts(state)`` lays it out (prefix, parameters,
-    momentum), without joining it: the parameters are the second part, and ``sha256`` covers the
+    momentum), without joining it: the parameters are the second part, and ``digest`` covers the
     prefix and the momentum (one read of the momentum). Any thread; ``state`` pinned."""
     prefix, params, momentum = parts
-    rest = hashlib.sha256(prefix)
+    rest = digest_hasher()
+    rest.update(prefix)
     rest.update(momentum)
     return StateHeader(round=state.round, global_hash=state.global_hash,
-                       total_bytes=len(prefix) + len(params) + len(momentum), sha256=rest.hexdigest(), format=FORMAT,
+                       total_bytes=len(prefix) + len(params) + len(momentum), digest=rest.hexdigest(), format=FORMAT,
                        params_offset=len(prefix), params_bytes=len(params))
 
 
-def decode_state(blob: bytes | bytearray | memoryview, numel: int,
-                 checked: StateHeader | None = None) -> tuple[GlobalState, dict[str, torch.Tensor]]:
+def decode_state(blob: bytes | bytearray | memoryview, numel: int, checked: StateHeader | None = None,
+                 *, sha256: bool = False) -> tuple[GlobalState, dict[str, torch.Tensor]]:
     """Parse a state blob for a model of ``numel`` parameters; raise StateError if it does not fit.
     The tensors share a writable ``blob``'s memory (the caller must not reuse it), and copy a
     read-only one.
 
     ``checked``: the header the blob came with, once the transport has checked that the bytes
     at ``params_offset`` hash to its ``global_hash`` (``GrpcPeerClient.get_state``). When the
-    parameters are exactly those bytes, their hash is not computed again."""
+    parameters are exactly those bytes, their hash is not computed again.
+
+    ``sha256``: the blob's ``global_hash`` is the parameters' sha256 (a ``PEERSTATE1`` checkpoint
+    file, written before the state digest was BLAKE3)."""
     view = memoryview(blob)
     if len(view) < len(MAGIC) + 8 or bytes(view[: len(MAGIC)]) != MAGIC:
         raise StateError("not a peer state blob (bad magic)")
@@ -241,7 +251,7 @@ def decode_state(blob: bytes | bytearray | memoryview, numel: int,
     if (checked is not None and checked.params_bytes == 4 * numel and checked.global_hash == want_hash
             and checked.params_offset == body_at + int(next(e for e in table if e["name"] == "params")["offset"])):
         state.with_hash(want_hash)
-    if state.global_hash != want_hash:
+    if (tensor_sha256(params) if sha256 else state.global_hash) != want_hash:
         raise StateError("state parameters do not match the hash in their header")
     if not (all_finite(params) and all_finite(momentum)):
         raise StateError("state holds NaN or Inf")
@@ -276,8 +286,8 @@ def checkpoint_parts(state: GlobalState, meta: dict[str, str] | None = None) -> 
     ``data_offsets``. The views are valid while ``state`` is pinned (``StateStore``)."""
     parts = state_parts(state)[1:]
     metadata = {**(meta or {}), "format": CHECKPOINT_FORMAT, "round": str(state.round),
-                "numel": str(state.params.numel()), "global_sha256": state.global_hash,
-                "momentum_sha256": tensor_sha256(state.momentum)}
+                "numel": str(state.params.numel()), "global_hash": state.global_hash,
+                "momentum_hash": tensor_digest(state.momentum)}
     table: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, part in zip(("global", "momentum"), parts):
@@ -325,11 +335,13 @@ def decode_checkpoint(data: bytes, numel: int) -> tuple[GlobalState, dict[str, s
     from safetensors.torch import load
 
     meta = checkpoint_metadata(data)
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") not in (CHECKPOINT_FORMAT, SHA256_CHECKPOINT_FORMAT):
         raise StateError(f"not a peer checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    sha256 = meta["format"] == SHA256_CHECKPOINT_FORMAT
     try:
         rnd, size = int(meta["round"]), int(meta["numel"])
-        want_global, want_momentum = meta["global_sha256"], meta["momentum_sha256"]
+        want_global, want_momentum = ((meta["global_sha256"], meta["momentum_sha256"]) if sha256
+                                      else (meta["global_hash"], meta["momentum_hash"]))
     except (KeyError, ValueError) as exc:
         raise StateError(f"checkpoint metadata is incomplete: {exc}") from None
     if size != numel:
@@ -346,8 +358,9 @@ def decode_checkpoint(data: bytes, numel: int) -> tuple[GlobalState, dict[str, s
         if t is None or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != numel:
             raise StateError(f"checkpoint tensor {name!r} is missing or not a float32 vector of {numel} values")
     state = GlobalState(round=rnd, params=params, momentum=momentum)
-    if state.global_hash != want_global or tensor_sha256(momentum) != want_momentum:
-        raise StateError("checkpoint is torn or corrupt: its tensors do not match the sha256 in its metadata")
+    digest = tensor_sha256 if sha256 else tensor_digest
+    if (digest(params) if sha256 else state.global_hash) != want_global or digest(momentum) != want_momentum:
+        raise StateError("checkpoint is torn or corrupt: its tensors do not match the digests in its metadata")
     if not (all_finite(params) and all_finite(momentum)):
         raise StateError("checkpoint holds NaN or Inf")
     return state, meta
@@ -369,7 +382,7 @@ def read_legacy_checkpoint(path: Path, numel: int) -> GlobalState:
     if len(data) < 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise StateError(f"old PEERSTATE1 checkpoint {path} is torn or corrupt (checksum mismatch)")
     try:
-        state, _ = decode_state(data[:-32], numel)
+        state, _ = decode_state(data[:-32], numel, sha256=True)
     except StateError as exc:
         raise StateError(f"{path} is an old PEERSTATE1 checkpoint (parameters only, no buffers) that does not "
                          f"fit this model's state of {numel} values ({exc}); move it away to start fresh") from None

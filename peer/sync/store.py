@@ -23,7 +23,7 @@ between two generations (no page faults, but both kept for good: the same 8 more
 moment).
 
 A donor serves the pinned state's own memory (``state_parts``: a small prefix, then the
-parameters and the momentum as they lie): no serialized copy of the state. The header's sha256
+parameters and the momentum as they lie): no serialized copy of the state. The header's digest
 covers the prefix and the momentum (the parameters' is the global hash, already known): one read
 of the momentum, once per state, cached with the prefix.
 A checkpoint is written from the pinned state in the same way (``write_checkpoint``).

@@ -55,7 +55,7 @@ class GrpcPeerClient:
     ``identity``: mutual TLS with this identity (None: plain TCP, ``--insecure``). A call to an
     address ``bind``-ed to a peer id checks in the TLS handshake that the server's certificate
     is that peer's; other calls check that it is a member of the run. ``reconnect_wait_s``: how long a call that found no connection waits for one before the
-    peer counts as gone. ``executor``: where a state's sha256 is computed while it arrives (None:
+    peer counts as gone. ``executor``: where a state's digest is computed while it arrives (None:
     the loop's default executor). ``tamper`` (fault injection, tests only) may change each outgoing
     Reduce payload after its checksum was computed, as a broken link would.
     """
@@ -244,7 +244,7 @@ class GrpcPeerClient:
     ) -> tuple[StateHeader, memoryview]:
         """The donor's state blob (a writable view nobody else holds), its size bounded by
         ``max_state_bytes`` before anything is allocated and its hashes checked as it arrives:
-        the header's ``global_hash`` over the parameters' bytes, ``sha256`` over the rest.
+        the header's ``global_hash`` over the parameters' bytes, ``digest`` over the rest.
         Raises StateError (a donor that lies or breaks the framing) or PeerUnavailable."""
         # The messages arrive serialized (no deserializer): ``assemble_frames`` reads the
         # chunks' data in place instead of copying it out of protobuf messages.
@@ -265,8 +265,8 @@ class GrpcPeerClient:
                 raise StateError(f"{address} offers {header.total_bytes} bytes of state; the limit is "
                                  f"{self._max_state_bytes}")
             # The parameters' bytes are checked against the hash the donor announces for them
-            # (which the caller compares with the attested one), the rest against ``sha256``.
-            blob = await assemble_frames(it, header.total_bytes, header.sha256, self._idle, f"state from {address}",
+            # (which the caller compares with the attested one), the rest against ``digest``.
+            blob = await assemble_frames(it, header.total_bytes, header.digest, self._idle, f"state from {address}",
                                          self._executor, (header.params_offset, header.params_bytes),
                                          header.global_hash)
             return header, blob

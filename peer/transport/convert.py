@@ -105,10 +105,10 @@ def reduce_header_from_pb(m: pb.ReduceHeader) -> ReduceHeader:
 
 
 def state_header_to_pb(h: StateHeader) -> pb.StateHeader:
-    return pb.StateHeader(round=h.round, global_hash=h.global_hash, total_bytes=h.total_bytes, sha256=h.sha256,
+    return pb.StateHeader(round=h.round, global_hash=h.global_hash, total_bytes=h.total_bytes, digest=h.digest,
                           format=h.format, params_offset=h.params_offset, params_bytes=h.params_bytes)
 
 
 def state_header_from_pb(m: pb.StateHeader) -> StateHeader:
-    return StateHeader(round=m.round, global_hash=m.global_hash, total_bytes=m.total_bytes, sha256=m.sha256,
+    return StateHeader(round=m.round, global_hash=m.global_hash, total_bytes=m.total_bytes, digest=m.digest,
                        format=m.format, params_offset=m.params_offset, params_bytes=m.params_bytes)

@@ -13,7 +13,6 @@ read them with ``assemble_reduce``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import mmap
 import queue
 import zlib
@@ -24,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from peer.errors import RoundError
 from peer.transport.gen import peer_pb2 as pb
+from peer.types import digest_hasher
 
 MAX_CHUNK_BYTES = 1 << 20
 
@@ -198,10 +198,10 @@ def read_chunk(message: bytes, what: str) -> tuple[int, bytes | memoryview]:
 class Reassembly:
     """One payload of an announced size, received in order in chunks that are written straight
     into one buffer: no list of pieces, no join. ``hash_until_done`` follows the writer on
-    another thread and hashes (sha256) each piece once it is in, so the hash is ready soon
+    another thread and hashes (``digest_hasher``) each piece once it is in, so the hash is ready soon
     after the last chunk, and the loop only copies.
 
-    ``inner`` = ``(start, nbytes)``, a range inside the payload that gets its own sha256 (a state's
+    ``inner`` = ``(start, nbytes)``, a range inside the payload that gets its own digest (a state's
     parameters, whose hash is the one the swarm attests): every byte is hashed once, either into
     the inner digest or into the digest of everything else.
 
@@ -258,16 +258,16 @@ class Reassembly:
         self._progress.put(None)
 
     def hash_until_done(self) -> tuple[str, str] | None:
-        """The sha256 (hex) of the payload outside the ``inner`` range and that of the range, each
+        """The digest (hex) of the payload outside the ``inner`` range and that of the range, each
         hashed piece by piece as ``add`` writes it; None if ``close`` came first. Blocks until
         then: run it on a worker thread (or after the last ``add``). Bytes once written are never
         written again, so reading them here while the loop writes further on is safe; hashlib
-        lets go of the GIL meanwhile.
+        and blake3 let go of the GIL meanwhile.
 
         While it waits for the writer, it also maps in the buffer's pages a little ahead of it
         (at most ``POPULATE_AHEAD_BYTES`` past what arrived), so that the loop's copies do not
         take a page fault every 4 KiB."""
-        outer, inner = hashlib.sha256(), hashlib.sha256()
+        outer, inner = digest_hasher(), digest_hasher()
         lo, hi = self._inner
         hashed = written = mapped = 0
         while hashed < self._total:
@@ -308,14 +308,15 @@ class Reassembly:
         return self._buf
 
 
-async def assemble_frames(it: AsyncIterator[bytes], total_bytes: int, sha256_hex: str, idle_s: float, what: str,
+async def assemble_frames(it: AsyncIterator[bytes], total_bytes: int, digest_hex: str, idle_s: float, what: str,
                           executor: Executor | None = None, inner: tuple[int, int] = (0, 0),
-                          inner_sha256_hex: str | None = None) -> memoryview:
+                          inner_digest_hex: str | None = None) -> memoryview:
     """Read serialized chunk messages from ``it`` until ``total_bytes`` (bounded by the caller)
     arrived, each checked as ``Reassembly.add`` does, while a thread of ``executor`` (None:
-    the loop's default) hashes what arrived; return the payload once the sha256 of the bytes
-    outside the ``inner`` range ``(start, nbytes)`` is ``sha256_hex`` and that of the range is
-    ``inner_sha256_hex`` (with the default empty range, ``sha256_hex`` covers everything).
+    the loop's default) hashes what arrived; return the payload once the digest (``digest_hasher``)
+    of the bytes outside the ``inner`` range ``(start, nbytes)`` is ``digest_hex`` and that of
+    the range is ``inner_digest_hex`` (with the default empty range, ``digest_hex`` covers
+    everything).
     Raises RoundError: a range outside the payload, a stream that ends early or stalls for
     ``idle_s``, a malformed or misplaced chunk, a hash mismatch. Loop; each step copies at
     most 1 MiB."""
@@ -330,8 +331,8 @@ async def assemble_frames(it: AsyncIterator[bytes], total_bytes: int, sha256_hex
         await asyncio.gather(hashed, return_exceptions=True)  # it stops at its next piece
         raise
     outer, inner_hex = await hashed
-    if outer != sha256_hex:
-        raise RoundError("corrupt", f"{what}: fails its sha256 check")
-    if inner[1] and inner_hex != inner_sha256_hex:
-        raise RoundError("corrupt", f"{what}: the {inner[1]} bytes at {inner[0]} fail their sha256 check")
+    if outer != digest_hex:
+        raise RoundError("corrupt", f"{what}: fails its digest check")
+    if inner[1] and inner_hex != inner_digest_hex:
+        raise RoundError("corrupt", f"{what}: the {inner[1]} bytes at {inner[0]} fail their digest check")
     return parts.payload()

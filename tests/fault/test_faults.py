@@ -103,7 +103,7 @@ def test_a_donor_killed_while_serving_state_does_not_stop_the_joiner(tmp_path):
         assert d1.proc.wait(10) == -signal.SIGKILL
         assert re.search(rf"state transfer from {d1.peer_id} failed", joiner.log()), joiner.log()
         assert re.search(rf"resynced to round 3 \(\w+\) from {d2.peer_id}", joiner.log())
-        assert joiner.status()["global_sha256"] == d2.status()["global_sha256"]
+        assert joiner.status()["global_hash"] == d2.status()["global_hash"]
 
 
 def test_a_restarted_peer_resumes_from_its_checkpoint_then_catches_up(tmp_path):

@@ -177,7 +177,7 @@ def fake_peer():
 
 
 def _state_messages() -> st.SearchStrategy:
-    header = st.builds(pb.StateHeader, round=U64, global_hash=TEXT, total_bytes=st.integers(0, 512), sha256=TEXT,
+    header = st.builds(pb.StateHeader, round=U64, global_hash=TEXT, total_bytes=st.integers(0, 512), digest=TEXT,
                        format=TEXT, params_offset=st.one_of(st.integers(0, 600), U64),
                        params_bytes=st.one_of(st.integers(0, 600), U64))
     chunk = st.builds(pb.Chunk, offset=st.integers(0, 512), data=st.binary(max_size=128))
@@ -220,7 +220,7 @@ def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status
                     result = await fn()
                 except PeerError:
                     continue
-                if isinstance(result, tuple) and result and hasattr(result[0], "sha256"):
+                if isinstance(result, tuple) and result and hasattr(result[0], "digest"):
                     try:
                         decode_state(result[1], 16, result[0])  # a state that passed the transport's checks
                     except PeerError:

@@ -150,12 +150,12 @@ def test_a_donor_serving_a_lying_state_header_is_refused_and_the_joiner_catches_
             p.wait_listening(60)
         wait_until(lambda: all(p.status()["round"] == 4 for p in [rogue, *honest]), 90, "three peers at round 4",
                    lambda: _logs(swarm))
-        held = {p.status()["global_sha256"] for p in [rogue, *honest]}
+        held = {p.status()["global_hash"] for p in [rogue, *honest]}
         assert len(held) == 1, held
         late = swarm.start("late", "--peer-id", "p3")
         wait_until(lambda: "resynced to round 4" in late.log(), 60, "the joiner to catch up", lambda: _logs(swarm))
         refused = metric(late.metrics_port, 'peer_sync_invalid_claims_total{reason="bad_state"}')
         assert refused >= 1, late.tail(30)
         assert "outside [0, 2^63)" in late.log(), late.tail(30)
-        assert late.status()["global_sha256"] in held or late.status()["round"] > 4, late.tail(30)
+        assert late.status()["global_hash"] in held or late.status()["round"] > 4, late.tail(30)
         assert all(p.alive() for p in swarm.peers)

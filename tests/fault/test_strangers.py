@@ -88,7 +88,7 @@ def test_a_stranger_gets_no_answer_and_the_run_goes_on(tmp_path, kind):
             p.wait_listening(60)
         logs = lambda: "\n".join(p.tail(25) for p in peers)  # noqa: E731
         wait_until(lambda: len(consistent_rounds(peers)) >= 2, 60, "two rounds", logs)
-        schema = peers[0].status()["global_sha256"]  # any string: the schema check never gets that far
+        schema = peers[0].status()["global_hash"]  # any string: the schema check never gets that far
         before = max(consistent_rounds(peers))
         # Execute: all four attacks against both peers, the Leave flood for 3 s each
         codes = asyncio.run(_attack(kind, [p.grpc for p in peers], run_id, schema, [p.peer_id for p in peers],

@@ -26,7 +26,7 @@ import torch
 torch.set_num_threads(1)
 
 import peer  # noqa: E402
-from peer.sync.outer import tensor_sha256  # noqa: E402
+from peer.sync.outer import tensor_digest  # noqa: E402
 from peer.trainer import flatten_state, init_model, load_task  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def train(swarm: peer.Swarm, model: torch.nn.Module, task, rounds: int, time_lim
     opt = torch.optim.AdamW(model.parameters(), lr=task.defaults.inner_lr)
     batches = task.batches(0, swarm.peer_id, task.defaults.batch_size)
     joined = swarm.round
-    print(f"joined at round {joined}, model {tensor_sha256(flatten_state(model))[:12]}, "
+    print(f"joined at round {joined}, model {tensor_digest(flatten_state(model))[:12]}, "
           f"global {swarm.global_hash[:12]}", flush=True)
     deadline = time.monotonic() + time_limit_s
     while swarm.completed_rounds < rounds:
@@ -47,7 +47,7 @@ def train(swarm: peer.Swarm, model: torch.nn.Module, task, rounds: int, time_lim
         opt.step()
         opt.zero_grad()
         if swarm.step(samples=int(x.shape[0]), loss=loss):
-            held = tensor_sha256(flatten_state(model))
+            held = tensor_digest(flatten_state(model))
             print(f"model holds global {held[:12]} at round {swarm.round}", flush=True)
             if held != swarm.global_hash:
                 print(f"but the global state is {swarm.global_hash[:12]}", flush=True)

@@ -114,9 +114,9 @@ def test_status_json_has_the_documented_fields(tmp_path):
         out = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, "--json", *creds], capture_output=True,
                              text=True, timeout=30, check=True)
         s = json.loads(out.stdout)
-        for key in ("peer_id", "run_id", "round", "inner_step", "loss", "global_sha256", "peers"):
+        for key in ("peer_id", "run_id", "round", "inner_step", "loss", "global_hash", "peers"):
             assert key in s
-        assert s["peer_id"] == p.peer_id and len(s["global_sha256"]) == 64
+        assert s["peer_id"] == p.peer_id and len(s["global_hash"]) == 64
         human = subprocess.run([sys.executable, "-m", "peer", "status", p.grpc, *creds], capture_output=True,
                                text=True, timeout=30, check=True).stdout
         assert f"peer {p.peer_id}" in human and "round" in human and "TLS" in human

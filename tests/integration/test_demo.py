@@ -60,7 +60,7 @@ def test_demo_trains_together_stops_at_the_announced_round_and_sums_up(tmp_path)
     ratio = re.search(rf"data-parallel training would have sent .* for the same {rounds * steps} steps "
                       r"\(fp32 gradients of 9,610 parameters, all-reduced after every step\): (\d+)x more", out)
     assert ratio and int(ratio[1]) > 1, report
-    same = re.search(r"^  same model on every peer: yes \(all 2 hold global sha256 ([0-9a-f]{12})\.\.\.\)", out, re.M)
+    same = re.search(r"^  same model on every peer: yes \(all 2 hold global hash ([0-9a-f]{12})\.\.\.\)", out, re.M)
     assert same, report
 
     # It stopped at the round it announced: each peer completed exactly `rounds` rounds, together,

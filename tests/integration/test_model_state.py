@@ -55,10 +55,10 @@ def test_bn_swarm_evaluates_its_buffers_and_exports_the_model(tmp_path):
         # Assert 1: one global state, and it holds trained BatchNorm statistics
         assert done.returncode == 0, done.stderr
         assert {s["round"] for s in statuses} == {LAST}
-        assert len({s["global_sha256"] for s in statuses}) == 1
+        assert len({s["global_hash"] for s in statuses}) == 1
         assert check_invariant(peers) >= 1  # at least one round had several members
         meta = checkpoint_metadata(out.read_bytes())
-        assert meta["round"] == str(LAST) and meta["global_sha256"] == statuses[0]["global_sha256"]
+        assert meta["round"] == str(LAST) and meta["global_hash"] == statuses[0]["global_hash"]
         assert meta["task"] == TASK and meta["run_id"] == swarm.run_id
         task = BNDigitsTask()
         model = task.build_model()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import peer
-from peer.sync.outer import tensor_sha256
+from peer.sync.outer import tensor_digest
 from peer.trainer import flatten_state
 from tests.integration._peers import PeerProc, check_invariant, credentials_for, metric, round_hashes, wait_until
 from tests.integration._peers import Swarm as Peers
@@ -140,7 +140,7 @@ def test_a_swarm_inside_this_process_trains_serves_metrics_and_leaves_no_thread(
             opt.zero_grad()
             returned.append(swarm.step(samples=8, loss=loss))
             if returned[-1]:
-                held.append(tensor_sha256(flatten_state(model)) == swarm.global_hash)
+                held.append(tensor_digest(flatten_state(model)) == swarm.global_hash)
         port = swarm.metrics_port
         counts = [metric(port, 'peer_rounds_total{outcome="completed"}'), metric(port, "peer_train_inner_steps_total"),
                   metric(port, "peer_train_samples_total")]

@@ -91,7 +91,7 @@ def test_status_dict_has_every_field_and_nan_becomes_none():
 
     assert s == {
         "peer_id": "p1", "run_id": "lab1", "task": "fashion", "address": "10.0.0.1:7070", "round": 7,
-        "inner_step": 350, "loss": 0.5, "eval_loss": None, "eval_accuracy": None, "global_sha256": "ab" * 32,
+        "inner_step": 350, "loss": 0.5, "eval_loss": None, "eval_accuracy": None, "global_hash": "ab" * 32,
         "peers": ["p2", "p3"], "phase": "inner", "codec": "int8", "samples": 64, "bytes_sent": 10,
         "bytes_received": 20, "last_round_s": 1.5, "rounds_completed": 7, "rounds_failed": 1,
         "metrics_port": 9470,

@@ -50,7 +50,7 @@ def test_export_from_a_state_dir_loads_strictly_into_the_task_model(tmp_path, tr
     assert torch.equal(flatten_state(model), state.params)
     meta = checkpoint_metadata(out.read_bytes())
     assert meta["round"] == "12" and meta["run_id"] == "r1" and meta["task"] == TASK
-    assert meta["global_sha256"] == state.global_hash
+    assert meta["global_hash"] == state.global_hash
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "another_model", "no_source", "peer_and_dir"])

@@ -12,7 +12,7 @@ import torch
 
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
-from peer.sync.outer import OUTER_CHUNK, magnitude, step_hashed_into, tensor_sha256
+from peer.sync.outer import OUTER_CHUNK, magnitude, step_hashed_into, tensor_digest
 from peer.sync.round import Averaged, Matchmaker, OwnedShard, Reducer, ShardRegistry, leader_for, shard_bounds
 from peer.types import Group, JoinOutcome, JoinRequest, Member
 
@@ -370,7 +370,7 @@ def test_the_step_from_the_encoded_answers_is_the_step_from_the_decoded_average_
     got = step_hashed_into(theta, avg, buf, theta, buf, **kw)
 
     # Assert: the same bits, hash (the next global hash) and size; the whole tensor too
-    assert got == want and got[0] == tensor_sha256(want_p)
+    assert got == want and got[0] == tensor_digest(want_p)
     assert torch.equal(theta.view(torch.int32), want_p.view(torch.int32))
     assert torch.equal(buf.view(torch.int32), want_b.view(torch.int32))
     assert torch.equal(avg.tensor().view(torch.int32), whole.view(torch.int32))

@@ -165,7 +165,7 @@ async def test_a_checkpoint_is_plain_safetensors_with_its_metadata(tmp_path, poo
     meta = checkpoint_metadata(store.checkpoint_path.read_bytes())
 
     assert torch.equal(tensors["global"], state.params) and torch.equal(tensors["momentum"], state.momentum)
-    assert meta["round"] == "7" and meta["global_sha256"] == state.global_hash
+    assert meta["round"] == "7" and meta["global_hash"] == state.global_hash
     assert meta["run_id"] == "r1" and meta["task"] == "digits" and meta["schema_hash"] == "abc"
 
 
@@ -186,6 +186,7 @@ async def test_an_old_peerstate1_checkpoint_is_loaded_when_it_fits_else_refused(
     from peer.sync.state import encode_state
 
     old = _state(9, seed=9)
+    old.with_hash(hashlib.sha256(old.params.numpy().tobytes()).hexdigest())  # PEERSTATE1 named states by sha256
     blob = encode_state(old)
     (tmp_path / "checkpoint.bin").write_bytes(blob + hashlib.sha256(blob).digest())
 

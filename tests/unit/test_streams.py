@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from blake3 import blake3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,8 +21,8 @@ from peer.transport.streams import (
 )
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(data: bytes) -> str:
+    return blake3(data).hexdigest()
 
 
 async def _messages(items, stall_s: float = 0.0):
@@ -90,7 +90,7 @@ def test_reassembly_writes_in_place_and_hashes_what_arrived():
         assert not parts.done
         parts.add(*chunk_of_frame(frame))
 
-    assert parts.hash_until_done() == (_sha(payload), _sha(b""))  # everything arrived: returns at once
+    assert parts.hash_until_done() == (_digest(payload), _digest(b""))  # everything arrived: returns at once
     blob = parts.payload()
     assert parts.done and blob == payload and not blob.readonly
 
@@ -108,7 +108,7 @@ def test_the_hash_follows_the_writer_from_another_thread(size, chunk):
             parts.add(*chunk_of_frame(frame))
 
         # Assert
-        assert hashed.result(timeout=10) == (_sha(payload), _sha(b""))
+        assert hashed.result(timeout=10) == (_digest(payload), _digest(b""))
     assert parts.payload() == payload
 
 
@@ -126,8 +126,8 @@ def test_the_inner_range_gets_its_own_hash_and_every_byte_is_hashed_once(start, 
 
         outer, inner = hashed.result(timeout=10)
 
-    assert inner == _sha(payload[start : start + nbytes])
-    assert outer == _sha(payload[:start] + payload[start + nbytes :])
+    assert inner == _digest(payload[start : start + nbytes])
+    assert outer == _digest(payload[:start] + payload[start + nbytes :])
 
 
 @pytest.mark.parametrize("inner", [(-1, 4), (0, 11), (8, 3), (11, 0)])
@@ -140,13 +140,13 @@ def test_an_inner_range_outside_the_payload_is_refused(inner):
 async def test_assemble_frames_checks_the_inner_range_against_its_own_hash():
     payload = bytes(range(256)) * 40
     frames = [frame for _, frame in chunk_frames(payload, 1000)]
-    rest, inner = _sha(payload[:100] + payload[612:]), _sha(payload[100:612])
+    rest, inner = _digest(payload[:100] + payload[612:]), _digest(payload[100:612])
 
     blob = await assemble_frames(_messages(frames), len(payload), rest, 1.0, "state", None, (100, 512), inner)
     assert blob == payload
     # The right bytes, each hash given for the other part (or the whole): refused.
-    for outer_hex, inner_hex in ((inner, rest), (_sha(payload), inner), (rest, _sha(payload))):
-        with pytest.raises(RoundError, match="sha256") as err:
+    for outer_hex, inner_hex in ((inner, rest), (_digest(payload), inner), (rest, _digest(payload))):
+        with pytest.raises(RoundError, match="digest check") as err:
             await assemble_frames(_messages(frames), len(payload), outer_hex, 1.0, "state", None, (100, 512),
                                   inner_hex)
         assert err.value.reason == "corrupt"
@@ -186,14 +186,14 @@ def test_reassembly_of_a_short_stream_has_no_payload():
 
 def test_empty_payload():
     parts = Reassembly(0, "state")
-    assert parts.hash_until_done() == (_sha(b""), _sha(b"")) and parts.payload() == b""
+    assert parts.hash_until_done() == (_digest(b""), _digest(b"")) and parts.payload() == b""
 
 
 async def test_assemble_frames_reads_a_whole_stream():
     payload = bytes(range(256)) * 40
     frames = [frame for _, frame in chunk_frames(payload, 1000)]
 
-    blob = await assemble_frames(_messages(frames), len(payload), _sha(payload), 1.0, "state")
+    blob = await assemble_frames(_messages(frames), len(payload), _digest(payload), 1.0, "state")
 
     assert blob == payload
 
@@ -203,15 +203,15 @@ async def test_assemble_frames_refuses_a_stream_that_ends_early_or_stalls(cut, s
     payload = b"z" * 4000
     frames = [frame for _, frame in chunk_frames(payload, 1000)][:cut]
     with pytest.raises(RoundError) as err:
-        await assemble_frames(_messages(frames, stall_s), len(payload), _sha(payload), 0.2, "state")
+        await assemble_frames(_messages(frames, stall_s), len(payload), _digest(payload), 0.2, "state")
     assert err.value.reason == reason
 
 
 async def test_assemble_frames_refuses_a_payload_that_fails_its_hash():
     payload = b"y" * 3000
     frames = [frame for _, frame in chunk_frames(payload, 1000)]
-    with pytest.raises(RoundError, match="sha256") as err:
-        await assemble_frames(_messages(frames), len(payload), _sha(b"y" * 2999 + b"x"), 1.0, "state")
+    with pytest.raises(RoundError, match="digest check") as err:
+        await assemble_frames(_messages(frames), len(payload), _digest(b"y" * 2999 + b"x"), 1.0, "state")
     assert err.value.reason == "corrupt"
 
 
@@ -245,7 +245,7 @@ def test_without_page_prefaulting_the_hash_is_the_same(monkeypatch):
     for offset, frame in chunk_frames(payload, 65536):
         parts.add(*chunk_of_frame(frame))
 
-    assert parts.hash_until_done() == (_sha(payload), _sha(b"")) and parts.payload() == payload
+    assert parts.hash_until_done() == (_digest(payload), _digest(b"")) and parts.payload() == payload
     assert not parts._populating
 
 

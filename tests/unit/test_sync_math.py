@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import subprocess
@@ -12,13 +11,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from blake3 import blake3
 
 import peer.sync.state as state_mod
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
 from peer.sync.outer import (
     OUTER_CHUNK, magnitude, outer_step, outer_step_hashed, step_hashed_into, step_in_place, step_stays_finite,
-    tensor_sha256,
+    tensor_digest, tensor_sha256,
 )
 from peer.sync.round import shard_bounds
 from peer.sync.state import (
@@ -62,13 +62,13 @@ def test_outer_step_leaves_inputs_alone_and_is_deterministic():
     a = outer_step(theta, g, buf, lr=0.3, momentum=0.9)
     b = outer_step(theta, g, buf, lr=0.3, momentum=0.9)
     assert torch.equal(theta, torch.ones(4)) and torch.equal(buf, torch.full((4,), 0.1))
-    assert tensor_sha256(*a) == tensor_sha256(*b)
+    assert tensor_digest(*a) == tensor_digest(*b)
     with pytest.raises(ValueError, match="shape"):
         outer_step(theta, torch.ones(3), buf, lr=0.3, momentum=0.9)
 
 
 @pytest.mark.parametrize("n", [1, 1000, OUTER_CHUNK, 2 * OUTER_CHUNK + 3])
-def test_outer_step_hashed_is_outer_step_bit_for_bit_with_its_sha256(n):
+def test_outer_step_hashed_is_outer_step_bit_for_bit_with_its_digest(n):
     # Prepare
     gen = torch.Generator().manual_seed(n)
     theta, g, buf = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
@@ -78,7 +78,7 @@ def test_outer_step_hashed_is_outer_step_bit_for_bit_with_its_sha256(n):
     p2, b2, digest, finite = outer_step_hashed(theta, g, buf, lr=0.7, momentum=0.9)
     # Assert
     assert torch.equal(p1, p2) and torch.equal(b1, b2)
-    assert digest == tensor_sha256(p1) and finite
+    assert digest == tensor_digest(p1) and finite
     assert all(torch.equal(a, b) for a, b in zip(kept, (theta, g, buf)))
 
 
@@ -106,7 +106,7 @@ def _exact_inputs(n: int = 5003) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return field(2654435761, 1), field(40503, 7) * 2.0**-6, field(2246822519, 3) * 2.0**-6
 
 
-# sha256 of the parameters after one outer step of _exact_inputs() (lr 0.7, momentum 0.9, the
+# sha256 of the parameters' bits after one outer step of _exact_inputs() (lr 0.7, momentum 0.9, the
 # last 13 values buffers, 3 of them integer). Every peer of a run must compute exactly this: a
 # change of the step's operations changes the bits peers agree on (old and new versions would
 # no longer agree), so it must be deliberate.
@@ -115,9 +115,9 @@ GOLDEN_STEP = "2769075c927a69887320f47e8a417a6fb371d1ffd0fce2141e5cd628d6009a38"
 
 def test_outer_step_bits_are_pinned():
     p, g, b = _exact_inputs()
-    *_, digest, finite = outer_step_hashed(p, g, b, lr=0.7, momentum=0.9, param_numel=4990,
-                                           int_slices=((5000, 5003),))
-    assert finite and digest == GOLDEN_STEP
+    new_p, _, digest, finite = outer_step_hashed(p, g, b, lr=0.7, momentum=0.9, param_numel=4990,
+                                                 int_slices=((5000, 5003),))
+    assert finite and tensor_sha256(new_p) == GOLDEN_STEP and digest == tensor_digest(new_p)
 
 
 def test_outer_step_rounds_once_per_operation():
@@ -235,8 +235,8 @@ def test_a_donor_header_hashes_the_parameters_and_the_rest_apart():
 
     start, end = header.params_offset, header.params_offset + header.params_bytes
     assert header.params_bytes == 400 and bytes(blob[start:end]) == state.params.numpy().tobytes()
-    assert header.global_hash == hashlib.sha256(blob[start:end]).hexdigest() == state.global_hash
-    assert header.sha256 == hashlib.sha256(blob[:start] + blob[end:]).hexdigest()
+    assert header.global_hash == blake3(blob[start:end]).hexdigest() == state.global_hash
+    assert header.digest == blake3(blob[:start] + blob[end:]).hexdigest()
     assert header.total_bytes == len(blob) and header.round == state.round
 
 
@@ -246,7 +246,7 @@ def test_a_checked_header_spares_the_parameter_hash_only_where_it_covers_the_par
     blob = encode_state(state)
     header = state_header(state, blob)
     calls = []
-    monkeypatch.setattr(state_mod, "tensor_sha256", lambda *t: calls.append(t) or tensor_sha256(*t))
+    monkeypatch.setattr(state_mod, "tensor_digest", lambda *t: calls.append(t) or tensor_digest(*t))
 
     # Execute / Assert: the range is the parameters': not hashed again.
     back, _ = decode_state(bytearray(blob), 100, header)
@@ -287,7 +287,7 @@ def test_checkpoint_is_atomic_and_torn_files_are_refused(tmp_path):
     altered = bytearray(good)
     altered[-3] ^= 0x01
     path.write_bytes(bytes(altered))
-    with pytest.raises(StateError, match="sha256"):
+    with pytest.raises(StateError, match="digests in its metadata"):
         read_checkpoint(path, 100)
     path.write_bytes(good)
     with pytest.raises(StateError, match="this model's state has 99"):
@@ -312,7 +312,7 @@ def test_the_step_in_place_is_outer_step_bit_for_bit_with_its_hash_and_magnitude
     assert torch.equal(theta.view(torch.int32), want_p.view(torch.int32))
     assert torch.equal(buf.view(torch.int32), want_b.view(torch.int32))
     assert torch.equal(g.view(torch.int32), g_kept.view(torch.int32))
-    assert digest == tensor_sha256(want_p) and size == magnitude(want_p, want_b)
+    assert digest == tensor_digest(want_p) and size == magnitude(want_p, want_b)
 
 
 def test_the_step_in_place_checks_everything_before_writing():

@@ -47,7 +47,7 @@ def _roundtrip(to_pb, from_pb, value):
      ReduceHeader(run_id="lab", group_id="g", round=1, peer_id="a", shard_start=0, shard_end=5, codec="int8",
                   numel=5, total_bytes=9, crc32=123, weight=2.0, contributors=3)),
     (convert.state_header_to_pb, convert.state_header_from_pb,
-     StateHeader(round=9, global_hash="h", total_bytes=100, sha256="s", format="peerstate1")),
+     StateHeader(round=9, global_hash="h", total_bytes=100, digest="s", format="peerstate1")),
 ])
 def test_domain_types_survive_the_wire(to_pb, from_pb, value):
     assert _roundtrip(to_pb, from_pb, value) == value

@@ -250,22 +250,22 @@ class GetStateRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., schema_hash: _Optional[str] = ...) -> None: ...
 
 class StateHeader(_message.Message):
-    __slots__ = ("round", "global_hash", "total_bytes", "sha256", "format", "params_offset", "params_bytes")
+    __slots__ = ("round", "global_hash", "total_bytes", "digest", "format", "params_offset", "params_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_HASH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     global_hash: str
     total_bytes: int
-    sha256: str
+    digest: str
     format: str
     params_offset: int
     params_bytes: int
-    def __init__(self, round: _Optional[int] = ..., global_hash: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., params_offset: _Optional[int] = ..., params_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., global_hash: _Optional[str] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., format: _Optional[str] = ..., params_offset: _Optional[int] = ..., params_bytes: _Optional[int] = ...) -> None: ...
 
 class StateMessage(_message.Message):
     __slots__ = ("header", "chunk")
