@@ -32,7 +32,7 @@ from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
 from peer.sync.confirm import AnswerChecks
 from peer.sync.mirror import Answers, DeviceMirror
-from peer.sync.outer import step_hashed_into, step_stays_finite
+from peer.sync.outer import REMEASURE_ABOVE, finite_bound, step_hashed_into
 from peer.sync.round import (
     INLINE_NUMEL, Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
     check_group, leader_for, no_hook, offload,
@@ -718,10 +718,11 @@ class RoundDriver:
 
         ``in_place``: the step may write over ``s``'s own tensors (nothing else reads them,
         ``StateStore.begin_step``). It does when the result is certain to be finite
-        (``step_stays_finite``, from ``avg.magnitude``): a non-finite result could not be undone,
+        (``finite_bound``, from ``avg.magnitude``): a non-finite result could not be undone,
         and the previous state must then be kept. Otherwise, and when not ``in_place``, the new
         state gets fresh tensors (8 bytes a value) and ``s`` stays as it was. The same bits
-        either way (``step_hashed_into``).
+        either way (``step_hashed_into``). In place, the new state's magnitude is that bound, not
+        measured, unless it grew past ``REMEASURE_ABOVE``.
 
         It runs on the host even when the model is on a GPU: the new state's bytes must be on
         the host to be hashed, served and saved, so the step there costs no copy, where the step
@@ -730,16 +731,20 @@ class RoundDriver:
         the step starts from."""
         lr, momentum = self._settings.outer_lr, self._settings.outer_momentum
         s.global_hash  # noqa: B018 (cached before the bytes change: the mirror and logs name the old state by it)
-        if in_place and step_stays_finite(s.magnitude, avg, lr=lr, momentum=momentum):
+        bound = finite_bound(s.magnitude, avg, lr=lr, momentum=momentum) if in_place else None
+        if bound is not None:
             params, buf = s.params, s.momentum
         else:
             in_place = False
             params, buf = torch.empty_like(s.params), torch.empty_like(s.momentum)
         # One sweep: step, finiteness and the digest the next round's consistency check needs.
+        measure = bound is None or bound > REMEASURE_ABOVE
         digest, size = step_hashed_into(s.params, avg, s.momentum, params, buf, lr=lr, momentum=momentum,
-                                        param_numel=self._param_numel, int_slices=self._int_slices)
-        if not math.isfinite(size):
-            if in_place:  # step_stays_finite proved otherwise: a bug, and the old state is gone
+                                        param_numel=self._param_numel, int_slices=self._int_slices, measure=measure)
+        if size is None:
+            size = bound
+        elif not math.isfinite(size):
+            if in_place:  # finite_bound proved otherwise: a bug, and the old state is gone
                 raise RuntimeError(f"round {s.round}: the in-place outer step gave non-finite values")
             return None
         return GlobalState(s.round + 1, params, buf).with_hash(digest, size)

@@ -68,8 +68,9 @@ class GlobalState:
 
     @functools.cached_property
     def magnitude(self) -> float:
-        """The largest |value| of the parameters and momentum (``peer.sync.outer.magnitude``):
-        the outer step's bound that lets it write in place (``step_stays_finite``)."""
+        """The largest |value| of the parameters and momentum (``peer.sync.outer.magnitude``), or
+        an upper bound of it (an in-place outer step records ``finite_bound``'s instead of
+        measuring): what lets the next step write in place (``finite_bound``)."""
         return magnitude(self.params, self.momentum)
 
     def with_hash(self, digest: str, size: float | None = None) -> GlobalState:

@@ -17,7 +17,7 @@ import peer.sync.state as state_mod
 from peer.errors import StateError
 from peer.sync.aggregate import weighted_mean
 from peer.sync.outer import (
-    OUTER_CHUNK, magnitude, outer_step, outer_step_hashed, step_hashed_into, step_in_place, step_stays_finite,
+    OUTER_CHUNK, finite_bound, magnitude, outer_step, outer_step_hashed, step_hashed_into, step_in_place, step_stays_finite,
     tensor_digest, tensor_sha256,
 )
 from peer.sync.round import shard_bounds
@@ -351,8 +351,32 @@ def test_step_stays_finite_is_never_wrong_near_the_edge():
         theta[0], buf[0], g[0] = scale, scale, -scale  # the worst signs in one place
         # Execute
         proved = step_stays_finite(magnitude(theta, buf), g, lr=1.0, momentum=0.9)
-        *_, finite = outer_step_hashed(theta, g, buf, lr=1.0, momentum=0.9)
-        # Assert: a proof is never wrong (the converse need not hold)
+        bound = finite_bound(magnitude(theta, buf), g, lr=1.0, momentum=0.9)
+        new_p, new_b, _, finite = outer_step_hashed(theta, g, buf, lr=1.0, momentum=0.9)
+        # Assert: a proof is never wrong (the converse need not hold), and the bound bounds
         assert finite or not proved
+        assert proved == (bound is not None)
+        if bound is not None:
+            assert magnitude(new_p, new_b) <= bound
         accepted += proved
     assert 0 < accepted < 6 and fmax > 8e37
+
+
+def test_the_bound_carried_in_place_of_a_measured_magnitude_bounds_many_rounds():
+    # Prepare: a state stepped in place round after round, its magnitude carried as finite_bound's
+    # bound (what RoundDriver._outer records) except where the bound passed REMEASURE_ABOVE
+    from peer.sync.outer import REMEASURE_ABOVE
+
+    gen = torch.Generator().manual_seed(8)
+    theta, buf = torch.randn(5000, generator=gen), torch.zeros(5000)
+    carried, measured = magnitude(theta, buf), 0
+    for _ in range(400):
+        g = torch.randn(5000, generator=gen) * 0.1
+        bound = finite_bound(carried, g, lr=0.7, momentum=0.9)
+        assert bound is not None
+        _, size = step_hashed_into(theta, g, buf, theta, buf, lr=0.7, momentum=0.9, measure=bound > REMEASURE_ABOVE)
+        # Assert: the carried figure is never below the truth
+        carried = bound if size is None else size
+        measured += size is not None
+        assert magnitude(theta, buf) <= carried
+    assert 1 <= measured <= 4  # the bound grows ~1.6x a round: it is re-measured every ~150 rounds
