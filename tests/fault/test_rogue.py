@@ -83,9 +83,12 @@ def test_a_leader_handing_out_bad_groups_is_refused_and_skipped(tmp_path):
     swarm, honest, rogue = _run(tmp_path, "group", "bad_group@*")
     with swarm:
         _honest_rounds_stay_finite_and_learn(swarm, honest)
-        refused = _counted(honest, 'peer_sync_invalid_claims_total{reason="bad_group"}')
-        skipped = _counted(honest, 'peer_sync_excluded_total{reason="failing_leader"}')
-        assert refused >= 1 and skipped >= 1, (refused, skipped, _logs(swarm))
+        # Six rounds need not include one the rogue leads ((3/4)^6 = 18 % of runs have none):
+        # the rounds go on until it has led one, which the honest peers refuse and skip.
+        wait_until(lambda: _counted(honest, 'peer_sync_invalid_claims_total{reason="bad_group"}') >= 1
+                   and _counted(honest, 'peer_sync_excluded_total{reason="failing_leader"}') >= 1, 90,
+                   "a group of the rogue's refused and its leader skipped", lambda: _logs(swarm))
+        assert check_invariant(honest) >= 6
         assert all(p.alive() for p in swarm.peers)
 
 
