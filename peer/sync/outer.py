@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from peer.types import digest_hasher
@@ -88,13 +89,31 @@ def _param_step(theta: torch.Tensor, grad: torch.Tensor, mom: torch.Tensor, *, o
     ``work`` is scratch of ``g``'s size; any output may alias its input (``out_theta`` is
     ``theta``, ``out_mom`` is ``mom``, ``work`` is ``g``: the in-place step of
     ``step_in_place``), as every value is read before it is overwritten. The Python scalars
-    ``-lr`` and ``-lr * m`` are rounded to float32 once, alike on every device."""
+    ``-lr`` and ``-lr * m`` are rounded to float32 once, alike on every device.
+
+    Host tensors take numpy's ufuncs (the same single correctly rounded operations, so the same
+    bits; numpy never fuses two ufuncs): ~1 us a call where a torch op costs ~5, which lets the
+    sweep work in L2-sized chunks (``OUTER_CHUNK``): 10M values in ~13 ms instead of ~21."""
+    if theta.device.type == "cpu":
+        _np_param_step(*(t.numpy() for t in (theta, grad, mom, out_theta, out_mom, work)), lr=lr, momentum=momentum)
+        return
     torch.mul(mom, momentum, out=out_mom)
     out_mom.add_(grad)
     torch.mul(grad, -lr, out=work)
     torch.add(theta, work, out=out_theta)
     torch.mul(out_mom, -lr * momentum, out=work)
     out_theta.add_(work)
+
+
+def _np_param_step(theta: np.ndarray, grad: np.ndarray, mom: np.ndarray, out_theta: np.ndarray,
+                   out_mom: np.ndarray, work: np.ndarray, *, lr: float, momentum: float) -> None:
+    """``_param_step`` with numpy on host arrays: the same operations in the same order."""
+    np.multiply(mom, np.float32(momentum), out=out_mom)
+    np.add(out_mom, grad, out=out_mom)
+    np.multiply(grad, np.float32(-lr), out=work)
+    np.add(theta, work, out=out_theta)
+    np.multiply(out_mom, np.float32(-lr * momentum), out=work)
+    np.add(out_theta, work, out=out_theta)
 
 
 def step_in_place(params: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, momentum: float,
@@ -111,9 +130,9 @@ def step_in_place(params: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *
     _param_step(p, g, b, out_theta=p, out_mom=b, work=g, lr=lr, momentum=momentum)
 
 
-OUTER_CHUNK = 1 << 18
-"""Elements per chunk of ``outer_step_hashed`` (1 MiB of float32: the chunk stays in cache
-between the step, the finiteness check and the hash)."""
+OUTER_CHUNK = 1 << 16
+"""Elements per chunk of ``outer_step_hashed`` (256 KiB of float32: the chunk's four arrays stay
+in L2 between the step's six operations, the finiteness check and the hash)."""
 
 
 def _param_numel(params: torch.Tensor, param_numel: int | None) -> int:
