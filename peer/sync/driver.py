@@ -135,6 +135,7 @@ class _Unconfirmed:
     seconds: float  # the round up to the applied state
     reduce_s: float
     sent_bytes: int
+    loss: float  # of the inner phase whose delta it averaged (the next one may have ended by the settling)
     settled: asyncio.Task | None = None
 
 
@@ -703,7 +704,7 @@ class RoundDriver:
                 self._metrics.mirror_off.labels(self._mirror.off_reason).inc()
         self._metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
         done = _Unconfirmed(rnd, group, confirm if late else None, before, state, time.monotonic() - t0, reduce_s,
-                            stats.sent_bytes)
+                            stats.sent_bytes, self.progress.loss)
         if late:
             self._unconfirmed = done
         else:
@@ -722,7 +723,7 @@ class RoundDriver:
             await self._evaluate()
         group = u.group
         log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "
-                 "%.1f s), group %s, global %s", u.rnd, len(group.members), group.codec, p.loss,
+                 "%.1f s), group %s, global %s", u.rnd, len(group.members), group.codec, u.loss,
                  p.eval.get("loss", math.nan), u.sent_bytes, u.seconds, u.reduce_s, group.reduce_deadline_s,
                  group.group_id, u.after.global_hash[:12])
 

@@ -248,13 +248,20 @@ def _split_answers(liar: str, victim: str):
     return split
 
 
-async def test_a_member_that_applied_other_answers_rolls_back_and_resyncs_when_its_round_settles(tmp_path, pool,
-                                                                                                 monkeypatch):
-    # Prepare: owner p17 answers p22 differently; p15 leads round 0 and compares the digests
+async def _split_round(tmp_path, pool, monkeypatch) -> dict[str, Node]:
+    """Three nodes confirming late after round 0, in which owner p17 answered p22 differently
+    (p15 leads round 0 and compares the digests); every node applied, nobody settled yet."""
     net = _swarm(tmp_path, pool, 3, confirm_late_max_numel=NUMEL)
     with monkeypatch.context() as m:
         m.setattr(Client, "reduce", _split_answers("p17", "p22"))
         await _round(net.values())
+    return net
+
+
+async def test_a_member_that_applied_other_answers_rolls_back_and_resyncs_when_its_round_settles(tmp_path, pool,
+                                                                                                 monkeypatch):
+    # Prepare
+    net = await _split_round(tmp_path, pool, monkeypatch)
     applied = net["p22"].store.state.global_hash
     # Execute
     settled = await asyncio.gather(*(n.driver.settle() for n in net.values()))
@@ -273,11 +280,8 @@ async def test_a_member_that_applied_other_answers_rolls_back_and_resyncs_when_i
 
 async def test_the_next_round_settles_a_member_outside_the_majority_before_it_sends_anything(tmp_path, pool,
                                                                                              monkeypatch):
-    # Prepare: round 0 as above, applied by everyone, its confirmations still in flight
-    net = _swarm(tmp_path, pool, 3, confirm_late_max_numel=NUMEL)
-    with monkeypatch.context() as m:
-        m.setattr(Client, "reduce", _split_answers("p17", "p22"))
-        await _round(net.values())
+    # Prepare: round 0's confirmations still in flight
+    net = await _split_round(tmp_path, pool, monkeypatch)
     majority_1 = (1, net["p15"].store.state.global_hash)
     # Execute: round 1, which settles round 0 first
     avgs = dict(zip(net, await _round(net.values())))
