@@ -738,14 +738,15 @@ class RoundDriver:
         Why applying first is safe: until settled, the unconfirmed state is only this peer's. It
         is what its heartbeat reports and could serve (a joiner adopts only the state the
         majority attests, by hash) and what its next inner phase starts from (that phase's delta
-        is dropped if the round fails); it is never checkpointed nor counted. The next round
-        settles the previous one before it sends any part (``round``: before its JoinRound when
-        the confirmation is back, else once its group formed, which it then gives up on a
-        failure). Its group could hold it only with the same state (the leader keeps the
-        joiners whose hash is the majority's), which only members that received the same
-        answers reach, and the leader of the previous round tells them all the same. Leaders
-        rotate: the confirmation goes to the leader of the round it confirms, whoever leads the
-        next. A leader that is gone or silent: the round is applied unconfirmed, as before."""
+        is dropped if the round fails); it is not counted, nor checkpointed (but by a stop that
+        outlasts the settling, ``run``). The next round settles the previous one before it sends
+        any part (``round``: before its JoinRound when the confirmation is back, else once its
+        group formed, which it then gives up on a failure). Its group could hold it only with
+        the same state (the leader keeps the joiners whose hash is the majority's), which only
+        members that received the same answers reach, and the leader of the previous round
+        tells them all the same. Leaders rotate: the confirmation goes to the leader of the
+        round it confirms, whoever leads the next. A leader that is gone or silent: the round is
+        applied unconfirmed, as before."""
         u = self._unconfirmed
         return True if u is None else await self._settle_round(u)
 
