@@ -130,7 +130,8 @@ class SyncConfig:
     # that owner's groups for exclude_backoff_s.
     exclude_after_misses: int = 3
     # A model of at most this many values applies a round's answers before its leader confirms
-    # them and settles the round in its next one (rolling back if told ANSWERS_DIFFER): the
+    # them, settling the round (counting it, or rolling back if told ANSWERS_DIFFER) before its
+    # next round sends anything: the
     # confirmation leaves the round's path, and the previous state (8 bytes a value) is kept
     # until then. 0: confirm before applying, whatever the size.
     confirm_late_max_numel: int = 1 << 16

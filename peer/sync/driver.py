@@ -13,7 +13,8 @@ to it; at equal rounds, the group's majority (the leader tells a minority member
 Late confirmation (models of at most ``confirm_late_max_numel`` values): a member applies a
 round's answers as soon as it has them and sends its answer digests to the round's leader in the
 background; the round is *settled* (counted completed, logged "done", checkpointed, evaluated)
-only once the leader confirmed, at the start of the member's next round (see ``settle``). The
+only once the leader confirmed, and the member's next round waits for that before it sends
+anything (see ``settle``). The
 confirmation was the third network round trip of a round, most of a small model's round; an
 inner phase, or the next JoinRound, now hides it. Larger models confirm first and step in place:
 rolling back needs the previous state, which a small model keeps for nothing.
@@ -667,8 +668,9 @@ class RoundDriver:
             await self._catch_up(rnd)
             return None
         self._leader_outcome(leader, True)
-        late = group.numel <= self._cfg.sync.confirm_late_max_numel
-        if late:  # applied now, settled by the next round (``settle``)
+        # (a group of one confirms at once, here: nothing to wait for)
+        late = group.numel <= self._cfg.sync.confirm_late_max_numel and len(group.members) > 1
+        if late:  # applied now, settled as soon as the leader answers, and by the next round at the latest
             confirm = self._tasks.spawn(self._confirm(group, stats.answer_digests, leader), f"confirm-{rnd}")
         elif not await self._confirm(group, stats.answer_digests, leader):
             self._fail(rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
@@ -707,6 +709,8 @@ class RoundDriver:
                             stats.sent_bytes, self.progress.loss)
         if late:
             self._unconfirmed = done
+            # Counted and logged once confirmed, while this peer trains on.
+            done.settled = self._tasks.spawn(self._settle(done), f"settle-{rnd}")
         else:
             await self._completed(done)
         return avg
@@ -750,10 +754,12 @@ class RoundDriver:
         u = self._unconfirmed
         return True if u is None else await self._settle_round(u)
 
-    async def _settle_round(self, u: _Unconfirmed) -> bool:
+    def _settle_round(self, u: _Unconfirmed) -> asyncio.Future[bool]:
+        """The settling of ``u`` (started at the first call; a shield: a cancelled waiter does not
+        stop it)."""
         if u.settled is None:
             u.settled = self._tasks.spawn(self._settle(u), f"settle-{u.rnd}")
-        return await asyncio.shield(u.settled)
+        return asyncio.shield(u.settled)
 
     async def _settle(self, u: _Unconfirmed) -> bool:
         await asyncio.wait({u.confirm})
