@@ -131,9 +131,8 @@ class SyncConfig:
     exclude_after_misses: int = 3
     # A model of at most this many values applies a round's answers before its leader confirms
     # them, settling the round (counting it, or rolling back if told ANSWERS_DIFFER) before its
-    # next round sends anything: the
-    # confirmation leaves the round's path, and the previous state (8 bytes a value) is kept
-    # until then. 0: confirm before applying, whatever the size.
+    # next round sends anything: the confirmation leaves the round's path, and the previous
+    # state (8 bytes a value) is kept until then. 0: confirm before applying, whatever the size.
     confirm_late_max_numel: int = 1 << 16
 
 
