@@ -129,6 +129,11 @@ class SyncConfig:
     # A member whose part misses an owner's cut-off this many rounds in a row is left out of
     # that owner's groups for exclude_backoff_s.
     exclude_after_misses: int = 3
+    # A model of at most this many values applies a round's answers before its leader confirms
+    # them, settling the round (counting it, or rolling back if told ANSWERS_DIFFER) before its
+    # next round sends anything: the confirmation leaves the round's path, and the previous
+    # state (8 bytes a value) is kept until then. 0: confirm before applying, whatever the size.
+    confirm_late_max_numel: int = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -383,6 +388,7 @@ def validate(cfg: Config) -> None:
         (cfg.sync.norm_outlier_factor > 1, "norm_outlier_factor must be > 1"),
         (cfg.sync.leader_failure_limit >= 1, "leader_failure_limit must be >= 1"),
         (cfg.sync.exclude_after_misses >= 1, "exclude_after_misses must be >= 1"),
+        (cfg.sync.confirm_late_max_numel >= 0, "confirm_late_max_numel must be >= 0"),
     ]
     for f in dataclasses.fields(TimeoutConfig):
         checks.append((getattr(cfg.timeouts, f.name) > 0, f"{f.name} must be > 0"))

@@ -9,6 +9,15 @@ wrappers the daemon builds; this module knows nothing of it.
 Resync rule (logged on every resync): adopt only the ``(round, global hash)`` that more than
 half of the reachable members report (with one other member, its word), and only bytes that hash
 to it; at equal rounds, the group's majority (the leader tells a minority member to resync).
+
+Late confirmation (models of at most ``confirm_late_max_numel`` values): a member applies a
+round's answers as soon as it has them and sends its answer digests to the round's leader in the
+background; the round is *settled* (counted completed, logged "done", checkpointed, evaluated)
+only once the leader confirmed, and the member's next round waits for that before it sends
+anything (see ``settle``). The
+confirmation was the third network round trip of a round, most of a small model's round; an
+inner phase, or the next JoinRound, now hides it. Larger models confirm first and step in place:
+rolling back needs the previous state, which a small model keeps for nothing.
 """
 
 from __future__ import annotations
@@ -116,6 +125,22 @@ class InnerPhase(Protocol):
 
 
 @dataclass
+class _Unconfirmed:
+    """A round applied here before its leader confirmed the answers (``RoundDriver.settle``)."""
+
+    rnd: int
+    group: Group
+    confirm: asyncio.Task | None  # -> bool (RoundDriver._confirm); None: confirmed before applying
+    before: GlobalState  # the state the round started from (its tensors untouched: no in-place step)
+    after: GlobalState
+    seconds: float  # the round up to the applied state
+    reduce_s: float
+    sent_bytes: int
+    loss: float  # of the inner phase whose delta it averaged (the next one may have ended by the settling)
+    settled: asyncio.Task | None = None
+
+
+@dataclass
 class Progress:
     """What ``peer status`` shows of the rounds (mutated on the loop only)."""
 
@@ -192,6 +217,7 @@ class RoundDriver:
         self._mismatched: dict[str, set[str]] = {}  # owner -> members that received other bytes from it
         self._heard: dict[str, float] = {}  # member -> when it last joined a round here or sent us a part
         self.answers = AnswerChecks(on_mismatch=self._answers_differ, on_invalid=self._invalid)
+        self._unconfirmed: _Unconfirmed | None = None  # the last round applied, until its leader confirms
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
                                      leaders=self._candidates,
                                      current_round=lambda: store.state.round,
@@ -282,10 +308,17 @@ class RoundDriver:
         pending: asyncio.Task | None = None
         try:
             while not self._stopping:
-                if self._cfg.run.rounds and self.progress.completed >= self._cfg.run.rounds:
-                    log.info("completed %d rounds; stopping", self.progress.completed)
-                    return
+                rounds = self._cfg.run.rounds
+                if rounds and self.progress.completed + (self._unconfirmed is not None) >= rounds:
+                    # The last round counts once its leader confirmed it (it may fail yet).
+                    if pending is None and not await self.settle():
+                        start = await self._start_point()
+                        continue
+                    if self.progress.completed >= rounds:
+                        log.info("completed %d rounds; stopping", self.progress.completed)
+                        return
                 if pending is None and self._members.ahead() > self._store.state.round:
+                    await self.settle()
                     await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
                     start = await self._start_point()
                     continue
@@ -308,9 +341,13 @@ class RoundDriver:
                 start = self._store.state.params - delta.to(self._store.state.params.device)
                 pending = self._tasks.spawn(self.round(delta, weight), "round")
         finally:
+            grace_s = self._cfg.timeouts.finish_round_grace_s
             if pending is not None and not pending.done():
                 # Stopping: give the round in flight its bounded time.
-                await asyncio.wait({pending}, timeout=self._cfg.timeouts.finish_round_grace_s)
+                await asyncio.wait({pending}, timeout=grace_s)
+            if self._unconfirmed is not None:
+                # And the last round's confirmation (whose failure rolls the state back).
+                await asyncio.wait({self._tasks.spawn(self.settle(), "settle-at-stop")}, timeout=grace_s)
 
     async def _start_point(self) -> torch.Tensor:
         """The parameters the next inner phase starts from: the current global state's, on the
@@ -514,7 +551,8 @@ class RoundDriver:
         """Ask the group's leader whether the answers this peer received (their digests) are the
         ones the group's majority received (``peer.sync.confirm``); False when they are not. A
         leader that cannot say (gone, too slow) does not fail the round: the next round's hash
-        check still catches a member that applied something else."""
+        check still catches a member that applied something else. Bounded by the group's
+        all-reduce deadline + 2 s; a background task when the round confirms late (``settle``)."""
         req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=group.round,
                           global_hash=self._store.state.global_hash, weight=0.0, address=self._address(),
                           confirm_group=group.group_id, answer_digests=tuple(digests))
@@ -573,11 +611,22 @@ class RoundDriver:
         the averaged delta that was applied (kept encoded: ``Averaged.tensor()`` decodes it), or
         None if the round failed here. The round takes ``delta`` over: with error feedback its
         memory is reused and its values are gone after the call (``Reducer.run``)."""
+        previous = self._unconfirmed
+        if previous is not None and previous.confirm.done() and not await self._settle_round(previous):
+            # (the usual case: the confirmation came back while this peer trained)
+            return None
         rnd = self._store.state.round
         t0 = time.monotonic()
         self.progress.phase = "matchmaking"
         await self._hook("join", rnd)
         formed = await self.form_group(rnd, weight)
+        if previous is not None and not await self._settle_round(previous):
+            # This round started from answers the previous group's majority did not receive; the
+            # state is back to the one before them. A group that formed with us goes on without
+            # us: a member holding the same state received the same answers and is told the same.
+            self._fail(rnd, "answers_differ", f"it started from round {previous.rnd}'s answers, which were not "
+                       "the group's majority's")
+            return None
         t1 = time.monotonic()
         self._metrics.round_phase_seconds.labels("matchmaking").observe(t1 - t0)
         if isinstance(formed, JoinReply):
@@ -619,7 +668,11 @@ class RoundDriver:
             await self._catch_up(rnd)
             return None
         self._leader_outcome(leader, True)
-        if not await self._confirm(group, stats.answer_digests, leader):
+        # (a group of one confirms at once, here: nothing to wait for)
+        late = group.numel <= self._cfg.sync.confirm_late_max_numel and len(group.members) > 1
+        if late:  # applied now, settled as soon as the leader answers, and by the next round at the latest
+            confirm = self._tasks.spawn(self._confirm(group, stats.answer_digests, leader), f"confirm-{rnd}")
+        elif not await self._confirm(group, stats.answer_digests, leader):
             self._fail(rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
                        "keeping the previous state")
             await self._catch_up(rnd)
@@ -638,8 +691,8 @@ class RoundDriver:
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
         before = self._store.state
-        state = await self._apply(before, avg)
-        if state is None:
+        state = await self._apply(before, avg, keep_before=late)
+        if state is None:  # (a late confirmation goes on by itself: a mismatch it finds is still counted)
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
             return None
@@ -651,20 +704,77 @@ class RoundDriver:
             if not self._mirror.enabled:
                 self._metrics.mirror_active.set(0)
                 self._metrics.mirror_off.labels(self._mirror.off_reason).inc()
+        self._metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
+        done = _Unconfirmed(rnd, group, confirm if late else None, before, state, time.monotonic() - t0, reduce_s,
+                            stats.sent_bytes, self.progress.loss)
+        if late:
+            self._unconfirmed = done
+            # Counted and logged once confirmed, while this peer trains on.
+            done.settled = self._tasks.spawn(self._settle(done), f"settle-{rnd}")
+        else:
+            await self._completed(done)
+        return avg
+
+    async def _completed(self, u: _Unconfirmed) -> None:
+        """Count, checkpoint, evaluate and log a round that is settled here."""
         p = self.progress
         p.completed += 1
         self._metrics.rounds.labels("completed").inc()
-        p.last_round_s = time.monotonic() - t0
-        self._metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
+        p.last_round_s = u.seconds
         self._store.maybe_checkpoint()
         every = self._cfg.train.eval_every_rounds
         if every and p.completed % every == 0:
             await self._evaluate()
+        group = u.group
         log.info("round %d done: %d peers, %s, loss %.4f, eval %.4f, sent %d B, %.2f s (reduce %.2f s, deadline "
-                 "%.1f s), group %s, global %s", rnd, len(group.members), group.codec, p.loss,
-                 p.eval.get("loss", math.nan), stats.sent_bytes, p.last_round_s, reduce_s,
-                 group.reduce_deadline_s, group.group_id, self._store.state.global_hash[:12])
-        return avg
+                 "%.1f s), group %s, global %s", u.rnd, len(group.members), group.codec, u.loss,
+                 p.eval.get("loss", math.nan), u.sent_bytes, u.seconds, u.reduce_s, group.reduce_deadline_s,
+                 group.group_id, u.after.global_hash[:12])
+
+    async def settle(self) -> bool:
+        """Wait for the leader's word on the last round applied here before it was confirmed
+        (if any), then count it completed (``_completed``); False when the leader answered that
+        the answers applied here are not the majority's: the round is counted failed, the state
+        it started from is restored (unless a newer one was adopted since) and this peer
+        resyncs to the round's result (``_catch_up``), as it does when it confirms before
+        applying. Loop-only; concurrent callers share one settling.
+
+        Why applying first is safe: until settled, the unconfirmed state is only this peer's. It
+        is what its heartbeat reports and could serve (a joiner adopts only the state the
+        majority attests, by hash) and what its next inner phase starts from (that phase's delta
+        is dropped if the round fails); it is not counted, nor checkpointed (but by a stop that
+        outlasts the settling, ``run``). The next round settles the previous one before it sends
+        any part (``round``: before its JoinRound when the confirmation is back, else once its
+        group formed, which it then gives up on a failure). Its group could hold it only with
+        the same state (the leader keeps the joiners whose hash is the majority's), which only
+        members that received the same answers reach, and the leader of the previous round
+        tells them all the same. Leaders rotate: the confirmation goes to the leader of the
+        round it confirms, whoever leads the next. A leader that is gone or silent: the round is
+        applied unconfirmed, as before."""
+        u = self._unconfirmed
+        return True if u is None else await self._settle_round(u)
+
+    def _settle_round(self, u: _Unconfirmed) -> asyncio.Future[bool]:
+        """The settling of ``u`` (started at the first call; a shield: a cancelled waiter does not
+        stop it)."""
+        if u.settled is None:
+            u.settled = self._tasks.spawn(self._settle(u), f"settle-{u.rnd}")
+        return asyncio.shield(u.settled)
+
+    async def _settle(self, u: _Unconfirmed) -> bool:
+        await asyncio.wait({u.confirm})
+        confirmed = u.confirm.cancelled() or u.confirm.result()  # cancelled: closing; nothing was refuted
+        if self._unconfirmed is u:
+            self._unconfirmed = None
+        if not confirmed:
+            self._fail(u.rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
+                       "back to the state before them")
+            if self._store.state is u.after:
+                self._store.adopt(u.before)
+            await self._catch_up(u.rnd)
+            return False
+        await self._completed(u)
+        return True
 
     async def _catch_up(self, rnd: int) -> None:
         """After round ``rnd`` failed here: peers that completed it show round rnd+1 at their next
@@ -674,7 +784,7 @@ class RoundDriver:
         if not await self.resync(rnd + 1, t.heartbeat_misses * t.heartbeat_interval_s + 1.0):
             log.warning("round %d abandoned: no peer completed it; continuing from round %d", rnd, rnd)
 
-    async def _apply(self, before: GlobalState, avg: Averaged) -> GlobalState | None:
+    async def _apply(self, before: GlobalState, avg: Averaged, keep_before: bool = False) -> GlobalState | None:
         """The outer step from ``before`` (the current state) with ``avg``, and its adopt: the
         new state, or None (nothing adopted) when it would be non-finite (loop).
 
@@ -683,8 +793,9 @@ class RoundDriver:
         adopt and ``end_step`` (pins are given again) happen when the executor thread is done
         writing, in that order, even if the awaiting round is cancelled meanwhile (a stop): the
         thread cannot be stopped half-way, and a step that ended without its adopt would leave
-        the next round's bytes under this round's label."""
-        in_place = self._store.begin_step(before)
+        the next round's bytes under this round's label. ``keep_before``: never in place (a
+        late confirmation may roll back to ``before``)."""
+        in_place = not keep_before and self._store.begin_step(before)
 
         def finish(state: GlobalState | None) -> GlobalState | None:
             try:

@@ -154,6 +154,8 @@ class Node:
         self.cfg = load_config({"run_id": "r", "matchmaking_timeout_s": 1.0, "reduce_deadline_s": 2.0,
                                 "startup_grace_s": 0.2, "chunk_idle_timeout_s": 1.0, "heartbeat_interval_s": 0.1,
                                 "heartbeat_misses": 2, "checkpoint_interval_s": 0, "eval_every_rounds": 1,
+                                # (confirm before applying; the tests of late confirmation set it)
+                                "confirm_late_max_numel": 0,
                                 "codec": "int8", **cfg}, env={})
         self.metrics = Metrics(CollectorRegistry())
         params = torch.linspace(-1, 1, NUMEL)
@@ -210,6 +212,90 @@ async def test_a_round_leaves_every_member_with_the_same_state(tmp_path, pool):
     hashes = {n.store.state.global_hash for n in net.values()}
     assert len(hashes) == 1 and all(n.store.state.round == 1 for n in net.values())
     assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
+
+
+async def test_a_small_models_round_is_applied_at_once_and_counted_once_its_leader_confirms(tmp_path, pool):
+    # Prepare: a model within confirm_late_max_numel
+    net = _swarm(tmp_path, pool, 3, confirm_late_max_numel=NUMEL)
+    before = {pid: n.store.state for pid, n in net.items()}
+    # Execute: the rounds, then their confirmations (the next round would settle them first)
+    avgs = await _round(net.values())
+    applied = {(n.store.state.round, n.store.state.global_hash) for n in net.values()}
+    settled = await asyncio.gather(*(n.driver.settle() for n in net.values()))
+    # Assert: applied before the confirmation (the round returned before anyone awaited it),
+    # counted once confirmed; the state each started from is intact (no in-place step: it is
+    # what a rollback would restore)
+    assert all(a is not None for a in avgs) and len(applied) == 1 and applied.pop()[0] == 1
+    assert settled == [True, True, True]
+    assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
+    assert all(n.metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 0 for n in net.values())
+    assert all(tensor_sha256(s.params) == s.global_hash and s.params is not net[pid].store.state.params
+               for pid, s in before.items())
+
+
+def _split_answers(liar: str, victim: str):
+    """A Client.reduce whose owner ``liar`` answers ``victim`` with other valid bytes (one int8
+    value one step off)."""
+    honest = Client.reduce
+
+    async def split(self, address, header, payload, timeout_s):
+        reply, result = await honest(self, address, header, payload, timeout_s)
+        if address == liar and header.peer_id == victim:
+            result = result[:-1] + bytes([result[-1] ^ 1])
+        return reply, result
+
+    return split
+
+
+async def _split_round(tmp_path, pool, monkeypatch) -> dict[str, Node]:
+    """Three nodes confirming late after round 0, in which owner p17 answered p22 differently
+    (p15 leads round 0 and compares the digests); every node applied, nobody settled yet."""
+    net = _swarm(tmp_path, pool, 3, confirm_late_max_numel=NUMEL)
+    with monkeypatch.context() as m:
+        m.setattr(Client, "reduce", _split_answers("p17", "p22"))
+        await _round(net.values())
+    return net
+
+
+async def test_a_member_that_applied_other_answers_rolls_back_and_resyncs_when_its_round_settles(tmp_path, pool,
+                                                                                                 monkeypatch):
+    # Prepare
+    net = await _split_round(tmp_path, pool, monkeypatch)
+    applied = net["p22"].store.state.global_hash
+    # Execute
+    settled = await asyncio.gather(*(n.driver.settle() for n in net.values()))
+    # Assert: the victim had applied other bytes; it is told so, counts it, rolls back and
+    # fetches the majority's state; the others complete the round; the leader counts it too.
+    assert applied != net["p15"].store.state.global_hash
+    assert settled == [True, False, True]  # p15, p22, p17
+    assert {(n.store.state.round, n.store.state.global_hash) for n in net.values()} == \
+        {(1, net["p15"].store.state.global_hash)}
+    assert net["p22"].metric("peer_rounds_total", outcome="failed") == 1
+    assert net["p22"].metric("peer_rounds_total", outcome="completed") == 0
+    assert net["p22"].metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 1
+    assert net["p15"].metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 1
+    assert net["p15"].metric("peer_rounds_total", outcome="completed") == 1
+
+
+async def test_the_next_round_settles_a_member_outside_the_majority_before_it_sends_anything(tmp_path, pool,
+                                                                                             monkeypatch):
+    # Prepare: round 0's confirmations still in flight
+    net = await _split_round(tmp_path, pool, monkeypatch)
+    majority_1 = (1, net["p15"].store.state.global_hash)
+    # Execute: round 1, which settles round 0 first
+    avgs = dict(zip(net, await _round(net.values())))
+    await asyncio.gather(*(n.driver.settle() for n in net.values()))
+    # Assert: the victim gave round 1 up and holds the majority's state (resynced); the two
+    # others completed rounds 0 and 1 together, with one state; no group disagrees.
+    assert avgs["p22"] is None and avgs["p15"] is not None
+    assert torch.equal(avgs["p15"].tensor(), avgs["p17"].tensor())
+    assert net["p15"].store.state.round == net["p17"].store.state.round == 2
+    assert net["p15"].store.state.global_hash == net["p17"].store.state.global_hash
+    victim = net["p22"].store.state
+    assert (victim.round, victim.global_hash) in {majority_1, (2, net["p15"].store.state.global_hash)}
+    assert net["p22"].metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 1
+    assert net["p15"].metric("peer_rounds_total", outcome="completed") == 2
+    assert net["p22"].metric("peer_rounds_total", outcome="completed") == 0
 
 
 async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path, pool):
@@ -333,8 +419,9 @@ async def test_error_feedback_is_reset_after_a_resync(tmp_path, pool):
     assert ef.residual.abs().sum() == 0
 
 
-async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path, pool):
-    net = _swarm(tmp_path, pool, 2, rounds=3)
+@pytest.mark.parametrize("late", [0, NUMEL])
+async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_path, pool, late):
+    net = _swarm(tmp_path, pool, 2, rounds=3, confirm_late_max_numel=late)
     net["p22"].inner.nan_rounds = (1,)
     # Execute: both loops end by themselves after 3 completed rounds
     await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)
