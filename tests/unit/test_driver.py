@@ -229,7 +229,7 @@ async def test_a_small_models_round_is_applied_at_once_and_counted_once_its_lead
     assert settled == [True, True, True]
     assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
     assert all(n.metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 0 for n in net.values())
-    assert all(tensor_sha256(s.params) == s.global_hash and s.params is not net[pid].store.state.params
+    assert all(tensor_digest(s.params) == s.global_hash and s.params is not net[pid].store.state.params
                for pid, s in before.items())
 
 
