@@ -19,7 +19,10 @@ from peer.types import Group, JoinOutcome, JoinRequest, Member
 
 
 class Node:
-    def __init__(self, pid: str, net: dict, numel: int, codec: str, pool, round_: int = 0, timeout_s: float = 1.0):
+    """One peer of an in-memory swarm. ``timeout_s``, the leader's matchmaking wait, is long by default:
+    a group of every live peer forms at once, and a short one split groups under load (tests that
+    are about the timeout pass their own)."""
+    def __init__(self, pid: str, net: dict, numel: int, codec: str, pool, round_: int = 0, timeout_s: float = 10.0):
         self.pid, self.net, self.round = pid, net, round_
         self.registry = ShardRegistry()
         self.down = False
