@@ -276,12 +276,12 @@ def main(argv=None) -> int:
     worker = PeerWorker(a) if a.system == "peer" else GlooWorker(a)
     from bench._proto import serve
 
-    main = serve(worker.setup, worker.do_round, worker.teardown, prepare=worker.prepare)
+    served = serve(worker.setup, worker.do_round, worker.teardown, prepare=worker.prepare)
     if a.system == "peer":  # the daemon's own loop, as `peer run` and peer.Swarm run it
         import uvloop
 
-        return uvloop.run(main)
-    return asyncio.run(main)
+        return uvloop.run(served)
+    return asyncio.run(served)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench.common import machine
-from peer.sync.outer import outer_step, outer_step_hashed, step_hashed_into, step_stays_finite, tensor_digest
+from peer.sync.outer import finite_bound, outer_step, outer_step_hashed, step_hashed_into, tensor_digest
 
 
 def _time(fn, reps: int) -> tuple[float, float]:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ("outer_step (reference: clones, no hash)", lambda: outer_step(theta, grad, buf, **kw)),
         ("outer_step_hashed (fresh tensors)", lambda: outer_step_hashed(theta, grad, buf, **kw)),
         ("step_hashed_into, in place", lambda: step_hashed_into(p_in, grad, b_in, p_in, b_in, **kw)),
-        ("step_stays_finite (one aminmax of the average)", lambda: step_stays_finite(1.0, grad, **kw)),
+        ("finite_bound (one aminmax of the average)", lambda: finite_bound(1.0, grad, **kw)),
     ]
     print(f"outer step of {a.numel:,} values, 1 torch thread, {a.reps} runs; {machine()}")
     for name, fn in rows:

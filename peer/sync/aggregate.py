@@ -80,18 +80,17 @@ def weighted_mean_iter(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], wei
     largest value) is orders of magnitude larger. Only the owner computes its mean, and every
     member applies the owner's encoded answer, so no bits need to agree with anyone else's."""
     _check_weights(len(pieces), weights)
-    return _mean_pieces(pieces, weights, numel, torch.float64 if wide else torch.float32)
+    return _mean_pieces(pieces, weights, numel, wide)
 
 
 def _mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], weights: Sequence[float],
-                 numel: int, acc_dtype: torch.dtype = torch.float64) -> Iterator[tuple[int, torch.Tensor]]:
+                 numel: int, wide: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
     total = float(sum(weights))
     used = [(iter(p), w / total) for p, w in zip(pieces, weights) if w > 0]
     if total <= 0:
         if numel:
             yield 0, torch.zeros(numel, dtype=torch.float32)
         return
-    wide = acc_dtype == torch.float64
     acc = widened = narrow = None
     done = 0
     while done < numel:
@@ -106,7 +105,7 @@ def _mean_pieces(pieces: Sequence[Iterable[tuple[int, torch.Tensor]]], weights: 
                 if start != done or n == 0 or start + n > numel:
                     raise ValueError(f"a piece at {start} of {n} elements; expected one at {done}")
                 if acc is None or acc.numel() < n:
-                    acc = torch.empty(n, dtype=acc_dtype)
+                    acc = torch.empty(n, dtype=torch.float64 if wide else torch.float32)
                     widened = torch.empty(n, dtype=torch.float64) if wide else None
                     narrow = torch.empty(n, dtype=torch.float32) if wide else acc
                 a = acc[:n]

@@ -185,7 +185,7 @@ def step_hashed_into(
     fresh 40 MB tensor filled once takes ~25 ms, the whole in-place step of 10M values ~40).
     In place, the old values are gone once it starts: only for a state nothing else reads
     (``peer.sync.store.StateStore.begin_step``) and whose result is known to be finite
-    (``step_stays_finite``), since a non-finite result cannot be undone. Every argument is
+    (``finite_bound``), since a non-finite result cannot be undone. Every argument is
     checked (``ValueError``) before the first value is written.
 
     ``grad`` may also be ``GradPieces``: read in order into one chunk of scratch as the sweep
@@ -230,7 +230,7 @@ def step_hashed_into(
 
 
 FINITE_MARGIN = 4.0
-"""``step_stays_finite`` wants its bound this many times below the float32 maximum: each of the
+"""``finite_bound`` wants its bound this many times below the float32 maximum: each of the
 step's roundings moves a value by at most one part in 2^24 of itself."""
 
 
@@ -274,11 +274,6 @@ def finite_bound(state_magnitude: float, grad: torch.Tensor | GradPieces, *, lr:
     mom = c + m * a
     bound = max(a + lr * c + lr * m * mom, a + c, mom)
     return bound if bound * FINITE_MARGIN < torch.finfo(torch.float32).max else None
-
-
-def step_stays_finite(state_magnitude: float, grad: torch.Tensor | GradPieces, *, lr: float, momentum: float) -> bool:
-    """Whether ``finite_bound`` proves the step's result finite."""
-    return finite_bound(state_magnitude, grad, lr=lr, momentum=momentum) is not None
 
 
 REMEASURE_ABOVE = 2.0**100

@@ -359,8 +359,9 @@ def decode_checkpoint(data: bytes, numel: int) -> tuple[GlobalState, dict[str, s
         if t is None or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != numel:
             raise StateError(f"checkpoint tensor {name!r} is missing or not a float32 vector of {numel} values")
     state = GlobalState(round=rnd, params=params, momentum=momentum)
-    digest = tensor_sha256 if sha256 else tensor_digest
-    if (digest(params) if sha256 else state.global_hash) != want_global or digest(momentum) != want_momentum:
+    # (the parameters' digest is the state's own global hash, cached, unless the file names them by sha256)
+    got = (tensor_sha256(params), tensor_sha256(momentum)) if sha256 else (state.global_hash, tensor_digest(momentum))
+    if got != (want_global, want_momentum):
         raise StateError("checkpoint is torn or corrupt: its tensors do not match the digests in its metadata")
     if not (all_finite(params) and all_finite(momentum)):
         raise StateError("checkpoint holds NaN or Inf")
