@@ -100,6 +100,8 @@ class Membership:
         self._pending: set[str] = set()
         self._refused_until: dict[str, float] = {}
         self._ignored_seen: dict[str, int] = {}
+        self._leaving = False
+        self._goodbye_at: dict[str, float] = {}  # peer id -> when it said Leave (monotonic)
         self._tasks = TaskSet()
 
     # ----------------------------------------------------------------- queries
@@ -218,6 +220,10 @@ class Membership:
     def answer_handshake(self, info: PeerInfo, observed_host: str) -> HandshakeReply:
         """A peer introduces itself: admit it if compatible, else refuse naming why."""
         me = self._me()
+        if self._leaving:
+            # After our goodbye, admitting would only make the caller a member of a peer about to
+            # vanish, and make us its member again (its discovery still lists us for a moment).
+            return HandshakeReply(False, "leaving", "this peer is leaving the run", me)
         try:
             check_compatible(me, info)
         except HandshakeRefused as exc:
@@ -237,7 +243,8 @@ class Membership:
         return HandshakeReply(True, "", "", me)
 
     def said_leave(self, run_id: str, peer_id: str) -> None:
-        if run_id == self._cfg.run.run_id:
+        if run_id == self._cfg.run.run_id and peer_id in self._known:
+            self._goodbye_at[peer_id] = time.monotonic()  # one entry per member that ever left
             self.drop(peer_id, "said goodbye")
 
     # ----------------------------------------------------------------- client side
@@ -252,6 +259,7 @@ class Membership:
         ``expect_id``: whom discovery says listens there; with TLS, the handshake fails unless
         that peer's certificate answers (a discovery record is a hint, never trusted)."""
         self._pending.add(address)
+        started = time.monotonic()
         try:
             for attempt in range(attempts):
                 try:
@@ -260,6 +268,9 @@ class Membership:
                     log.debug("handshake with %s failed (attempt %d): %s", address, attempt + 1, exc)
                     await asyncio.sleep(min(self._t.reconnect_wait_s, 0.25 * 2 ** attempt))
                     continue
+                if not reply.accepted and reply.reason == "leaving":
+                    log.debug("%s at %s is leaving the run", hint, address)
+                    return  # not an incompatibility: no refusal counted, no back-off (it may restart)
                 if not reply.accepted:
                     self._refused_until[address] = time.monotonic() + self._t.refusal_backoff_s
                     if reply.reason != "self":
@@ -269,6 +280,8 @@ class Membership:
                     return
                 if expect_id and reply.peer.peer_id != expect_id:
                     return  # with TLS the certificate proved expect_id; without, a mismatch is stale
+                if self._goodbye_at.get(reply.peer.peer_id, -1.0) >= started:
+                    return  # it said goodbye while our handshake was on the way: its welcome is stale
                 try:
                     check_compatible(self._me(), reply.peer)
                 except HandshakeRefused as exc:
@@ -291,7 +304,9 @@ class Membership:
         await self._tasks.cancel_all()
 
     async def leave_all(self, timeout_s: float) -> None:
-        """Tell every member we are leaving (best effort, bounded by ``timeout_s``)."""
+        """Tell every member we are leaving (best effort, bounded by ``timeout_s``); from now on
+        refuse handshakes, so that nobody admits us again between the goodbye and our exit."""
+        self._leaving = True
         me = self._me()
 
         async def say(address: str) -> None:

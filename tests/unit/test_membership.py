@@ -23,6 +23,8 @@ class Remote:
     def __init__(self, info: PeerInfo) -> None:
         self.info = info
         self.up = True
+        self.leaving = False
+        self.hold: asyncio.Event | None = None  # a handshake reply waits for it
 
 
 class Client:
@@ -42,7 +44,12 @@ class Client:
         self.bound[address] = peer_id
 
     async def handshake(self, address, me, timeout_s, expect_id=""):
-        return HandshakeReply(True, "", "", self._get(address).info)
+        remote = self._get(address)
+        if remote.hold is not None:
+            await remote.hold.wait()
+        if remote.leaving:
+            return HandshakeReply(False, "leaving", "this peer is leaving the run", remote.info)
+        return HandshakeReply(True, "", "", remote.info)
 
     async def status(self, address, timeout_s):
         return StatusInfo(peer=self._get(address).info)
@@ -150,6 +157,36 @@ async def test_leave_all_tells_every_member_and_survives_dead_ones():
     m.admit(_info("b"), "b:1")  # gone already
     await m.leave_all(0.5)
     assert client.left == ["a:1"]
+
+
+async def test_a_leaving_peer_refuses_handshakes_and_is_not_readmitted_or_counted():
+    m, client, _, metrics, _ = _membership()
+    client.remotes["a:1"] = Remote(_info("a"))
+    m.admit(_info("a"), "a:1")
+    await m.leave_all(0.5)
+    # After its goodbye, a peer's discovery record lingers: a handshake from a member that still
+    # sees it must not make the two members again.
+    late = m.answer_handshake(_info("b"), "10.0.0.9")
+    assert not late.accepted and late.reason == "leaving" and not m.is_member("b")
+
+    other, client2, _, metrics2, _ = _membership()
+    client2.remotes["x:1"] = Remote(_info("x"))
+    client2.remotes["x:1"].leaving = True
+    await other.handshake("x:1", "x")
+    assert not other.is_member("x")
+    assert _metric(metrics2, "peer_handshake_refusals_total", reason="leaving") == 0
+    client2.remotes["x:1"].leaving = False  # it restarted: the next try admits it, no back-off
+    await other.handshake("x:1", "x")
+    assert other.is_member("x")
+
+    # Its welcome crossed its goodbye: the handshake began before the Leave, the reply came after.
+    client2.remotes["x:1"].hold = asyncio.Event()
+    welcome = asyncio.create_task(other.handshake("x:1", "x"))
+    await asyncio.sleep(0.01)
+    other.said_leave("r", "x")
+    client2.remotes["x:1"].hold.set()
+    await welcome
+    assert not other.is_member("x")
 
 
 async def test_only_a_state_the_majority_reports_is_attested():
