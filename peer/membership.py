@@ -158,10 +158,6 @@ class Membership:
         found = self.attested()
         return -1 if found is None else found.round
 
-    def handshaking(self) -> bool:
-        """Whether a handshake is in flight: a peer this one is meeting may be a member soon."""
-        return bool(self._pending)
-
     def settled(self) -> bool:
         """Some members known and no handshake in flight (start-up may stop waiting)."""
         return bool(self._known) and not self._pending

@@ -117,6 +117,9 @@ class _BlockCodec(Codec):
     """
 
     default_block: int
+    decoded_qmax: float
+    """The largest ``|q|`` a payload's body decodes to before its block's scale multiplies it,
+    whatever the sender wrote in it (int8: -128, which no encoder writes)."""
 
     def __init__(self, block: int | None = None) -> None:
         block = self.default_block if block is None else block
@@ -208,17 +211,31 @@ class _BlockCodec(Codec):
         for elems, rows, packed in self._chunks(numel):
             self._decode_chunk(body[packed], scales[rows], out[elems])
 
+    def _scales_bound(self, scales: torch.Tensor) -> float:
+        """An upper bound of ``|v|`` over the values of a payload with these (validated: finite,
+        not negative) scales: each value is ``fl(q * scale)`` with ``|q| <= decoded_qmax``, one
+        rounding (at most 2**-24 of itself) above the exact product."""
+        if not scales.numel():
+            return 0.0
+        return float(scales.max()) * self.decoded_qmax * (1.0 + _REL_SLACK)
+
+    def _value_bound(self, view: memoryview, numel: int) -> float:
+        return self._scales_bound(self._read_scales(view, numel))
+
     def _decode_pieces(self, view: memoryview, numel: int, piece: int):
         # Pieces of whole blocks and whole bytes (a multiple of 8 blocks), as the chunks are.
         unit = 8 * self.block
         piece = max(unit, piece // unit * unit)
         scales = self._read_scales(view, numel)
+        # Values bounded below float32's maximum by their scales are finite: only a payload whose
+        # scales come near it (which no encoder writes) has its pieces checked.
+        checked = not self._scales_bound(scales) < _F32_MAX
         body = np.frombuffer(view, dtype=np.uint8, offset=4 * scales.numel())
         scratch = torch.empty(min(numel, piece), dtype=torch.float32)
         for elems, rows, packed in self._chunks(numel, piece):
             values = scratch[: elems.stop - elems.start]
             self._decode_chunk(body[packed], scales[rows], values)
-            if not all_finite(values):
+            if checked and not all_finite(values):
                 raise CodecError(f"{self.name}: payload decodes to non-finite values")
             yield elems.start, values
 
@@ -346,6 +363,7 @@ class Int8Codec(_AbsmaxCodec):
     bits_per_value = 8.0
     lossy = True
     qmax = 127
+    decoded_qmax = 128.0
     default_block = 256
 
     def _encode_chunk(
@@ -403,6 +421,7 @@ class Int4Codec(_AbsmaxCodec):
     bits_per_value = 4.0
     lossy = True
     qmax = 7
+    decoded_qmax = 7.0  # a nibble decodes to -7..7 (_INT4_TABLE)
     default_block = 128
 
     def _encode_chunk(
@@ -453,6 +472,7 @@ class Sign1Codec(_BlockCodec):
     name = "sign1"
     bits_per_value = 1.0
     lossy = True
+    decoded_qmax = 1.0
     default_block = 256
 
     def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:

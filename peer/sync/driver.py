@@ -224,7 +224,7 @@ class RoundDriver:
                                      timeout_s=self.deadlines.matchmaking_timeout, deadline_s=self._reduce_deadline,
                                      on_formed=self.deadlines.observe_formation, excluded=self._is_excluded,
                                      swarm_round=members.majority_round, stalled_before=self._stalled_before,
-                                     on_group=self.answers.formed, meeting=members.handshaking)
+                                     on_group=self.answers.formed)
         self.reducer = Reducer(peer_id=peer_id, run_id=self._run_id, client=client, registry=self.registry,
                                executor=executor, error_feedback=s.error_feedback,
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,

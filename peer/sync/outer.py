@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -44,13 +44,15 @@ class GradPieces(Protocol):
     one cache-sized piece at a time, so that no full-size averaged delta exists."""
 
     magnitude: float
-    """The largest ``|g|`` (``magnitude(g)``), found when the pieces were checked."""
+    """An upper bound of ``|g|``, found when the pieces were checked: ``magnitude(g)``, or the
+    codec's ``value_bound`` from the scales (for int8 at most 128/127 of it)."""
 
     def numel(self) -> int: ...
 
-    def reader(self) -> Callable[[torch.Tensor], None]:
-        """A function that fills its argument with the next ``numel()`` of its values, from the
-        first value on; the same values, bit for bit, as the gradient decoded whole."""
+    def pieces(self) -> Iterable[tuple[int, torch.Tensor]]:
+        """``(start, values)`` for consecutive pieces covering ``[0, numel())`` in order, each a
+        cache-sized scratch the next piece may reuse (read it before advancing); the same values,
+        bit for bit, as the gradient decoded whole."""
         ...
 
 
@@ -188,8 +190,10 @@ def step_hashed_into(
     (``finite_bound``), since a non-finite result cannot be undone. Every argument is
     checked (``ValueError``) before the first value is written.
 
-    ``grad`` may also be ``GradPieces``: read in order into one chunk of scratch as the sweep
-    goes (the buffers' part whole: a model's buffers are few), with the same bits.
+    ``grad`` may also be ``GradPieces``: the sweep then goes by its pieces, each stepped where
+    it was decoded (the buffers' part gathered whole: a model's buffers are few), with the same
+    bits: the operations are per value, and the digest reads the bytes in order whatever the
+    cut.
 
     ``measure=False`` skips the magnitude (two ``aminmax`` a chunk, ~12 ms for 10M values) and
     returns None for it: for a step whose result ``finite_bound`` already bounds."""
@@ -198,35 +202,53 @@ def step_hashed_into(
     total = params.numel()
     n = _param_numel(params, param_numel)
     _check_slices(total, n, int_slices)
-    work = torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
-    if isinstance(grad, torch.Tensor):
-        def grad_of(start: int, stop: int) -> torch.Tensor:
-            return grad[start:stop]
-    else:
-        read, scratch = grad.reader(), torch.empty(min(n, OUTER_CHUNK), dtype=params.dtype)
-
-        def grad_of(start: int, stop: int) -> torch.Tensor:  # called in order: the params' chunks, then the tail
-            piece = scratch[:stop - start] if stop <= n else torch.empty(stop - start, dtype=params.dtype)
-            read(piece)
-            return piece
+    work = torch.empty(0, dtype=params.dtype)
     h = digest_hasher()
     size = 0.0
     bytes_of = memoryview(out_params.numpy()).cast("B")
-    chunks = [(a, min(n, a + OUTER_CHUNK)) for a in range(0, n, OUTER_CHUNK)]
-    chunks += [(a, min(total, a + OUTER_CHUNK)) for a in range(n, total, OUTER_CHUNK)]
-    for start, stop in chunks:
+    for start, g in _sweep(grad, n, total):
+        stop = start + g.numel()
         p = out_params[start:stop]
-        if start == n:  # the buffers, whole, as the sweep reaches them; then check and hash only
-            _buffers_step(params, grad_of(n, total), out_params, out_buf, n, int_slices)
         if start < n:
-            _param_step(params[start:stop], grad_of(start, stop), momentum_buf[start:stop], out_theta=p,
-                        out_mom=out_buf[start:stop], work=work[:stop - start], lr=lr, momentum=momentum)
+            if work.numel() < g.numel():
+                work = torch.empty(g.numel(), dtype=params.dtype)
+            _param_step(params[start:stop], g, momentum_buf[start:stop], out_theta=p, out_mom=out_buf[start:stop],
+                        work=work[:stop - start], lr=lr, momentum=momentum)
             if measure:
                 size = _max_abs(size, out_buf[start:stop])
+        else:  # the buffers, whole (the last piece of the sweep)
+            _buffers_step(params, g, out_params, out_buf, n, int_slices)
         if measure:
             size = _max_abs(size, p)
         h.update(bytes_of[4 * start:4 * stop])
     return h.hexdigest(), size if measure else None
+
+
+def _sweep(grad: torch.Tensor | GradPieces, n: int, total: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, g)``: the gradient in the order the step sweeps it: pieces of the parameters'
+    ``[0, n)`` (``OUTER_CHUNK`` values each for a tensor; a ``GradPieces``'s own pieces, used
+    where they were decoded, no copy), then the buffers' ``[n, total)`` in one piece."""
+    if isinstance(grad, torch.Tensor):
+        yield from ((a, grad[a:min(n, a + OUTER_CHUNK)]) for a in range(0, n, OUTER_CHUNK))
+        if total > n:
+            yield n, grad[n:total]
+        return
+    tail = torch.empty(total - n, dtype=torch.float32)
+    done = 0
+    for start, values in grad.pieces():
+        stop = start + values.numel()
+        if start != done or stop > total:
+            raise ValueError(f"a gradient piece at {start} of {values.numel()} values; expected one at {done}")
+        if start < n:
+            yield start, values[:min(stop, n) - start]
+        if stop > n:  # (buffers: gathered, as their step takes them whole)
+            at = max(start, n)
+            tail[at - n:stop - n].copy_(values[at - start:])
+        done = stop
+    if done != total:
+        raise ValueError(f"the gradient's pieces ended at {done} of {total} values")
+    if total > n:
+        yield n, tail
 
 
 FINITE_MARGIN = 4.0

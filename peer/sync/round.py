@@ -15,11 +15,15 @@ does not answer tries the next one by the same order; a leader whose groups fail
 while (``RoundDriver``).
 
 Butterfly all-reduce: the flat delta is cut into one contiguous shard per member (sorted by peer
-id). Each member encodes every shard of its own delta (with error feedback), one shard at a time,
-and streams shard j to owner j as soon as it is encoded (the wire carries one shard while the codec
-works on the next; the transport sends a shard that fits one chunk in one message); it keeps its own. The owner checks each part as it arrives (decoded piece by
-piece into a cache-sized buffer: finite values, its norm) and averages what arrived by its cut-off
-(weighted by samples), encodes the average once and answers every stream with the same bytes;
+id). Each member encodes every other member's shard of its own delta (with error feedback), one
+shard at a time, and streams shard j to owner j as soon as it is encoded (the wire carries one
+shard while the codec works on the next; the transport sends a shard that fits one chunk in one
+message); its own part of its own shard it averages as it is, exact (a device delta's is encoded
+too). The owner checks each part as it arrives (its size, and its scales where the codec has
+them, which bound its values: finite without a pass over them; others are decoded piece by piece
+there: finite values, their norm), and averages what arrived by its cut-off (weighted by
+samples; each part's norm measured in the same pass, and the mean taken again without a part
+whose norm is an outlier), encodes the average once and answers every stream with the same bytes;
 everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
 round apply the same averaged delta, bit for bit, whatever the codec.
 
@@ -32,11 +36,11 @@ int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~23 B/param a
 | global state: parameters, momentum | 8 | always | ``StateStore``; the step writes over it |
 | the delta, given to the round | 4 | until the round ends | with error feedback it holds the corrected delta, then the next residual (``ErrorFeedback.corrected_in_place``): no separate corrected tensor |
 | error-feedback residual | 4 | always (error feedback on) | changed only by a completed round (``commit`` copies the delta's memory into it): a failed round leaves it as it was |
-| this member's encoded shards | 1 | until every stream is over | the wire reads them in place |
-| an owner's parts, encoded | K x 1/K | until averaged | checked on arrival piece by piece (no decoded part; the robust rules decode them: 4/K x K) |
+| this member's encoded shards | (K-1)/K | until every stream is over | the wire reads them in place; its own part of its own shard is the delta's slice |
+| an owner's parts, encoded | (K-1) x 1/K | until averaged | checked on arrival (no decoded part; the robust rules decode them: 4/K x (K-1)) |
 | an owner's mean | 0 | | decoded, averaged and encoded piece by piece (``weighted_mean_iter``, ``Codec.encode_pieces``) |
 | an owner's answer, and its frames | 1/K + 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline; the servicer keeps the frames only while streams send them |
-| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (finite, norm, magnitude); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
+| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (norm; finite and magnitude from their scales); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
 | next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
 
 Buffers of 8 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
@@ -47,13 +51,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
 import math
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -67,7 +70,7 @@ async def no_hook(phase: str, rnd: int) -> None:
 
 import torch
 
-from peer.codec import Codec, ErrorFeedback, get_codec
+from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_iter
 from peer.sync.confirm import answer_digest
@@ -193,8 +196,8 @@ class Matchmaker:
 
     ``live`` returns the ids of the live peers of the run this peer knows (without itself);
     ``deadline_s`` returns the all-reduce deadline to announce with a group; ``excluded(id)``
-    turns a member's join away; while ``meeting()`` (a handshake in flight) a leader behind the
-    round it matches forms that round's group only at its matchmaking timeout, never early.
+    turns a member's join away. A leader behind the round it matches forms that round's group
+    only at its matchmaking timeout, never early.
     """
 
     def __init__(
@@ -209,7 +212,6 @@ class Matchmaker:
         deadline_s: Callable[[], float],
         on_formed: Callable[[float, bool], None] | None = None,
         excluded: Callable[[str], bool] = lambda peer_id: False,
-        meeting: Callable[[], bool] = lambda: False,
         leaders: Callable[[], Iterable[str]] | None = None,
         swarm_round: Callable[[], int] = lambda: -1,
         stalled_before: Callable[[str, int], bool] = lambda peer_id, rnd: False,
@@ -220,7 +222,6 @@ class Matchmaker:
         self._swarm_round = swarm_round
         self._stalled_before = stalled_before
         self._excluded = excluded
-        self._meeting = meeting
         self._me = peer_id
         self._numel = numel
         self._codec = codec
@@ -337,10 +338,11 @@ class Matchmaker:
         if m.formed is None or m.formed.done():
             return
         # A leader that is behind the round it matches (it just started or restarted from an
-        # old checkpoint) while still meeting peers (a handshake in flight) may see part of the
-        # swarm: "everyone joined" could be a group of part of it, which then forks from the
-        # rest. The timer forms it. (Handshakes alone do not hold it: a stranger's keep failing.)
-        partial_view = self._current_round() < m.round - 1 and self._meeting()
+        # old checkpoint) may see part of the swarm: "everyone joined" could be a group of part
+        # of it, which then forks from the rest. The timer forms it. (Its handshakes in flight
+        # are no sign: a fresh peer's server answers joins before it has met anyone itself, and
+        # the fork then left three peers at three states, none attested, none resyncing.)
+        partial_view = self._current_round() < m.round - 1
         if self._expected(m.round) <= set(m.joins) and not partial_view:
             self._form(m, complete=True)
 
@@ -392,12 +394,25 @@ _PIECE = 1 << 16
 KiB float64 widening: they stay in cache, unlike a part's full-size decoded tensor)."""
 
 
-@dataclass(frozen=True)
-class _Scanned:
-    """A part kept encoded (``payload``, checked to decode to finite values) with its L2 norm."""
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
-    payload: bytes | bytearray | memoryview
-    norm: float
+
+@dataclass
+class _Scanned:
+    """A part kept encoded (``payload``, checked to decode to finite values), or the owner's own
+    part as it is (``payload`` a float32 tensor: it needs no wire, so it is never encoded), with
+    its L2 norm: taken on arrival, or None until the mean's pass over the values measures it (a
+    part whose codec's scales bound its values below float32's maximum: proven finite without a
+    pass)."""
+
+    payload: bytes | bytearray | memoryview | torch.Tensor
+    norm: float | None
+
+    def pieces(self, codec: Codec, numel: int) -> Iterable[tuple[int, torch.Tensor]]:
+        """``(start, values)`` pieces of ``_PIECE`` values, as ``Codec.decode_pieces`` cuts them."""
+        if isinstance(self.payload, torch.Tensor):
+            return ((at, self.payload[at:at + _PIECE]) for at in range(0, numel, _PIECE))
+        return codec.decode_pieces(self.payload, numel, _PIECE)
 
 
 class OwnedShard:
@@ -440,8 +455,10 @@ class OwnedShard:
     def numel(self) -> int:
         return self.me.shard_end - self.me.shard_start
 
-    async def add(self, peer_id: str, weight: float, payload: bytes) -> None:
-        """Add one member's encoded part. Raises RoundError (with a metric reason) if it is refused."""
+    async def add(self, peer_id: str, weight: float, payload: bytes | bytearray | torch.Tensor) -> None:
+        """Add one member's encoded part, or this owner's own part as a float32 tensor (read, not
+        copied, until the shard is averaged). Raises RoundError (with a metric reason) if it is
+        refused."""
         if peer_id not in self._expected:
             raise RoundError("not_member", f"{peer_id} is not a member of group {self.group.group_id}")
         if peer_id in self._parts:
@@ -456,8 +473,19 @@ class OwnedShard:
         self._arrived.add(peer_id)
         self._pending += 1
         try:
-            if self._by_pieces:
-                part = _Scanned(payload, await offload(self._executor, self.numel, self._scan, payload))
+            if isinstance(payload, torch.Tensor):
+                if payload.numel() != self.numel or not all_finite(payload):
+                    raise CodecError(f"the owner's own part has {payload.numel()} values (NaN/Inf or not "
+                                     f"{self.numel})")
+                part = _Scanned(payload, None) if self._by_pieces else payload
+            elif self._by_pieces:
+                # Size and scales are checked now (microseconds); where the scales prove the values
+                # finite, the norm is measured by the mean's own pass over them (``_finish``)
+                # instead of a pass of its own.
+                bound = self._codec.value_bound(payload, self.numel)
+                norm = None if bound is not None and bound < _F32_MAX else await offload(
+                    self._executor, self.numel, self._scan, payload)
+                part = _Scanned(payload, norm)
             else:
                 part = await offload(self._executor, self.numel, self._codec.decode, payload, self.numel)
         except CodecError as exc:
@@ -478,10 +506,12 @@ class OwnedShard:
         self._answered.add(peer_id)
         return self._answered >= self._expected.keys()
 
-    def _scan(self, payload: bytes) -> float:
+    def _scan(self, payload: bytes | bytearray | memoryview | torch.Tensor) -> float:
         """The L2 norm of a part, decoded piece by piece into a cache-sized buffer (nothing of
         the part's size is kept). Raises CodecError as ``decode`` does (size, scales, NaN/Inf).
         Executor or loop."""
+        if isinstance(payload, torch.Tensor):
+            return l2_norm(payload)
         scratch = torch.empty(min(self.numel, _PIECE), dtype=torch.float64)
         return math.sqrt(sum(square_sum(values, scratch) for _, values in
                              self._codec.decode_pieces(payload, self.numel, _PIECE)))
@@ -507,23 +537,47 @@ class OwnedShard:
         capped = dict(zip([m.peer_id for m in self.group.members],
                           cap_weights([m.weight for m in self.group.members], agg.weight_cap_factor)))
 
+        def mean_of(members: list[str]) -> bytes:
+            # The mean straight from the encoded parts, piece by piece: each piece of each part
+            # decoded into a cache-sized buffer and added in, and each piece of the mean encoded
+            # as it comes (weighted_mean_iter, encode_pieces); accumulated in float32 for a lossy
+            # codec, whose error dwarfs float32's (``wide``). A part's norm still unknown is
+            # measured on the pieces as they go by.
+            scratch = torch.empty(min(self.numel, _PIECE), dtype=torch.float64)
+
+            def pieces(part: _Scanned):
+                measure, squares = part.norm is None, 0.0
+                for start, values in part.pieces(self._codec, self.numel):
+                    if measure:
+                        squares += square_sum(values, scratch)
+                        if start + values.numel() == self.numel:  # (the mean takes no piece past the last)
+                            part.norm = math.sqrt(squares)
+                    yield start, values
+
+            mean = weighted_mean_iter([pieces(self._parts[p][1]) for p in members], [capped[p] for p in members],
+                                      self.numel, wide=not self._codec.lossy)
+            return self._codec.encode_pieces(mean, self.numel)
+
         def reduce() -> tuple[bytes, list[str]]:
             parts = [self._parts[p][1] for p in order]
-            norms = [p.norm if isinstance(p, _Scanned) else l2_norm(p) for p in parts]
-            outliers = {order[i] for i in outliers_by_norm(norms, agg.norm_outlier_factor)}
-            kept = [p for p in order if p not in outliers]
-            if self._by_pieces:
-                # The mean straight from the encoded parts, piece by piece: each piece of each
-                # part decoded into a cache-sized buffer and added in, and each piece of the
-                # mean encoded as it comes (weighted_mean_iter, encode_pieces); accumulated in
-                # float32 for a lossy codec, whose error dwarfs float32's (``wide``).
-                mean = weighted_mean_iter(
-                    [self._codec.decode_pieces(self._parts[p][1].payload, self.numel, _PIECE) for p in kept],
-                    [capped[p] for p in kept], self.numel, wide=not self._codec.lossy)
-                return self._codec.encode_pieces(mean, self.numel), sorted(outliers)
-            result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
-                               agg.trim_fraction)
-            return self._codec.encode(result), sorted(outliers)
+            if not self._by_pieces:
+                norms = [l2_norm(p) for p in parts]
+                outliers = {order[i] for i in outliers_by_norm(norms, agg.norm_outlier_factor)}
+                kept = [p for p in order if p not in outliers]
+                result = aggregate(agg.rule, [self._parts[p][1] for p in kept], [capped[p] for p in kept],
+                                   agg.trim_fraction)
+                return self._codec.encode(result), sorted(outliers)
+            for p in order:  # a part of weight 0 takes no part in the mean's pass; its norm counts
+                part = self._parts[p][1]
+                if part.norm is None and not (capped[p] > 0 and self.numel):
+                    part.norm = self._scan(part.payload)
+            # The mean of every part, measuring the norms on the way; only when that finds an
+            # outlier (a part norm_outlier_factor x the median) is the mean taken again without it.
+            payload = mean_of(order)
+            outliers = {order[i] for i in outliers_by_norm([p.norm for p in parts], agg.norm_outlier_factor)}
+            if outliers:
+                payload = mean_of([p for p in order if p not in outliers])
+            return payload, sorted(outliers)
 
         payload, outliers = await offload(self._executor, self.numel * len(order), reduce)
         # The decoded parts (4 bytes a parameter of the model over the group's shards) are not
@@ -614,22 +668,12 @@ class Averaged:
     def numel(self) -> int:
         return self._numel
 
-    def reader(self) -> Callable[[torch.Tensor], None]:
-        """``read(out)`` fills ``out`` with the next ``out.numel()`` values, from the first on."""
-        pieces = itertools.chain.from_iterable(
-            (values for _, values in self.codec.decode_pieces(p, e - s, _PIECE)) for s, e, p in self.shards)
-        left = torch.empty(0)
-
-        def read(out: torch.Tensor) -> None:
-            nonlocal left
-            filled, want = 0, out.numel()
-            while filled < want:
-                if not left.numel():
-                    left = next(pieces)  # a scratch the next piece reuses: read before advancing
-                take = min(left.numel(), want - filled)
-                out[filled:filled + take].copy_(left[:take])
-                left, filled = left[take:], filled + take
-        return read
+    def pieces(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, values)``: each shard decoded in pieces of ``_PIECE`` values into a scratch
+        the next piece reuses (read it before advancing), in order from the first value."""
+        for s, e, p in self.shards:
+            for at, values in self.codec.decode_pieces(p, e - s, _PIECE):
+                yield s + at, values
 
     def tensor(self) -> torch.Tensor:
         """The whole averaged delta, each shard decoded into its slice of one tensor."""
@@ -712,10 +756,14 @@ class Reducer:
         k = len(group.members)
         # Shards are encoded one at a time, each stream starting as soon as its shard is: the
         # wire carries the first shard while the codec works on the next. Every member starts
-        # with the shard after its own (no owner gets every member's first part at once) and
-        # encodes its own shard last (it needs no wire).
-        order = [(mine + i) % k for i in range(1, k + 1)]
+        # with the shard after its own (no owner gets every member's first part at once). Its
+        # own shard needs no wire: on the host, it averages its own part as it is (exact, and
+        # neither encoded nor decoded); a device delta's own shard is encoded last.
+        raw_own = delta.device.type == "cpu" and delta.dtype == torch.float32
+        order = [(mine + i) % k for i in range(1, k + 1 - raw_own)]
         encoded: list[asyncio.Future[bytes]] = [loop.create_future() for _ in range(k)]
+        if raw_own:
+            encoded[mine].set_result(b"")
 
         def prepare() -> tuple[list[float], torch.Tensor | None]:
             # The norms of this member's own parts bound the answers (``answer_limit``); taken
@@ -753,7 +801,9 @@ class Reducer:
                 tg.create_task(encode_in_order())
                 for j, m in enumerate(group.members):
                     if m.peer_id == self._me:
-                        tasks[m.peer_id] = tg.create_task(self._own(owned, encoded[j], weight))
+                        own = (delta if corrected is None else corrected)[bounds[j][0]:bounds[j][1]] if raw_own \
+                            else encoded[j]
+                        tasks[m.peer_id] = tg.create_task(self._own(owned, own, weight))
                         continue
                     header = ReduceHeader(
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
@@ -766,6 +816,8 @@ class Reducer:
                 if f.done() and f.exception() is not None:
                     raise f.exception()  # a delta the codec refuses (NaN/Inf): as before, the caller's error
             stats.encoded_bytes = sum(len(f.result()) for f in encoded)
+            if raw_own:  # (what its own part would take on the wire, for the compression figure)
+                stats.encoded_bytes += codec.encoded_size(me.shard_end - me.shard_start)
             encoded.clear()  # every stream is over: this member's encoded shards may go
             results: list[tuple[Member, bytes]] = []
             missing = []
@@ -785,16 +837,22 @@ class Reducer:
 
             def check_all() -> tuple[float, list[str], list[tuple[str, float, float]]]:
                 # Each averaged shard decoded piece by piece through cache-sized buffers (its
-                # norm, its largest value; decode_pieces refuses NaN/Inf), and kept encoded: the
+                # norm, a bound of its largest value; decode_pieces refuses NaN/Inf), and kept encoded: the
                 # outer step decodes it again where it is used (``Averaged``), so no full-size
                 # averaged delta exists.
                 too_large, size = [], 0.0
                 scratch = torch.empty(min(max(group.numel, 1), _PIECE), dtype=torch.float64)
                 for m, p in results:
                     squares = 0.0
+                    # The largest value, bounded by the answer's scales where its codec has them
+                    # (at most 128/127 of it for int8): one pass over the values fewer.
+                    bound = codec.value_bound(p, m.shard_end - m.shard_start)
                     for _, values in codec.decode_pieces(p, m.shard_end - m.shard_start, _PIECE):
                         squares += square_sum(values, scratch)
-                        size = max(size, magnitude(values))  # finite: decode_pieces refuses NaN/Inf
+                        if bound is None:
+                            size = max(size, magnitude(values))  # finite: decode_pieces refuses NaN/Inf
+                    if bound is not None:
+                        size = max(size, bound)
                     limit = answer_limit(own_norms[group.members.index(m)], len(group.members), factor)
                     if limit is not None and math.sqrt(squares) > limit:
                         too_large.append((m.peer_id, math.sqrt(squares), limit))
@@ -811,6 +869,8 @@ class Reducer:
                                              f"member's part)" for pid, norm, limit in too_large),
                                  culprits=tuple(pid for pid, _, _ in too_large))
             if ef is not None and corrected is not None:
+                if raw_own:  # its own part was averaged exactly: nothing of it is carried over
+                    corrected[me.shard_start:me.shard_end].zero_()
                 ef.commit(corrected, copy=corrected is delta)
             stats.answers = tuple((m.shard_start, m.shard_end, p) for m, p in results)
             return Averaged(codec, group.numel, stats.answers, size), stats
@@ -818,11 +878,13 @@ class Reducer:
             # Give streams that still want our shard's answer a moment, then drop it.
             loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
 
-    async def _own(self, owned: OwnedShard, encoded: asyncio.Future[bytes], weight: float
+    async def _own(self, owned: OwnedShard, part: asyncio.Future[bytes] | torch.Tensor, weight: float
                    ) -> tuple[bytes, int] | Exception:
+        """This member's part of its own shard (encoded, or a float32 tensor as it is) to the
+        shard it owns; the shard's answer."""
         try:
             try:
-                payload = await encoded
+                payload = part if isinstance(part, torch.Tensor) else await part
             except CodecError as exc:
                 return RoundError("encode", str(exc))
             await owned.add(self._me, weight, payload)

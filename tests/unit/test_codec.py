@@ -478,6 +478,30 @@ def test_decode_pieces_refuse_a_wrong_size_before_any_piece_and_non_finite_value
             list(codec.decode_pieces(data, n, 8 * codec.block))
 
 
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_value_bound_bounds_every_decoded_value_from_the_scales_alone(name: str) -> None:
+    # Prepare: encoded values, and for int8 a body byte of -128 (no encoder writes it, a liar may)
+    codec = get_codec(name)
+    n = 3 * 256 + 5
+    data = bytearray(codec.encode(_randn(n, seed=6) * 1e3))
+    if name == "int8":
+        data[-1] = 0x80
+
+    # Execute
+    bound = codec.value_bound(data, n)
+    largest = codec.decode(data, n).abs().max().item()
+
+    # Assert: blockwise codecs bound from their scales, within 128/127 of the truth (int8's -128
+    # against its 127); the float codecs have no such header and say so
+    if name in BLOCKWISE:
+        assert largest <= bound <= largest * 128 / 127 * (1 + 2**-19)
+    else:
+        assert bound is None
+    assert codec.value_bound(b"", 0) == 0.0
+    with pytest.raises(CodecError, match="expected"):
+        codec.value_bound(data, n + 256)
+
+
 def _two_feedbacks(name: str, seed: int) -> tuple[torch.Tensor, ErrorFeedback, ErrorFeedback]:
     """A delta of 1000 values and two feedbacks carrying the same residual."""
     codec = get_codec(name)

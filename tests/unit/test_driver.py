@@ -99,9 +99,6 @@ class FakeMembers:
         found = self.attested()
         return -1 if found is None else found.round
 
-    def handshaking(self):
-        return False
-
     def settled(self):
         return bool(self.view)
 

@@ -114,7 +114,9 @@ async def test_butterfly_gives_every_member_the_same_weighted_mean(codec):
     # Assert: bit-identical results, close to the reference weighted mean within the codec bound
     avgs = [avg.tensor() for avg, _ in results]
     assert all(torch.equal(avgs[0], a) for a in avgs[1:])
-    assert all(avg.magnitude == magnitude(avgs[0]) for avg, _ in results)  # found while checking the answers
+    # A bound of the largest value, found while checking the answers (from int8's and sign1's scales)
+    assert all(magnitude(avgs[0]) <= avg.magnitude <= magnitude(avgs[0]) * 128 / 127 * (1 + 2**-19)
+               for avg, _ in results)
     ref = sum(deltas[p] * weights[p] for p in net) / 6.0
     c = get_codec(codec)
     bound = sum(c.error_bound(deltas[p]) * weights[p] for p in net) / 6.0 + c.error_bound(ref) + 1e-5
@@ -174,9 +176,12 @@ async def test_a_join_waiting_for_a_round_the_leader_gives_up_is_told_it_is_over
     await asyncio.gather(later, return_exceptions=True)
 
 
-async def test_a_leader_still_meeting_peers_forms_no_complete_group_from_a_partial_view():
+async def test_a_leader_behind_the_round_forms_no_complete_group_from_a_partial_view():
     # Found in the chaos test: a peer restarted a moment ago knew one member, led a round, and
     # formed "everyone joined" with that one at once, while it was meeting the others: a fork.
+    # And in the swarm test: a fresh peer's server took a join before the peer had met anyone
+    # (no handshake in flight yet), formed a group of one member, and three peers ended at three
+    # states, none attested by two, none resyncing.
     net = _swarm(3, 100, timeout_s=0.3)
     leader = net[leader_for(5, ["p0", "p1", "p2"])]
     joiners = [n for n in net.values() if n is not leader][:1]  # the one member the leader knows
@@ -184,14 +189,12 @@ async def test_a_leader_still_meeting_peers_forms_no_complete_group_from_a_parti
     leader.round = 0  # restarted from an old checkpoint: far behind the round it matches
     leader.matchmaker._swarm_round = lambda: 5
     complete = []
-    meeting = True
-    leader.matchmaker._meeting = lambda: meeting
     leader.matchmaker._on_formed = lambda wait_s, done: complete.append(done)
     for n in joiners:
         n.round = 5
     formed = await asyncio.gather(*(leader.matchmaker.join(n.req()) for n in joiners))
     assert [r.outcome for r in formed] == [JoinOutcome.GROUP] and complete == [False]  # by the timer
-    # in step with the round it matches, a leader forms at once even while meeting a stranger
+    # in step with the round it matches, a leader forms at once
     pair = sorted(leader.net)
     r = next(r for r in range(6, 100) if leader_for(r, pair) == leader.pid)
     leader.round = r
@@ -287,16 +290,18 @@ async def test_an_owner_blames_a_missing_part_only_when_its_own_cut_off_was_on_t
     owned.close()
 
 
-@pytest.mark.parametrize("rule", ["mean", "trimmed_mean"])
-async def test_an_owner_answers_the_encoded_mean_of_the_parts_it_kept(rule):
-    # Prepare: four parts of a shard larger than a piece (the mean decodes them piece by piece),
-    # one of them 1000x the others (a norm outlier, left out), uneven weights
+@pytest.mark.parametrize("rule, outlier_weight", [("mean", 1.0), ("mean", 0.0), ("trimmed_mean", 1.0)])
+async def test_an_owner_answers_the_encoded_mean_of_the_parts_it_kept(rule, outlier_weight):
+    # Prepare: four parts of a shard larger than a piece (the mean decodes them piece by piece,
+    # measuring the norms on the way), one of them 1000x the others (a norm outlier, left out,
+    # the mean taken again without it; with weight 0 it takes no part in the mean, and its norm
+    # is measured alone), uneven weights
     from peer.sync.aggregate import aggregate
     from peer.sync.round import Aggregation
 
     codec = get_codec("int8")
     n = 150_001
-    members = tuple(Member(p, p, 0, n, w) for p, w in zip("abcd", (1.0, 2.0, 3.0, 1.0)))
+    members = tuple(Member(p, p, 0, n, w) for p, w in zip("abcd", (1.0, 2.0, 3.0, outlier_weight)))
     group = Group("g", 0, "h", members, "int8", n, reduce_deadline_s=5.0)
     g = torch.Generator().manual_seed(3)
     deltas = {"a": torch.randn(n, generator=g), "b": torch.randn(n, generator=g),
