@@ -218,15 +218,15 @@ class Codec(abc.ABC):
         if numel:
             yield from self._decode_pieces(view, numel, max(1, piece))
 
-    def value_bound(self, data: Buffer, numel: int) -> float | None:
-        """An upper bound of ``|v|`` over the values ``data`` decodes to, read from its header
-        alone (a blockwise codec's scales: no value is decoded), or None where the codec has
-        none (read the values). A bound below float32's maximum proves the values finite.
-        Raises ``CodecError`` as ``decode`` does for a wrong size or bad scales."""
+    def value_bounds(self, data: Buffer, numel: int) -> tuple[float, float] | None:
+        """Upper bounds of ``max |v|`` and of the L2 norm of the values ``data`` decodes to, read
+        from its header alone (a blockwise codec's scales: no value is decoded), or None where
+        the codec has none (read the values). A largest value below float32's maximum proves the
+        values finite. Raises ``CodecError`` as ``decode`` does for a wrong size or bad scales."""
         view, numel = self._sized_view(data, numel)
-        return self._value_bound(view, numel) if numel else 0.0
+        return self._value_bounds(view, numel) if numel else (0.0, 0.0)
 
-    def _value_bound(self, view: memoryview, numel: int) -> float | None:
+    def _value_bounds(self, view: memoryview, numel: int) -> tuple[float, float] | None:
         return None
 
     def _decode_pieces(self, view: memoryview, numel: int, piece: int) -> Iterator[tuple[int, torch.Tensor]]:

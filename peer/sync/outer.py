@@ -45,7 +45,7 @@ class GradPieces(Protocol):
 
     magnitude: float
     """An upper bound of ``|g|``, found when the pieces were checked: ``magnitude(g)``, or the
-    codec's ``value_bound`` from the scales (for int8 at most 128/127 of it)."""
+    codec's ``value_bounds`` from the scales (for int8 at most 128/127 of it)."""
 
     def numel(self) -> int: ...
 

@@ -40,7 +40,7 @@ int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~23 B/param a
 | an owner's parts, encoded | (K-1) x 1/K | until averaged | checked on arrival (no decoded part; the robust rules decode them: 4/K x (K-1)) |
 | an owner's mean | 0 | | decoded, averaged and encoded piece by piece (``weighted_mean_iter``, ``Codec.encode_pieces``) |
 | an owner's answer, and its frames | 1/K + 1/K | until every member has it | then the shard leaves the registry (``OwnedShard.answered``), not at the deadline; the servicer keeps the frames only while streams send them |
-| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked piece by piece (norm; finite and magnitude from their scales); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
+| the answers, encoded (``Averaged``) | 1 | until the outer step is done | checked from their scales (finite, magnitude, norm within the member's limit; decoded piece by piece only when the scales cannot show that); the outer step decodes them again chunk by chunk: no full-size averaged delta (``tensor()`` makes one for diagnostics) |
 | next state (fresh) | 0 or 8 | while a donor or checkpoint pins the current one | the step writes in place otherwise (``StateStore``) |
 
 Buffers of 8 MB or more are their own memory maps (``peer.daemon.large_buffers_to_os``): freed,
@@ -482,8 +482,8 @@ class OwnedShard:
                 # Size and scales are checked now (microseconds); where the scales prove the values
                 # finite, the norm is measured by the mean's own pass over them (``_finish``)
                 # instead of a pass of its own.
-                bound = self._codec.value_bound(payload, self.numel)
-                norm = None if bound is not None and bound < _F32_MAX else await offload(
+                bounds = self._codec.value_bounds(payload, self.numel)
+                norm = None if bounds is not None and bounds[0] < _F32_MAX else await offload(
                     self._executor, self.numel, self._scan, payload)
                 part = _Scanned(payload, norm)
             else:
@@ -836,24 +836,29 @@ class Reducer:
             factor = self._aggregation.norm_outlier_factor
 
             def check_all() -> tuple[float, list[str], list[tuple[str, float, float]]]:
-                # Each averaged shard decoded piece by piece through cache-sized buffers (its
-                # norm, a bound of its largest value; decode_pieces refuses NaN/Inf), and kept encoded: the
-                # outer step decodes it again where it is used (``Averaged``), so no full-size
-                # averaged delta exists.
+                # Each averaged shard is kept encoded: the outer step decodes it where it is
+                # used, so no full-size averaged delta exists. Where its codec's scales bound its
+                # values below float32's maximum (finite; their largest is the bound, for int8 at
+                # most 128/127 of it) and its norm within this member's limit (an honest answer's
+                # bound is a few times its norm, the limit 4 sqrt(K) x norm_outlier_factor its
+                # part's), nothing more is read. Otherwise it is decoded piece by piece through
+                # cache-sized buffers (decode_pieces refuses NaN/Inf): its norm, its largest value.
                 too_large, size = [], 0.0
                 scratch = torch.empty(min(max(group.numel, 1), _PIECE), dtype=torch.float64)
                 for m, p in results:
-                    squares = 0.0
-                    # The largest value, bounded by the answer's scales where its codec has them
-                    # (at most 128/127 of it for int8): one pass over the values fewer.
-                    bound = codec.value_bound(p, m.shard_end - m.shard_start)
-                    for _, values in codec.decode_pieces(p, m.shard_end - m.shard_start, _PIECE):
-                        squares += square_sum(values, scratch)
-                        if bound is None:
-                            size = max(size, magnitude(values))  # finite: decode_pieces refuses NaN/Inf
-                    if bound is not None:
-                        size = max(size, bound)
+                    n = m.shard_end - m.shard_start
                     limit = answer_limit(own_norms[group.members.index(m)], len(group.members), factor)
+                    bounds = codec.value_bounds(p, n)
+                    if bounds is not None and bounds[0] < _F32_MAX and (limit is None or bounds[1] <= limit):
+                        size = max(size, bounds[0])
+                        continue
+                    squares, measure = 0.0, bounds is None or not bounds[0] < _F32_MAX
+                    for _, values in codec.decode_pieces(p, n, _PIECE):
+                        squares += square_sum(values, scratch)
+                        if measure:
+                            size = max(size, magnitude(values))
+                    if not measure:
+                        size = max(size, bounds[0])
                     if limit is not None and math.sqrt(squares) > limit:
                         too_large.append((m.peer_id, math.sqrt(squares), limit))
                 return size, [answer_digest(p) for _, p in results], too_large

@@ -479,7 +479,7 @@ def test_decode_pieces_refuse_a_wrong_size_before_any_piece_and_non_finite_value
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_value_bound_bounds_every_decoded_value_from_the_scales_alone(name: str) -> None:
+def test_value_bounds_bound_every_decoded_value_and_the_norm_from_the_scales_alone(name: str) -> None:
     # Prepare: encoded values, and for int8 a body byte of -128 (no encoder writes it, a liar may)
     codec = get_codec(name)
     n = 3 * 256 + 5
@@ -488,18 +488,21 @@ def test_value_bound_bounds_every_decoded_value_from_the_scales_alone(name: str)
         data[-1] = 0x80
 
     # Execute
-    bound = codec.value_bound(data, n)
-    largest = codec.decode(data, n).abs().max().item()
+    bounds = codec.value_bounds(data, n)
+    values = codec.decode(data, n)
 
-    # Assert: blockwise codecs bound from their scales, within 128/127 of the truth (int8's -128
-    # against its 127); the float codecs have no such header and say so
+    # Assert: blockwise codecs bound from their scales: the largest value within 128/127 of the
+    # truth (int8's -128 against its 127), the norm a few times it for Gaussian values (a block
+    # full of its largest value); the float codecs have no such header and say so
     if name in BLOCKWISE:
-        assert largest <= bound <= largest * 128 / 127 * (1 + 2**-19)
+        largest, norm = values.abs().max().item(), values.double().norm().item()
+        assert largest <= bounds[0] <= largest * 128 / 127 * (1 + 2**-19)
+        assert norm <= bounds[1] <= 5 * norm
     else:
-        assert bound is None
-    assert codec.value_bound(b"", 0) == 0.0
+        assert bounds is None
+    assert codec.value_bounds(b"", 0) == (0.0, 0.0)
     with pytest.raises(CodecError, match="expected"):
-        codec.value_bound(data, n + 256)
+        codec.value_bounds(data, n + 256)
 
 
 def _two_feedbacks(name: str, seed: int) -> tuple[torch.Tensor, ErrorFeedback, ErrorFeedback]:

@@ -426,3 +426,58 @@ async def test_after_a_round_no_owner_keeps_its_shard_until_the_deadline():
     for n in net.values():
         with pytest.raises(RoundError, match="unknown_group|no group"):
             await n.registry.get(group.group_id, 0.01)
+
+
+class _Rewriting(Client):
+    """A client whose answers from ``owner`` are rewritten by ``rewrite(answer, numel)``: an owner
+    that lies with valid bytes."""
+
+    def __init__(self, net: dict, owner: str, rewrite) -> None:
+        super().__init__(net)
+        self.owner, self.rewrite = owner, rewrite
+
+    async def reduce(self, address, header, payload, timeout_s):
+        reply, result = await super().reduce(address, header, payload, timeout_s)
+        if address == self.owner:
+            result = bytes(self.rewrite(result, header.numel))
+        return reply, result
+
+
+@pytest.mark.parametrize("lie", ["inflate", "spike"])
+async def test_a_member_refuses_an_answer_its_own_part_cannot_explain_and_no_other(lie):
+    # Prepare: p0's answer from p2 rewritten: the average times 1000 (its norm far past 4 sqrt(K)
+    # x norm_outlier_factor x p0's own part), or one value 10x p0's part's norm in a shard of
+    # zeros (within the limit, but its scales alone could not show it: a block's bound is 16x
+    # its one value, so the answer is decoded and its norm measured)
+    c = get_codec("int8")
+    numel = 3 * 4096
+    net = _swarm(3, numel)
+    gen = torch.Generator().manual_seed(9)
+    deltas = {p: torch.randn(numel, generator=gen) for p in net}
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replies[0].group
+    s, e = group.members[2].shard_start, group.members[2].shard_end
+    own = float(deltas["p0"][s:e].norm())
+
+    def rewrite(answer, n):
+        if lie == "inflate":
+            return c.encode(c.decode(answer, n) * 1000)
+        spike = torch.zeros(n)
+        spike[7] = 10 * own
+        return c.encode(spike)
+
+    net["p0"].reducer._client = _Rewriting(net, "p2", rewrite)
+
+    # Execute
+    results = await asyncio.gather(*(n.reducer.run(group, deltas[p].clone(), 1.0) for p, n in net.items()),
+                                   return_exceptions=True)
+
+    # Assert: the inflated answer fails p0's round, naming p2; the spike passes (and bounds the
+    # averaged delta's magnitude); the other members complete either way
+    if lie == "inflate":
+        assert isinstance(results[0], RoundError) and results[0].reason == "answer_norm"
+        assert results[0].culprits == ("p2",)
+    else:
+        avg, _ = results[0]
+        assert avg.magnitude >= 10 * own * (1 - 2**-8)
+    assert all(not isinstance(r, BaseException) for r in results[1:])
