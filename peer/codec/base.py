@@ -216,7 +216,12 @@ class Codec(abc.ABC):
         non-finite value at the piece that holds it."""
         view, numel = self._sized_view(data, numel)
         if numel:
-            yield from self._decode_pieces(view, numel, max(1, piece))
+            yield from self._decode_pieces(view, numel, self.piece_size(piece))
+
+    def piece_size(self, piece: int) -> int:
+        """The length of ``decode_pieces``'s pieces (the last may be shorter) when asked for
+        ``piece``: values to be averaged with decoded ones must be cut alike."""
+        return max(1, piece)
 
     def value_bounds(self, data: Buffer, numel: int) -> tuple[float, float] | None:
         """Upper bounds of ``max |v|`` and of the L2 norm of the values ``data`` decodes to, read

@@ -227,10 +227,12 @@ class _BlockCodec(Codec):
         norm = math.sqrt(float(np.dot(wide, wide)) * self.block) * self.decoded_qmax * (1.0 + _REL_SLACK)
         return self._scales_bound(scales), norm
 
-    def _decode_pieces(self, view: memoryview, numel: int, piece: int):
+    def piece_size(self, piece: int) -> int:
         # Pieces of whole blocks and whole bytes (a multiple of 8 blocks), as the chunks are.
         unit = 8 * self.block
-        piece = max(unit, piece // unit * unit)
+        return max(unit, piece // unit * unit)
+
+    def _decode_pieces(self, view: memoryview, numel: int, piece: int):
         scales = self._read_scales(view, numel)
         # Values bounded below float32's maximum by their scales are finite: only a payload whose
         # scales come near it (which no encoder writes) has its pieces checked.

@@ -409,9 +409,11 @@ class _Scanned:
     norm: float | None
 
     def pieces(self, codec: Codec, numel: int) -> Iterable[tuple[int, torch.Tensor]]:
-        """``(start, values)`` pieces of ``_PIECE`` values, as ``Codec.decode_pieces`` cuts them."""
+        """``(start, values)``: the values in pieces of about ``_PIECE``, cut as ``codec``'s
+        ``decode_pieces`` cuts them (the mean adds the parts piece by piece)."""
         if isinstance(self.payload, torch.Tensor):
-            return ((at, self.payload[at:at + _PIECE]) for at in range(0, numel, _PIECE))
+            step = codec.piece_size(_PIECE)
+            return ((at, self.payload[at:at + step]) for at in range(0, numel, step))
         return codec.decode_pieces(self.payload, numel, _PIECE)
 
 

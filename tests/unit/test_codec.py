@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.codec import CODEC_NAMES, Codec, ErrorFeedback, all_finite, get_codec
+from peer.codec import CODEC_NAMES, Codec, ErrorFeedback, Int4Codec, Int8Codec, all_finite, get_codec
 from peer.errors import CodecError
 
 SIZES = [0, 1, 7, 255, 257, 1000003]
@@ -459,6 +459,16 @@ def test_decode_pieces_are_the_values_of_decode_in_order(name: str, piece: int) 
     starts = [s for s, _ in got]
     assert starts[0] == 0 and all(s + v.numel() == nxt for (s, v), nxt in zip(got, starts[1:] + [5003]))
     assert torch.equal(torch.cat([v for _, v in got]), codec.decode(data, 5003))
+
+
+@pytest.mark.parametrize("codec", [get_codec(name) for name in CODEC_NAMES] + [Int8Codec(block=300), Int4Codec(block=100)],
+                         ids=[*CODEC_NAMES, "int8-block300", "int4-block100"])
+def test_piece_size_is_the_cut_of_decode_pieces(codec: Codec) -> None:
+    # (an owner cuts its own raw part this way, to average it piece by piece with decoded ones)
+    data = codec.encode(_randn(70_001, seed=8))
+    sizes = [values.numel() for _, values in codec.decode_pieces(data, 70_001, 1 << 14)]
+    step = codec.piece_size(1 << 14)
+    assert sizes[:-1] == [step] * (len(sizes) - 1) and 0 < sizes[-1] <= step and sum(sizes) == 70_001
 
 
 @pytest.mark.parametrize("name", BLOCKWISE)

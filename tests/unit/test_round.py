@@ -481,3 +481,32 @@ async def test_a_member_refuses_an_answer_its_own_part_cannot_explain_and_no_oth
         avg, _ = results[0]
         assert avg.magnitude >= 10 * own * (1 - 2**-8)
     assert all(not isinstance(r, BaseException) for r in results[1:])
+
+
+async def test_an_owner_averages_its_own_part_as_it_is_cut_like_the_decoded_ones():
+    # Prepare: a codec whose pieces are not 64K values (blocks of 300), the owner's own part as a
+    # float32 tensor (never encoded), the others encoded
+    from peer.codec import Int8Codec
+
+    codec = Int8Codec(block=300)
+    n = 150_001
+    members = tuple(Member(p, p, 0, n, 1.0) for p in "abc")
+    group = Group("g", 0, "h", members, "int8", n, reduce_deadline_s=5.0)
+    g = torch.Generator().manual_seed(4)
+    deltas = {p: torch.randn(n, generator=g) for p in "abc"}
+    pool = ThreadPoolExecutor(1)
+    _POOLS.append(pool)
+    owned = OwnedShard(group, members[0], codec, pool, cutoff_s=5.0)
+
+    # Execute
+    await owned.add("a", 1.0, deltas["a"])
+    for p in "bc":
+        await owned.add(p, 1.0, codec.encode(deltas[p]))
+    payload, contributors = await asyncio.wait_for(asyncio.shield(owned.result), 5.0)
+
+    # Assert: the encoded float32 mean of its own values as they are and the others' decoded ones
+    expected = torch.zeros(n)
+    for x in (deltas["a"], codec.decode(codec.encode(deltas["b"]), n), codec.decode(codec.encode(deltas["c"]), n)):
+        expected.add_(x, alpha=1.0 / 3.0)
+    assert payload == codec.encode(expected) and contributors == 3
+    owned.close()
