@@ -193,7 +193,9 @@ def step_hashed_into(
     ``grad`` may also be ``GradPieces``: the sweep then goes by its pieces, each stepped where
     it was decoded (the buffers' part gathered whole: a model's buffers are few), with the same
     bits: the operations are per value, and the digest reads the bytes in order whatever the
-    cut.
+    cut. Pieces that do not cover ``[0, numel())`` in order raise ``ValueError`` where the sweep
+    meets the gap, which is past the first write: ``Averaged``'s cover it by construction (its
+    shards are the group's bounds, each answer's size checked on arrival).
 
     ``measure=False`` skips the magnitude (two ``aminmax`` a chunk, ~12 ms for 10M values) and
     returns None for it: for a step whose result ``finite_bound`` already bounds."""
