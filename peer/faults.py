@@ -5,7 +5,8 @@ A plan is a comma-separated list of ``action@round[:phase]`` entries, set with `
 
   crash        SIGKILL this process (as ``kill -9``) when it reaches ``phase`` of ``round``
   stall        stop making progress at ``phase`` of ``round`` (sleeps until cancelled)
-  corrupt      flip a byte of each part sent in ``round`` after its crc32 was computed
+  corrupt      flip a byte of each part sent in ``round`` after its crc32 was computed (plain TCP;
+               over TLS there is no crc32, and the flipped part is a lie like any other)
   wrong_size   send parts of the wrong size (header and crc consistent with the wrong size)
   nan          make this peer's delta of ``round`` NaN (it must be withheld, not sent)
 

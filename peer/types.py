@@ -140,7 +140,7 @@ class ReduceHeader:
     codec: str
     numel: int
     total_bytes: int
-    crc32: int = 0  # of the payload; filled in and checked by the transport
+    crc32: int = 0  # of the payload on plain TCP, 0 over TLS (authenticated records); filled in and checked by the transport
     weight: float = 0.0
     contributors: int = 0
 

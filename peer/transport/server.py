@@ -74,7 +74,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         self._idle = chunk_idle_timeout_s
         self._secure = secure
         self._ids: dict[bytes, str] = {}  # certificate PEM -> peer id (bounded below)
-        # The averaged shard being answered, its crc32 and its serialized chunks (once a stream
+        # The averaged shard being answered, its crc32 (0 over TLS) and its serialized chunks (once a stream
         # needs them): an owner answers every member with the same bytes, checksummed and framed
         # once. Kept while a stream sends it (``_answer_users``), not until the next round: twice
         # the shard's encoded size (N/K x bits/8 each) that nobody needs between rounds. (A part
@@ -84,9 +84,15 @@ class _Servicer(pb_grpc.PeerServiceServicer):
 
     def _answer_crc(self, result: bytes) -> int:
         if self._answer is None or self._answer[0] is not result:
-            self._answer = (result, crc32(result), None)
+            self._answer = (result, self._checksum(result), None)
             self._answer_users = 0
         return self._answer[1]
+
+    def _checksum(self, data: bytes | bytearray | memoryview) -> int:
+        """``crc32(data)`` on plain TCP; 0 over TLS, whose records are authenticated: a byte
+        changed on the way fails its TLS record and never arrives here (and a member that lies
+        writes a crc32 that matches its lie)."""
+        return 0 if self._secure else crc32(data)
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
         checksum = self._answer_crc(result)
@@ -163,7 +169,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
                                  f"{header.shard_start}-{header.shard_end}; {header.codec} needs {expected}")
             payload = await assemble_reduce(request_iterator.__aiter__(), expected, idle,
                                             f"reduce part from {header.peer_id}")
-            if crc32(payload) != header.crc32:
+            if self._checksum(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
             del payload  # averaged (or refused) by now: not kept while the answer is sent
@@ -196,7 +202,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
                 raise RoundError("oversized", f"{header.peer_id} sent a part of {expected} bytes whole; parts over "
                                  f"{MAX_CHUNK_BYTES} bytes are streamed (Reduce)")
             payload = request.data  # (each read of a bytes field copies it: once)
-            if crc32(payload) != header.crc32:
+            if self._checksum(payload) != header.crc32:
                 raise RoundError("corrupt", f"part from {header.peer_id} fails its crc32 check")
             reply, result = await self._h.reduce_part(header, payload)
             checksum = self._answer_crc(result)
