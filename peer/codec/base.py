@@ -225,9 +225,10 @@ class Codec(abc.ABC):
 
     def value_bounds(self, data: Buffer, numel: int) -> tuple[float, float] | None:
         """Upper bounds of ``max |v|`` and of the L2 norm of the values ``data`` decodes to, read
-        from its header alone (a blockwise codec's scales: no value is decoded), or None where
-        the codec has none (read the values). A largest value below float32's maximum proves the
-        values finite. Raises ``CodecError`` as ``decode`` does for a wrong size or bad scales."""
+        from its header alone (a blockwise codec's scales: no value is decoded), and so a proof
+        that they are finite; None where the codec has no such header, or where the bound reaches
+        float32's maximum (scales no encoder writes): read the values then. Raises
+        ``CodecError`` as ``decode`` does for a wrong size or bad scales."""
         view, numel = self._sized_view(data, numel)
         return self._value_bounds(view, numel) if numel else (0.0, 0.0)
 

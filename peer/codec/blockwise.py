@@ -219,13 +219,16 @@ class _BlockCodec(Codec):
             return 0.0
         return float(scales.max()) * self.decoded_qmax * (1.0 + _REL_SLACK)
 
-    def _value_bounds(self, view: memoryview, numel: int) -> tuple[float, float]:
+    def _value_bounds(self, view: memoryview, numel: int) -> tuple[float, float] | None:
         scales = self._read_scales(view, numel)
+        largest = self._scales_bound(scales)
+        if not largest < _F32_MAX:
+            return None
         # L2: at most ``block`` values of at most decoded_qmax x scale (plus a rounding) a block;
         # the float64 sum of squares errs by far less than the slack.
         wide = scales.numpy().astype(np.float64)
         norm = math.sqrt(float(np.dot(wide, wide)) * self.block) * self.decoded_qmax * (1.0 + _REL_SLACK)
-        return self._scales_bound(scales), norm
+        return largest, norm
 
     def piece_size(self, piece: int) -> int:
         # Pieces of whole blocks and whole bytes (a multiple of 8 blocks), as the chunks are.

@@ -394,9 +394,6 @@ _PIECE = 1 << 16
 KiB float64 widening: they stay in cache, unlike a part's full-size decoded tensor)."""
 
 
-_F32_MAX = float(torch.finfo(torch.float32).max)
-
-
 @dataclass
 class _Scanned:
     """A part kept encoded (``payload``, checked to decode to finite values), or the owner's own
@@ -485,7 +482,7 @@ class OwnedShard:
                 # finite, the norm is measured by the mean's own pass over them (``_finish``)
                 # instead of a pass of its own.
                 bounds = self._codec.value_bounds(payload, self.numel)
-                norm = None if bounds is not None and bounds[0] < _F32_MAX else await offload(
+                norm = None if bounds is not None else await offload(
                     self._executor, self.numel, self._scan, payload)
                 part = _Scanned(payload, norm)
             else:
@@ -851,15 +848,15 @@ class Reducer:
                     n = m.shard_end - m.shard_start
                     limit = answer_limit(own_norms[group.members.index(m)], len(group.members), factor)
                     bounds = codec.value_bounds(p, n)
-                    if bounds is not None and bounds[0] < _F32_MAX and (limit is None or bounds[1] <= limit):
+                    if bounds is not None and (limit is None or bounds[1] <= limit):
                         size = max(size, bounds[0])
                         continue
-                    squares, measure = 0.0, bounds is None or not bounds[0] < _F32_MAX
+                    squares = 0.0
                     for _, values in codec.decode_pieces(p, n, _PIECE):
                         squares += square_sum(values, scratch)
-                        if measure:
+                        if bounds is None:
                             size = max(size, magnitude(values))
-                    if not measure:
+                    if bounds is not None:
                         size = max(size, bounds[0])
                     if limit is not None and math.sqrt(squares) > limit:
                         too_large.append((m.peer_id, math.sqrt(squares), limit))
