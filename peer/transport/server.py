@@ -17,8 +17,8 @@ from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.streams import (MAX_CHUNK_BYTES, assemble_reduce, chunk_frames, crc32, next_message,
-                                    parse_reduce, serialized)
+from peer.transport.streams import (MAX_CHUNK_BYTES, assemble_reduce, chunk_frames, next_message,
+                                    parse_reduce, reduce_checksum, serialized)
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,7 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         return self._answer[1]
 
     def _checksum(self, data: bytes | bytearray | memoryview) -> int:
-        """``crc32(data)`` on plain TCP; 0 over TLS, whose records are authenticated: a byte
-        changed on the way fails its TLS record and never arrives here (and a member that lies
-        writes a crc32 that matches its lie)."""
-        return 0 if self._secure else crc32(data)
+        return reduce_checksum(data, tls=self._secure)
 
     def _answer_frames(self, result: bytes) -> tuple[int, list[bytes]]:
         checksum = self._answer_crc(result)
