@@ -27,6 +27,9 @@ from peer.types import HandshakeReply, PeerInfo, StatusInfo
 
 log = logging.getLogger(__name__)
 
+HANDSHAKE_ATTEMPTS = 5
+"""Tries of a handshake that discovery or start-up asks for (the heartbeat's retries try once)."""
+
 
 class MembershipClient(Protocol):
     async def handshake(self, address: str, me: PeerInfo, timeout_s: float, expect_id: str = "") -> HandshakeReply: ...
@@ -101,7 +104,7 @@ class Membership:
         self._refused_until: dict[str, float] = {}
         self._ignored_seen: dict[str, int] = {}
         self._leaving = False
-        self._goodbye_at: dict[str, float] = {}  # peer id -> when it said Leave (monotonic)
+        self._goodbye_at: dict[str, float] = {}  # peer id -> when it said Leave (monotonic), lately
         self._tasks = TaskSet()
 
     # ----------------------------------------------------------------- queries
@@ -240,7 +243,12 @@ class Membership:
 
     def said_leave(self, run_id: str, peer_id: str) -> None:
         if run_id == self._cfg.run.run_id and peer_id in self._known:
-            self._goodbye_at[peer_id] = time.monotonic()  # one entry per member that ever left
+            now = time.monotonic()
+            # Only a handshake in flight can cross a goodbye, and none lasts longer than this:
+            # older goodbyes are forgotten (with churn, one entry per member that ever left).
+            longest = HANDSHAKE_ATTEMPTS * (self._t.handshake_timeout_s + self._t.reconnect_wait_s)
+            self._goodbye_at = {p: t for p, t in self._goodbye_at.items() if t > now - longest}
+            self._goodbye_at[peer_id] = now
             self.drop(peer_id, "said goodbye")
 
     # ----------------------------------------------------------------- client side
@@ -250,7 +258,7 @@ class Membership:
         if address not in self._pending:
             self._tasks.spawn(self.handshake(address, hint, attempts=1, expect_id=hint), f"handshake-{address}")
 
-    async def handshake(self, address: str, hint: str, attempts: int = 5, expect_id: str = "") -> None:
+    async def handshake(self, address: str, hint: str, attempts: int = HANDSHAKE_ATTEMPTS, expect_id: str = "") -> None:
         """Introduce ourselves to ``address``; admit it if it accepts and is compatible.
         ``expect_id``: whom discovery says listens there; with TLS, the handshake fails unless
         that peer's certificate answers (a discovery record is a hint, never trusted)."""

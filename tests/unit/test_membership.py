@@ -189,6 +189,17 @@ async def test_a_leaving_peer_refuses_handshakes_and_is_not_readmitted_or_counte
     assert not other.is_member("x")
 
 
+async def test_goodbyes_are_remembered_only_as_long_as_a_handshake_can_last():
+    # 5 tries of 0.01 s and a 0.01 s back-off each: a goodbye older than 0.1 s crosses no handshake
+    m, _, _, _, _ = _membership(handshake_timeout_s=0.01, reconnect_wait_s=0.01)
+    m.admit(_info("x"), "x:1")
+    m.said_leave("r", "x")
+    await asyncio.sleep(0.15)
+    m.admit(_info("y"), "y:1")
+    m.said_leave("r", "y")
+    assert set(m._goodbye_at) == {"y"}  # bounded with churn: not one entry per member that ever left
+
+
 async def test_only_a_state_the_majority_reports_is_attested():
     m, _, _, _, _ = _membership()
     m.admit(_info("a", rnd=2), "a:1")
