@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--addresses", required=True)
     p.add_argument("--run-id", default="bench-overhead")
     p.add_argument("--credentials", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from bench._proto import serve
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
             "run_id": a.run_id, **security(a.credentials), "listen": addresses[a.rank], "metrics_host": "127.0.0.1",
             "metrics_port": 0, "mdns": False, "peers": [x for i, x in enumerate(addresses) if i != a.rank],
             "codec": a.codec, "task": a.task, "state_dir": tmp, "threads": 1, "eval_every_rounds": 0,
-            "matchmaking_timeout_s": 30.0, "startup_grace_s": 0.1,
+            "device": a.device, "precision": a.precision, "matchmaking_timeout_s": 30.0, "startup_grace_s": 0.1,
         }, env={})
         d = st["d"] = Daemon(cfg)
         await d.start()
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
                 rounds += 1
                 failed += avg is None
             else:
-                params = start - res.delta
+                params = start.to(res.delta.device) - res.delta  # stays on the training device
         seconds = time.perf_counter() - t0
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "rounds": rounds,
                 "rounds_failed": failed, "round_s_total": round_s}

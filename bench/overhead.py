@@ -2,6 +2,7 @@
 with no networking.
 
     python -m bench.overhead [--tasks digits,fashion] [--H 10,50,200] [--peers 2] [--json]
+                             [--device cpu|cuda] [--precision fp32|bf16]
 
 Each of ``--peers`` worker processes (one torch thread each) builds a real ``Daemon`` for the
 task and drives its ``InnerTrainer``: first ``plain`` (H-step inner phases back to back, no
@@ -33,7 +34,8 @@ def available_tasks(names: list[str]) -> list[str]:
     return out
 
 
-def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int, timeout_s: float) -> dict:
+def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int, timeout_s: float,
+        device: str = "cpu", precision: str = "fp32") -> dict:
     import time
 
     rows = []
@@ -41,7 +43,10 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
     for task in available_tasks(tasks):
         ports = _free_ports(peers)
         addresses = [f"127.0.0.1:{p}" for p in ports]
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # The repository first, then whatever the caller's PYTHONPATH holds (packages carried to a
+        # machine whose Python lacks them, as bench/gpu_check.sh is run on a lent GPU).
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         workers: list[Worker] = []
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as log_dir:
             try:
@@ -50,11 +55,19 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                 for rank in range(peers):
                     argv = [sys.executable, "-m", "bench._overhead_worker", "--rank", str(rank), "--peers",
                             str(peers), "--task", task, "--codec", codec, "--addresses", json.dumps(addresses),
-                            "--run-id", run_id, "--credentials", credentials]
+                            "--run-id", run_id, "--credentials", credentials, "--device", device,
+                            "--precision", precision]
                     workers.append(Worker(rank, argv, log_dir, env))
                 numel = [w.expect("ready", min(deadline, time.monotonic() + 120)) for w in workers][0]["numel"]
                 for h in hs:
                     total = max(min_steps, 4 * h) // h * h
+                    # One untimed phase first: the first steps pay for kernel selection, caches and
+                    # (on a GPU) clocks ramping up, which would be charged to whichever variant ran
+                    # first (on an H200 that made sync 1.2x faster than plain).
+                    for w in workers:
+                        w.send(f"plain {h} {h}")
+                    for w in workers:
+                        w.expect("plain", deadline)
                     res = {}
                     for variant in ("plain", "sync"):
                         for w in workers:
@@ -79,7 +92,8 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
             finally:
                 for w in workers:
                     w.kill()
-    return {"bench": "overhead", "codec": codec, "peers": peers, "machine": machine(), "rows": rows}
+    return {"bench": "overhead", "codec": codec, "peers": peers, "device": device, "precision": precision,
+            "machine": machine(), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,17 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="int8")
     p.add_argument("--min-steps", type=int, default=600, help="inner steps per variant (at least 4 rounds)")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--device", default="cpu", help="where every peer trains: cpu, cuda or cuda:N (they share it)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="inner phase under bf16 autocast")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
-        res = run(a.tasks.split(","), [int(x) for x in a.H.split(",")], a.peers, a.codec, a.min_steps, a.timeout)
+        res = run(a.tasks.split(","), [int(x) for x in a.H.split(",")], a.peers, a.codec, a.min_steps, a.timeout,
+                  a.device, a.precision)
     except BenchError as exc:
         print(f"overhead bench failed: {exc}", file=sys.stderr)
         return 1
     if a.json:
         emit_json(res)
         return 0
-    print(f"overhead: {a.peers} peer(s) on loopback, codec {a.codec}, one torch thread each; {res['machine']}")
+    print(f"overhead: {a.peers} peer(s) on loopback, codec {a.codec}, training on {a.device} ({a.precision}), "
+          f"one torch thread each; {res['machine']}")
     print("steps/s = slowest peer's; ratio = sync / plain (target >= 0.95 at H=50)")
     print(table(res["rows"], [("task", "task", ""), ("params", "params", ","), ("H", "H", "d"), ("steps", "steps", "d"),
                               ("plain_steps_per_s", "plain steps/s", ".0f"), ("sync_steps_per_s", "sync steps/s", ".0f"),
