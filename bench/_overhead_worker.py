@@ -20,6 +20,15 @@ import time
 from bench.common import pin_threads
 
 
+PHASES = ("matchmaking", "reduce", "outer")
+
+
+def phase_s(d, phase: str) -> float:
+    """Seconds this daemon has spent in a round phase so far (its own phase histogram's sum)."""
+    v = d.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
+    return v or 0.0
+
+
 def main(argv=None) -> int:
     pin_threads(1)
     p = argparse.ArgumentParser()
@@ -69,6 +78,7 @@ def main(argv=None) -> int:
         params = d.state.params
         steps = rounds = failed = 0
         round_s = 0.0
+        phases0 = {ph: phase_s(d, ph) for ph in PHASES}
         t0 = time.perf_counter()
         while steps < total:
             start = d.state.params if sync else params
@@ -84,7 +94,8 @@ def main(argv=None) -> int:
                 params = start.to(res.delta.device) - res.delta  # stays on the training device
         seconds = time.perf_counter() - t0
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "rounds": rounds,
-                "rounds_failed": failed, "round_s_total": round_s}
+                "rounds_failed": failed, "round_s_total": round_s,
+                **{f"{ph}_s_total": phase_s(d, ph) - v for ph, v in phases0.items()}}
 
     async def plain(arg: str) -> dict:
         return await phases(arg, sync=False)

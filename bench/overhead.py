@@ -73,6 +73,7 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                         for w in workers:
                             w.send(f"{variant} {h} {total}")
                         res[variant] = [w.expect(variant, deadline) for w in workers]
+                    slowest = max(res["sync"], key=lambda r: r["round_s_total"])
                     plain = min(r["steps_per_s"] for r in res["plain"])
                     sync = min(r["steps_per_s"] for r in res["sync"])
                     rows.append({
@@ -81,6 +82,10 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                         "rounds": res["sync"][0]["rounds"],
                         "rounds_failed": sum(r["rounds_failed"] for r in res["sync"]),
                         "round_s_mean": max(r["round_s_total"] / max(1, r["rounds"]) for r in res["sync"]),
+                        # Where the slowest peer's round went (its phase histograms; the rest of
+                        # round_once is the snapshot and bookkeeping).
+                        "phases_ms": "/".join(f"{1e3 * slowest[f'{ph}_s_total'] / max(1, slowest['rounds']):.1f}"
+                                              for ph in ("matchmaking", "reduce", "outer")),
                     })
                 for w in workers:
                     w.send("stop")
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(res["rows"], [("task", "task", ""), ("params", "params", ","), ("H", "H", "d"), ("steps", "steps", "d"),
                               ("plain_steps_per_s", "plain steps/s", ".0f"), ("sync_steps_per_s", "sync steps/s", ".0f"),
                               ("ratio", "ratio", ".3f"), ("round_s_mean", "s/round", ".4f"),
+                              ("phases_ms", "mm/reduce/outer ms", ""),
                               ("rounds_failed", "failed", "d")]))
     return 0
 

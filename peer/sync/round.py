@@ -71,6 +71,7 @@ async def no_hook(phase: str, rnd: int) -> None:
 import torch
 
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
+from peer.codec.base import HOST_NUMEL
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_iter
 from peer.sync.confirm import answer_digest
@@ -745,6 +746,11 @@ class Reducer:
         if delta.numel() != group.numel:
             raise RoundError("bad_size", f"delta has {delta.numel()} elements, the group expects {group.numel}")
         codec = get_codec(group.codec)
+        if delta.device.type != "cpu" and delta.numel() <= HOST_NUMEL:
+            # A small model's delta on a GPU: over to the host in one transfer and reduced
+            # there like a host delta (its error feedback residual moves with it), instead of
+            # a dozen kernels and waits for the device per shard (``HOST_NUMEL``).
+            delta = delta.cpu()
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = started + group.reduce_deadline_s

@@ -123,6 +123,9 @@ def test_overhead_bench():
     (row,) = out["rows"]
     assert row["task"] == "digits" and row["H"] == 10 and row["rounds"] == 4 and row["rounds_failed"] == 0
     assert row["plain_steps_per_s"] > 0 and row["sync_steps_per_s"] > 0 and row["ratio"] > 0
+    # The slowest peer's phases per round, from its own metrics: every round reduced something.
+    matchmaking, reduce, outer = (float(x) for x in row["phases_ms"].split("/"))
+    assert reduce > 0 and outer > 0 and matchmaking >= 0
 
 
 def test_convergence_bench():
