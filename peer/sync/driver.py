@@ -740,10 +740,13 @@ class RoundDriver:
         applying. Loop-only; concurrent callers share one settling.
 
         Why applying first is safe: until settled, the unconfirmed state is only this peer's. It
-        is what its heartbeat reports and could serve (a joiner adopts only the state the
-        majority attests, by hash) and what its next inner phase starts from (that phase's delta
-        is dropped if the round fails); it is not counted, nor checkpointed (but by a stop that
-        outlasts the settling, ``run``). The next round settles the previous one before it sends
+        is what its heartbeat reports and what its next inner phase starts from (that phase's
+        delta is dropped if the round fails); it is not counted, nor checkpointed (but by a stop
+        that outlasts the settling, ``run``), nor served: a donor serves the last settled state
+        meanwhile (``StateStore.adopt(provisional=True)``). A joiner that took it (as a state a
+        few rounds past the attested one, which ``resync`` accepts) was left holding a state
+        nobody else had once its donor rolled back, and trained alone from it (a group of one by
+        timeout), which split test_rogue's swarm for good. The next round settles the previous one before it sends
         any part (``round``: before its JoinRound when the confirmation is back, else once its
         group formed, which it then gives up on a failure). Its group could hold it only with
         the same state (the leader keeps the joiners whose hash is the majority's), which only
@@ -773,6 +776,7 @@ class RoundDriver:
                 self._store.adopt(u.before)
             await self._catch_up(u.rnd)
             return False
+        self._store.settle(u.after)
         await self._completed(u)
         return True
 
@@ -800,7 +804,7 @@ class RoundDriver:
         def finish(state: GlobalState | None) -> GlobalState | None:
             try:
                 if state is not None:
-                    self._store.adopt(state)
+                    self._store.adopt(state, provisional=keep_before)
             finally:
                 self._store.end_step()
             return state

@@ -104,6 +104,9 @@ class StateStore:
         # share a tensor. storage address -> (the tensor, which keeps it alive; readers).
         self._pins: dict[int, tuple[torch.Tensor, int]] = {}
         self._pins_lock = threading.Lock()  # pins are taken on the loop, released anywhere
+        # While the current state is provisional (a round applied before its leader confirmed
+        # it: ``adopt(provisional=True)``), the last settled one, which donors serve instead.
+        self._settled: GlobalState | None = None
         self._stepping: GlobalState | None = None  # the state an in-place step may be writing
         self._step_done: asyncio.Future | None = None  # resolved when that step ends
         self._checkpointing: asyncio.Future | None = None
@@ -123,12 +126,24 @@ class StateStore:
     def checkpoint_path(self) -> Path:
         return self._path
 
-    def adopt(self, state: GlobalState) -> None:
+    def adopt(self, state: GlobalState, *, provisional: bool = False) -> None:
         """Make ``state`` current (loop). When it is the result of an in-place step over the
         current state (it holds the same tensors), the old object is retired
-        (``GlobalState.retire``). Its snapshot is built lazily, off the round's path."""
+        (``GlobalState.retire``). Its snapshot is built lazily, off the round's path.
+
+        ``provisional``: a round applied before its leader confirmed the answers (late
+        confirmation, ``peer.sync.driver``), which may yet be rolled back: until ``settle(state)``
+        donors go on serving the last settled state (``async_serve``), so that no joiner adopts
+        a state its own holder may give up (a joiner takes a donor's state a few rounds past the
+        attested one: see ``RoundDriver.resync``). Never an in-place step's result (the state
+        it would roll back to must stay intact)."""
         if state.params.numel() != self._numel:
             raise StateError(f"state has {state.params.numel()} parameters; this model has {self._numel}")
+        if provisional:
+            if self._settled is None:
+                self._settled = self._state
+        else:
+            self._settled = None
         old, self._state = self._state, state
         if old is self._stepping and old is not state and old.params is state.params:
             old.retire()
@@ -137,6 +152,12 @@ class StateStore:
         if self._snapshot is not None and self._snapshot[0] is not state:
             self._snapshot = None
         self._on_adopt(state)
+
+    def settle(self, state: GlobalState) -> None:
+        """The provisional ``state`` was confirmed (loop): donors serve it from now on, if it is
+        still the current state."""
+        if state is self._state:
+            self._settled = None
 
     # ---------------------------------------------------------------- pins and the outer step
 
@@ -217,8 +238,12 @@ class StateStore:
     async def async_serve(self) -> StateSnapshot:
         """The current state as a donor streams it (``StateSnapshot``): pinned until its
         ``release()``, which the caller must call once the stream is over (also when it fails
-        or is cancelled). The header is computed on the executor, once per state."""
-        state, release = await self.async_pin()
+        or is cancelled). The header is computed on the executor, once per state. While the
+        current state is provisional (``adopt``), the last settled one instead."""
+        if self._settled is not None:  # (never the state an in-place step writes: not current)
+            state, release = self._settled, self._pin(self._settled)
+        else:
+            state, release = await self.async_pin()
         try:
             header, parts = await asyncio.get_running_loop().run_in_executor(self._executor, self._snapshot_of,
                                                                              state)

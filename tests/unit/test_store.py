@@ -77,6 +77,39 @@ async def test_a_snapshot_serves_the_state_memory_hashed_once_off_the_loop(tmp_p
     assert header2.round == 1 and decode_state(blob2, 1000)[0].round == 1
 
 
+async def test_a_provisional_state_is_not_served_until_settled(tmp_path, pool):
+    # A round applied before its leader confirmed it (late confirmation) may be rolled back:
+    # donors go on serving the last settled state until it is confirmed, so that no joiner
+    # adopts a state its holder gives up.
+    store = _store(tmp_path, pool)
+    settled = store.state
+    first, second = _state(1, seed=1), _state(2, seed=2)
+
+    async def served_round() -> int:
+        snap = await store.async_serve()
+        try:
+            return decode_state(snap.tobytes(), 1000)[0].round
+        finally:
+            snap.release()
+
+    store.adopt(first, provisional=True)
+    assert store.state is first and await served_round() == 0
+    store.settle(first)
+    assert await served_round() == 1
+    # Rolled back: the state before it is current, and served, again.
+    store.adopt(second, provisional=True)
+    assert await served_round() == 1
+    store.adopt(first)
+    assert store.state is first and await served_round() == 1
+    store.settle(second)  # a confirmation of a state no longer current changes nothing
+    assert await served_round() == 1
+    # A resync's adopt is settled at once.
+    store.adopt(second, provisional=True)
+    store.adopt(_state(7, seed=3))
+    assert await served_round() == 7
+    assert store.pinned(settled) == store.pinned(first) == 0
+
+
 async def test_checkpoint_round_trip_and_resume(tmp_path, pool):
     outcomes = []
     store = _store(tmp_path, pool, on_checkpoint=outcomes.append)
