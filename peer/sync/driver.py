@@ -615,7 +615,8 @@ class RoundDriver:
         if previous is not None and previous.confirm.done() and not await self._settle_round(previous):
             # (the usual case: the confirmation came back while this peer trained)
             return None
-        rnd = self._store.state.round
+        base = self._store.state  # the state this round's delta was trained from
+        rnd = base.round
         t0 = time.monotonic()
         self.progress.phase = "matchmaking"
         await self._hook("join", rnd)
@@ -691,6 +692,12 @@ class RoundDriver:
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
         before = self._store.state
+        if before is not base:
+            # Adopted meanwhile (the previous round's rollback and catch-up, late confirmation):
+            # this group's average belongs on the state the round began from, not on that one.
+            self._fail(rnd, "state_moved", f"this peer's state became round {before.round} "
+                       f"({before.global_hash[:12]}) during round {rnd}; its average is not applied")
+            return None
         state = await self._apply(before, avg, keep_before=late)
         if state is None:  # (a late confirmation goes on by itself: a mismatch it finds is still counted)
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
@@ -767,15 +774,22 @@ class RoundDriver:
     async def _settle(self, u: _Unconfirmed) -> bool:
         await asyncio.wait({u.confirm})
         confirmed = u.confirm.cancelled() or u.confirm.result()  # cancelled: closing; nothing was refuted
-        if self._unconfirmed is u:
-            self._unconfirmed = None
         if not confirmed:
             self._fail(u.rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
                        "back to the state before them")
             if self._store.state is u.after:
                 self._store.adopt(u.before)
-            await self._catch_up(u.rnd)
+            try:
+                await self._catch_up(u.rnd)
+            finally:
+                # Only now: a round that began meanwhile waits for this catch-up (``round``
+                # settles ``_unconfirmed`` first) instead of starting from the rolled-back state
+                # while a resync replaces it.
+                if self._unconfirmed is u:
+                    self._unconfirmed = None
             return False
+        if self._unconfirmed is u:
+            self._unconfirmed = None
         self._store.settle(u.after)
         await self._completed(u)
         return True

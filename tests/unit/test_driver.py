@@ -295,6 +295,30 @@ async def test_the_next_round_settles_a_member_outside_the_majority_before_it_se
     assert net["p22"].metric("peer_rounds_total", outcome="completed") == 0
 
 
+async def test_a_state_adopted_during_a_round_gets_no_average_applied(tmp_path, pool, monkeypatch):
+    # Prepare: while p22 waits for an owner's answer, its store adopts another state (as the
+    # previous round's rollback and catch-up did, concurrently, with late confirmation)
+    net = _swarm(tmp_path, pool, 3)
+    other = GlobalState(5, torch.linspace(0, 1, NUMEL), torch.zeros(NUMEL))
+    honest = Client.reduce
+
+    async def reduce(self, address, header, payload, timeout_s):
+        out = await honest(self, address, header, payload, timeout_s)
+        if header.peer_id == "p22" and net["p22"].store.state.round == 0:
+            net["p22"].store.adopt(other)
+        return out
+
+    monkeypatch.setattr(Client, "reduce", reduce)
+    # Execute
+    avgs = dict(zip(net, await _round(net.values())))
+    # Assert: the group's average (of deltas trained from round 0) is not stepped onto the
+    # other state: p22's round fails and it holds that state untouched; the others complete
+    assert avgs["p22"] is None and net["p22"].store.state is other
+    assert tensor_digest(other.params) == other.global_hash
+    assert net["p22"].metric("peer_rounds_total", outcome="failed") == 1
+    assert avgs["p15"] is not None and net["p15"].store.state.round == net["p17"].store.state.round == 1
+
+
 async def test_a_vanished_leader_is_dropped_and_the_next_lowest_leads(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3)
     net["p15"].down = True
