@@ -26,13 +26,6 @@ from peer.errors import CodecError
 # ``numel`` in a message is a corrupt or hostile header, refused before anything is allocated.
 MAX_NUMEL = 2**36
 
-HOST_NUMEL = 1 << 15
-"""A tensor on another device (a GPU) with at most this many values is encoded on the host:
-copied over whole (128 KiB at most) in one transfer, where the device path launches a dozen
-kernels and waits for the device several times. On an H200 shared by two peers that encode was
-most of a digits round's reduce phase (26-35 ms; bench/README.md "GPU check"). The same bytes
-either way (the host and device paths are byte-identical)."""
-
 Buffer = bytes | bytearray | memoryview
 
 
@@ -104,8 +97,7 @@ class Codec(abc.ABC):
     def encode(self, x: torch.Tensor) -> bytes | bytearray:
         """Encode ``x`` (1-D float32, finite, any device) to exactly ``encoded_size(x.numel())``
         bytes: on the host path for a CPU tensor, on ``x``'s device otherwise (then only the
-        payload is copied to the host; a small one, ``HOST_NUMEL``, is copied over and encoded on
-        the host). The block codecs' host path gives a bytearray, written
+        payload is copied to the host). The block codecs' host path gives a bytearray, written
         in place (no copy of the whole payload); nobody changes a payload once encoded.
 
         Raises ``CodecError`` for a tensor of the wrong shape or dtype, or one holding NaN or
@@ -114,8 +106,6 @@ class Codec(abc.ABC):
         x = self._check_input(x)
         if x.device.type == "cpu":
             return self._encode(x)
-        if x.numel() <= HOST_NUMEL:
-            return self._encode(x.cpu())
         return self._encode_torch(x).cpu().numpy().tobytes()
 
     def encode_pieces(self, pieces: Iterable[tuple[int, torch.Tensor]], numel: int) -> bytes | bytearray:

@@ -691,14 +691,14 @@ class RoundDriver:
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
         self.progress.phase = "outer"
-        before = self._store.state
-        if before is not base:
+        now = self._store.state
+        if now is not base:
             # Adopted meanwhile (the previous round's rollback and catch-up, late confirmation):
             # this group's average belongs on the state the round began from, not on that one.
-            self._fail(rnd, "state_moved", f"this peer's state became round {before.round} "
-                       f"({before.global_hash[:12]}) during round {rnd}; its average is not applied")
+            self._fail(rnd, "state_moved", f"this peer's state became round {now.round} "
+                       f"({now.global_hash[:12]}) during round {rnd}; its average is not applied")
             return None
-        state = await self._apply(before, avg, keep_before=late)
+        state = await self._apply(base, avg, keep_before=late)
         if state is None:  # (a late confirmation goes on by itself: a mismatch it finds is still counted)
             self._fail(rnd, "nonfinite_outer", "the outer step gave NaN/Inf parameters; keeping the previous state")
             self._invalid("nonfinite_outer", f"round {rnd}: the averaged delta made the parameters non-finite")
@@ -706,13 +706,13 @@ class RoundDriver:
         if self._mirror is not None and self._mirror.enabled:
             # The same answers and the same step on the training device; the host's state (just
             # adopted) stays the one hashed, served and saved, and checks the device's.
-            await offload(self._executor, avg.numel(), self._mirror.advance, before, Answers(group.codec, answers),
+            await offload(self._executor, avg.numel(), self._mirror.advance, base, Answers(group.codec, answers),
                           state)
             if not self._mirror.enabled:
                 self._metrics.mirror_active.set(0)
                 self._metrics.mirror_off.labels(self._mirror.off_reason).inc()
         self._metrics.round_phase_seconds.labels("outer").observe(time.monotonic() - t2)
-        done = _Unconfirmed(rnd, group, confirm if late else None, before, state, time.monotonic() - t0, reduce_s,
+        done = _Unconfirmed(rnd, group, confirm if late else None, base, state, time.monotonic() - t0, reduce_s,
                             stats.sent_bytes, self.progress.loss)
         if late:
             self._unconfirmed = done

@@ -71,7 +71,6 @@ async def no_hook(phase: str, rnd: int) -> None:
 import torch
 
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
-from peer.codec.base import HOST_NUMEL
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_iter
 from peer.sync.confirm import answer_digest
@@ -86,6 +85,14 @@ INLINE_NUMEL = 1 << 15
 microseconds: int8 encodes or decodes ~1 GB/s a thread here). Handing it to the executor costs a
 thread hand-off and a wake-up each way, more than the work for small models: a round of the
 9.6k-parameter digits model made five such hops per peer."""
+
+
+HOST_NUMEL = 1 << 15
+"""A delta on another device (a GPU) of at most this many values is reduced on the host:
+copied over whole (128 KiB at most) in one transfer, where encoding its shards on the device
+launches a dozen kernels and waits for the device several times per shard. On an H200 shared by
+two peers that was most of a digits round's reduce phase (26-35 ms; bench/README.md "GPU
+check"). The same bytes either way (the codecs' host and device paths are byte-identical)."""
 
 
 async def offload(executor: Executor, numel: int, fn: Callable, *args):
