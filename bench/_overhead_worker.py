@@ -17,16 +17,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import pin_threads
-
-
-PHASES = ("matchmaking", "reduce", "outer")
-
-
-def phase_s(d, phase: str) -> float:
-    """Seconds this daemon has spent in a round phase so far (its own phase histogram's sum)."""
-    v = d.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
-    return v or 0.0
+from bench.common import PHASES, phase_s, pin_threads
 
 
 def main(argv=None) -> int:

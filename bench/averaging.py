@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import emit_json, machine, summary, throwaway_credentials
+from bench.common import PHASES, emit_json, machine, summary, throwaway_credentials
 
 REPO = Path(__file__).resolve().parent.parent
 HIVEMIND_PYTHON = REPO / "bench" / ".venv-hivemind" / "bin" / "python"
@@ -323,7 +323,7 @@ def _aggregate(system: str, k: int, n: int, codec: str, per_round: list[list[dic
         from peer.codec import get_codec
 
         out["expected_payload_bytes"] = 2 * (k - 1) / k * get_codec(codec).encoded_size(n)
-        for phase in ("matchmaking", "reduce", "outer"):
+        for phase in PHASES:
             out[f"{phase}_median_s"] = statistics.median(max(m[f"{phase}_s"] for m in msgs) for msgs in per_round)
     cpu = [statistics.mean(m["cpu_s"] for m in msgs) for msgs in per_round if all("cpu_s" in m for m in msgs)]
     out["cpu_s_per_peer_median"] = statistics.median(cpu) if cpu else None
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if res.get("cpu_s_per_peer_median") is not None:
         print(f"  CPU s per peer per round (user+sys, all threads; mean over peers, median over rounds): "
               f"{res['cpu_s_per_peer_median']:.3f}")
-    if system_phases := [k for k in ("matchmaking", "reduce", "outer") if f"{k}_median_s" in res]:
+    if system_phases := [k for k in PHASES if f"{k}_median_s" in res]:
         print("  phases (median s): " + ", ".join(f"{k} {res[k + '_median_s']:.3f}" for k in system_phases))
     if res["bytes_sent_per_peer"] is not None:
         print(f"  bytes sent per peer per round: {res['bytes_sent_per_peer']:,.0f} "

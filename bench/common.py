@@ -94,3 +94,13 @@ def throwaway_credentials(run_id: str) -> str:
 def security(credentials: str | None) -> dict:
     """The config settings of a benchmark peer: credentials, or ``insecure`` without them."""
     return {"credentials": credentials} if credentials else {"insecure": True}
+
+
+PHASES = ("matchmaking", "reduce", "outer")
+"""The round phases a daemon times (``peer_round_phase_duration_seconds``) that benches report."""
+
+
+def phase_s(daemon, phase: str) -> float:
+    """Seconds ``daemon`` has spent in a round phase so far (its own phase histogram's sum)."""
+    v = daemon.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
+    return v or 0.0

@@ -29,7 +29,9 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Two ports below the ephemeral range (bench.averaging._free_ports: a port 0 bind hands out could
+# be taken by a peer's own metrics server, port 0, before the other peer listens on it).
+free_ports() { "$PY" -c 'from bench.averaging import _free_ports; print(*_free_ports(2))'; }
 hashes() { grep -o 'round [0-9]* done: 2 peers.*global [0-9a-f]*' "$1" | sed -E 's/round ([0-9]+) done.*global ([0-9a-f]+)/\1 \2/'; }
 losses() { grep -o 'round [0-9]* done: 2 peers, [^,]*, loss [^,]*' "$1" | sed -E 's/.*loss //' | tr '\n' ' '; }
 
@@ -39,7 +41,7 @@ losses() { grep -o 'round [0-9]* done: 2 peers, [^,]*, loss [^,]*' "$1" | sed -E
 pair() {
     local name=$1 task=$2 dev_a=$3 dev_b=$4 precision=$5 rounds=$6 inner=$7
     local pa pb dir="$tmp/$name" started=$SECONDS
-    pa=$(free_port); pb=$(free_port); mkdir -p "$dir"; pids=()
+    read -r pa pb < <(free_ports); mkdir -p "$dir"; pids=()
     local common=(--run-id "gpu-check-$name" --insecure --task "$task" --rounds "$rounds" --inner-steps "$inner"
                   --precision "$precision" --mdns off --metrics-port 0 --matchmaking-timeout-s 5
                   --startup-grace-s 5 --threads 1)

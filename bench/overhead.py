@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 from bench.averaging import REPO, BenchError, Worker, _free_ports
-from bench.common import emit_json, machine, table, throwaway_credentials
+from bench.common import PHASES, emit_json, machine, table, throwaway_credentials
 
 
 def available_tasks(names: list[str]) -> list[str]:
@@ -85,7 +85,7 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                         # Where the slowest peer's round went (its phase histograms; the rest of
                         # round_once is the snapshot and bookkeeping).
                         "phases_ms": "/".join(f"{1e3 * slowest[f'{ph}_s_total'] / max(1, slowest['rounds']):.1f}"
-                                              for ph in ("matchmaking", "reduce", "outer")),
+                                              for ph in PHASES),
                     })
                 for w in workers:
                     w.send("stop")
