@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import PHASES, phase_s, pin_threads, security
+from bench.common import phase_sums, pin_threads, security
 
 
 def _args(argv=None):
@@ -87,7 +87,7 @@ class PeerWorker:
             return await self._memory_round(r)
         mine, exact, bound_in = self._prepared.pop(r, None) or self._inputs(r)
         tx0, b0 = read_tx_bytes(a.iface), self.d.driver.progress.bytes_sent
-        phases0 = {p: phase_s(self.d, p) for p in PHASES}
+        phases0 = phase_sums(self.d)
         cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         avg = await self.d.round_once(mine, 1.0)
@@ -96,7 +96,7 @@ class PeerWorker:
         tx1 = read_tx_bytes(a.iface)
         out = {"seconds": seconds, "cpu_s": cpu, "bytes_sent": self.d.driver.progress.bytes_sent - b0,
                "wire_tx_bytes": None if tx0 is None else tx1 - tx0, "ok": avg is not None}
-        out.update({f"{p}_s": phase_s(self.d, p) - v for p, v in phases0.items()})
+        out.update({f"{p}_s": v - phases0[p] for p, v in phase_sums(self.d).items()})
         if avg is not None:
             out["max_abs_err"] = float((avg.tensor().double() - exact).abs().max())
             # + float32 rounding of the average (the exact mean is float64).
@@ -122,7 +122,7 @@ class PeerWorker:
         holds only what a peer holds (its delta, given to the round) besides the daemon: the next
         round's delta is built once this one is gone."""
         mine = (self._prepared.pop(r, None) or self._inputs(r))[0]
-        phases0 = {p: phase_s(self.d, p) for p in PHASES}
+        phases0 = phase_sums(self.d)
         peak = memory_status()["peak_rss_bytes"]
         reset_peak()
         t0 = time.perf_counter()
@@ -138,7 +138,7 @@ class PeerWorker:
                 # The peak over the whole life of the process, and where this round's peaks were.
                 "peak_rss_bytes": max(peak, round_peak, snapshot_peak), "round_peak_rss_bytes": round_peak,
                 "snapshot_peak_rss_bytes": snapshot_peak,
-                **{f"{p}_s": phase_s(self.d, p) - v for p, v in phases0.items()}}
+                **{f"{p}_s": v - phases0[p] for p, v in phase_sums(self.d).items()}}
 
     async def teardown(self) -> None:
         try:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import PHASES, phase_s, pin_threads
+from bench.common import phase_sums, pin_threads
 
 
 def main(argv=None) -> int:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         params = d.state.params
         steps = rounds = failed = 0
         round_s = 0.0
-        phases0 = {ph: phase_s(d, ph) for ph in PHASES}
+        phases0 = phase_sums(d)
         t0 = time.perf_counter()
         while steps < total:
             start = d.state.params if sync else params
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "rounds": rounds,
                 "rounds_failed": failed, "round_s_total": round_s,
-                **{f"{ph}_s_total": phase_s(d, ph) - v for ph, v in phases0.items()}}
+                **{f"{ph}_s_total": v - phases0[ph] for ph, v in phase_sums(d).items()}}
 
     async def plain(arg: str) -> dict:
         return await phases(arg, sync=False)

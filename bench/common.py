@@ -100,7 +100,15 @@ PHASES = ("matchmaking", "reduce", "outer")
 """The round phases a daemon times (``peer_round_phase_duration_seconds``) that benches report."""
 
 
-def phase_s(daemon, phase: str) -> float:
-    """Seconds ``daemon`` has spent in a round phase so far (its own phase histogram's sum)."""
-    v = daemon.metrics.registry.get_sample_value("peer_round_phase_duration_seconds_sum", {"phase": phase})
-    return v or 0.0
+def phase_sums(daemon) -> dict[str, float]:
+    """Seconds ``daemon`` has spent in each of ``PHASES`` so far (its phase histogram's sums).
+
+    Reads that one histogram, not the whole registry: a registry collect also runs the process
+    and GC collectors (reading /proc), ~1 ms of CPU a call that a worker spent right after its
+    round, while another peer's round (whose last RPC it may have to answer) was still timed."""
+    sums = dict.fromkeys(PHASES, 0.0)
+    for family in daemon.metrics.round_phase_seconds.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_sum") and sample.labels.get("phase") in sums:
+                sums[sample.labels["phase"]] = sample.value
+    return sums

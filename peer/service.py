@@ -86,6 +86,11 @@ class Service:
     def leave(self, run_id: str, peer_id: str) -> None:
         self._membership.said_leave(run_id, peer_id)
 
+    def malformed(self, method: str, caller: str, message: str) -> None:
+        """Counted every time, logged at debug (a liar may send them in a loop)."""
+        self._metrics.invalid_claims.labels("malformed").inc()
+        log.debug("refused a %s message from %s: %s", method, caller or "a caller", message)
+
     def auth_refused(self, method: str, caller: str, named: str) -> None:
         """Counted every time, logged once per caller (a liar may call in a loop)."""
         self._metrics.auth_refusals.labels("identity_mismatch" if caller else "no_certificate").inc()

@@ -20,13 +20,14 @@ from peer.errors import PeerUnavailable, RoundError, StateError
 from peer.transport import convert
 from peer.transport.gen import peer_pb2 as pb
 from peer.transport.gen import peer_pb2_grpc as pb_grpc
-from peer.transport.server import MAX_MESSAGE_BYTES
+from peer.transport.server import MAX_MESSAGE_BYTES, SESSION_IDLE_S
 from peer.transport.streams import (assemble_frames, assemble_reduce, chunk_frames, next_message, parse_reduce,
                                     reduce_checksum, serialized)
 from peer.types import HandshakeReply, JoinReply, JoinRequest, PeerInfo, ReduceHeader, StateHeader, StatusInfo
 
 GET_STATE = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/GetState"
 REDUCE = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/Reduce"
+SESSION = f"/{pb.DESCRIPTOR.services_by_name['PeerService'].full_name}/Session"
 
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -46,6 +47,107 @@ def _answer_bytes_limit(numel: int) -> int:
 def _check_answer_crc(address: str, reply: ReduceHeader, checksum: int) -> None:
     if checksum != reply.crc32:
         raise RoundError("corrupt", f"averaged shard from {address} fails its crc32 check")
+
+
+class _Session:
+    """One ``Session`` stream to a server: requests numbered, replies matched to them by number,
+    one writer at a time (``exchange``). Opened by ``open`` (connected or PeerUnavailable); ended
+    by the first failure of the stream, which fails every exchange in flight with it, or by
+    ``close``. Loop-only."""
+
+    def __init__(self, call, address: str) -> None:
+        self._call = call
+        self._address = address
+        self._next_id = 1
+        self._waiting: dict[int, asyncio.Future[pb.SessionMessage]] = {}
+        self._writing = asyncio.Lock()
+        self._ended: BaseException | None = None
+        self.last_used = asyncio.get_running_loop().time()
+        self._reader = asyncio.create_task(self._read(), name=f"session-{address}")
+
+    @classmethod
+    async def open(cls, channel: grpc.aio.Channel, address: str, connect_s: float) -> _Session:
+        """A stream to ``address`` once connected; grpc.aio.AioRpcError, or TimeoutError when no
+        connection comes within ``connect_s``."""
+        call = channel.stream_stream(SESSION, request_serializer=pb.SessionMessage.SerializeToString,
+                                     response_deserializer=None)(wait_for_ready=True)
+        try:
+            async with asyncio.timeout(max(connect_s, 0.0)):
+                await call.wait_for_connection()
+        except BaseException:
+            call.cancel()
+            raise
+        return cls(call, address)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                raw = await self._call.read()
+                if raw is grpc.aio.EOF:
+                    raise PeerUnavailable(f"Session to {self._address} ended", "UNAVAILABLE")
+                try:
+                    message = pb.SessionMessage.FromString(raw)
+                except DecodeError:
+                    raise RoundError("malformed", f"{self._address} sent a Session message that does not "
+                                     "parse") from None
+                waiter = self._waiting.pop(message.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+                # (a reply to no request in flight: to one that timed out here; dropped)
+        except asyncio.CancelledError:
+            self._end(PeerUnavailable(f"Session to {self._address} closed", "CANCELLED"))
+            raise
+        except BaseException as exc:
+            self._end(exc)
+
+    def _end(self, exc: BaseException) -> None:
+        if self._ended is None:
+            self._ended = exc
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(self._ended)
+        self._waiting.clear()
+        self._call.cancel()
+
+    async def exchange(self, timeout_s: float, **request) -> pb.SessionMessage:
+        """Send one request (``join=...`` or ``part=...``) and return its reply message. Raises
+        what ended the stream (grpc.aio.AioRpcError, PeerUnavailable, RoundError), or TimeoutError
+        after ``timeout_s``. A request cut off while being written ends the stream (its framing
+        may be half-sent); one cut off while waiting for its reply leaves the stream to others."""
+        if self._ended is not None:
+            raise self._ended
+        loop = asyncio.get_running_loop()
+        self.last_used = loop.time()
+        rid = self._next_id
+        self._next_id += 1
+        waiter = self._waiting[rid] = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._writing:
+                    try:
+                        await self._call.write(pb.SessionMessage(id=rid, timeout_s=timeout_s, **request))
+                    except asyncio.CancelledError:
+                        self._end(PeerUnavailable(f"Session to {self._address}: a request was cut off while "
+                                                  "being written", "CANCELLED"))
+                        raise
+                return await waiter
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # A write on a stream that failed or finished: the reader ends the session with
+            # what ended it (it has, or is about to).
+            await asyncio.wait({self._reader}, timeout=1.0)
+            raise self._ended if self._ended is not None else PeerUnavailable(
+                f"Session to {self._address} failed", "UNAVAILABLE") from None
+        finally:
+            self._waiting.pop(rid, None)
+            self.last_used = loop.time()
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class GrpcPeerClient:
@@ -77,6 +179,9 @@ class GrpcPeerClient:
         # One stub a channel: building one sets up a callable per method (~50 us, three calls
         # a round of a small model).
         self._stubs: dict[tuple[str, str], pb_grpc.PeerServiceStub] = {}
+        # One Session stream a channel, for JoinRound and ReduceWhole (``_exchange``); a stream
+        # being opened is a future that concurrent callers share.
+        self._sessions: dict[tuple[str, str], _Session | asyncio.Future[_Session]] = {}
 
     def _checksum(self, data: bytes | bytearray | memoryview) -> int:
         return reduce_checksum(data, tls=self._creds is not None)
@@ -117,12 +222,18 @@ class GrpcPeerClient:
     async def forget(self, address: str) -> None:
         """Close every channel to ``address`` and forget whom it was bound to."""
         self._bound.pop(address, None)
+        for key in [k for k in self._sessions if k[0] == address]:
+            session = self._sessions.pop(key)
+            if isinstance(session, _Session):
+                await session.close()
+            else:
+                session.cancel()
         for key in [k for k in self._channels if k[0] == address]:
             self._stubs.pop(key, None)
             await self._channels.pop(key).close(grace=None)
 
     async def close(self) -> None:
-        for address in {a for a, _ in self._channels}:
+        for address in {a for a, _ in self._channels} | {a for a, _ in self._sessions}:
             await self.forget(address)
 
     def _fail(self, method: str, exc: grpc.aio.AioRpcError, address: str) -> Exception:
@@ -156,24 +267,70 @@ class GrpcPeerClient:
             raise self._fail("Leave", exc, address) from None
 
     async def join_round(self, address: str, req: JoinRequest, timeout_s: float) -> JoinReply:
+        # A channel that found no connection (before the peer listened, or after it restarted:
+        # in reconnect backoff) gets ``reconnect_wait_s`` to connect before the peer counts as gone.
+        reply = await self._exchange("JoinRound", address, timeout_s, min(self._reconnect_wait_s, timeout_s),
+                                     join=convert.join_request_to_pb(req))
+        if reply.WhichOneof("kind") != "joined":
+            raise RoundError("malformed", f"{address} answered a JoinRound with {reply.WhichOneof('kind')}")
+        return convert.join_reply_from_pb(reply.joined)
+
+    async def _exchange(self, method: str, address: str, timeout_s: float, connect_s: float,
+                        **request) -> pb.SessionMessage:
+        """One request on the Session stream to ``address`` (opened, or reopened, here); its reply,
+        which is not an error. Failures as the unary ``method`` would raise them (``_fail``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        request = convert.join_request_to_pb(req)
         try:
-            try:
-                reply = await self._stub(address).JoinRound(request, timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                # The channel may still be in reconnect backoff from before the peer listened
-                # (or restarted): wait for it to connect, briefly, before calling the peer gone.
-                retry_s = min(self._reconnect_wait_s, deadline - loop.time())
-                if retry_s <= 0:
-                    raise
-                reply = await self._stub(address).JoinRound(request, timeout=retry_s, wait_for_ready=True)
+            session = await self._session(address, connect_s)
+            reply = await session.exchange(max(deadline - loop.time(), 0.0), **request)
         except grpc.aio.AioRpcError as exc:
-            raise self._fail("JoinRound", exc, address) from None
-        return convert.join_reply_from_pb(reply)
+            raise self._fail(method, exc, address) from None
+        except TimeoutError:
+            self._on_error(method, grpc.StatusCode.DEADLINE_EXCEEDED.name)
+            raise PeerUnavailable(f"{method} to {address}: DEADLINE_EXCEEDED: no answer in {timeout_s:.1f} s",
+                                  grpc.StatusCode.DEADLINE_EXCEEDED.name) from None
+        except PeerUnavailable as exc:
+            self._on_error(method, exc.code)
+            raise PeerUnavailable(f"{method} to {address}: {exc}", exc.code) from None
+        if reply.WhichOneof("kind") == "error":
+            code = grpc.StatusCode.__members__.get(reply.error.code)
+            if code is None or code == grpc.StatusCode.OK:
+                raise RoundError("malformed", f"{address} answered {method} with an error of unknown code "
+                                 f"{reply.error.code[:40]!r}")
+            self._on_error(method, code.name)
+            text = f"{method} to {address}: {code.name}: {reply.error.message[:1000]}"
+            if code in _UNAVAILABLE:
+                raise PeerUnavailable(text, code.name)
+            raise RoundError(code.name.lower(), text)
+        return reply
+
+    async def _session(self, address: str, connect_s: float) -> _Session:
+        """The open Session stream to ``address``: this channel's, or a new one (connected within
+        ``connect_s``) when there is none, it ended, or it was idle long enough that the server
+        may be closing it (``SESSION_IDLE_S``)."""
+        key = (address, self._bound.get(address, ""))
+        current = self._sessions.get(key)
+        if isinstance(current, asyncio.Future):
+            return await asyncio.shield(current)
+        if current is not None:
+            if not current.ended and asyncio.get_running_loop().time() - current.last_used < SESSION_IDLE_S / 2:
+                return current
+            del self._sessions[key]
+            await current.close()
+        opening = self._sessions[key] = asyncio.ensure_future(_Session.open(self._channel(address), address,
+                                                                            connect_s))
+        try:
+            session = await asyncio.shield(opening)
+        except BaseException:
+            if self._sessions.get(key) is opening:
+                del self._sessions[key]
+            if not opening.done():
+                opening.cancel()
+            raise
+        if self._sessions.get(key) is opening:
+            self._sessions[key] = session
+        return session
 
     async def reduce(
         self, address: str, header: ReduceHeader, payload: bytes | bytearray | memoryview, timeout_s: float
@@ -229,10 +386,10 @@ class GrpcPeerClient:
         # protobuf takes bytes only; codecs may hand over the bytearray they wrote (at most a chunk)
         data = payload if isinstance(payload, bytes) else bytes(payload)
         request = pb.ReducePart(header=convert.reduce_header_to_pb(header), data=data)
-        try:
-            answer = await self._stub(address).ReduceWhole(request, timeout=timeout_s, wait_for_ready=True)
-        except grpc.aio.AioRpcError as exc:
-            raise self._fail("Reduce", exc, address) from None
+        reply = await self._exchange("Reduce", address, timeout_s, timeout_s, part=request)
+        if reply.WhichOneof("kind") != "part":
+            raise RoundError("malformed", f"{address} answered a part with {reply.WhichOneof('kind')}")
+        answer = reply.part
         reply = convert.reduce_header_from_pb(answer.header)
         result = answer.data  # (each read of a bytes field copies it: once)
         if len(result) > _answer_bytes_limit(header.numel):

@@ -5,12 +5,15 @@ Domain errors (``PeerError`` children) are mapped to gRPC status codes here and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Protocol
 
 import grpc
+
+from google.protobuf.message import DecodeError
 
 from peer.credentials import Identity, peer_id_of_certificate
 from peer.errors import HandshakeRefused, PeerError, RoundError, StateError
@@ -25,6 +28,18 @@ log = logging.getLogger(__name__)
 
 # Chunks are at most 1 MiB of payload; 4 MiB leaves room for framing and a header.
 MAX_MESSAGE_BYTES = 4 << 20
+
+SESSION_MAX_PENDING = 16
+"""Requests one Session stream may have in flight at once (a round has one or two: a JoinRound
+that waits for its group, a confirmation, a part); more are answered RESOURCE_EXHAUSTED."""
+
+SESSION_MAX_WAIT_S = 3600.0
+"""The longest a Session request is served (a request names how long its caller waits)."""
+
+SESSION_IDLE_S = 300.0
+"""A Session stream with no request in flight and none arriving for this long is closed (the
+caller opens a new one with its next request): a caller that vanished without its connection
+closing (a partition, a frozen host) holds no stream for good."""
 
 _CODES = {
     "not_member": grpc.StatusCode.FAILED_PRECONDITION,
@@ -65,6 +80,18 @@ class Handler(Protocol):
     def leave(self, run_id: str, peer_id: str) -> None: ...
     def auth_refused(self, method: str, caller: str, named: str) -> None:
         """A call named another peer than the one its certificate proves (already refused)."""
+    def malformed(self, method: str, caller: str, message: str) -> None:
+        """A message that does not parse or breaks its method's framing (already refused)."""
+
+
+class _Abort(Exception):
+    """A call refused with a gRPC status: the unary handler aborts with it, a Session request is
+    answered with it (``SessionError``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class _Servicer(pb_grpc.PeerServiceServicer):
@@ -122,18 +149,25 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             self._ids[pem] = caller
         return caller
 
-    async def _authorize(self, context, method: str, named: str) -> None:
-        """Refuse (PERMISSION_DENIED) a call that names another peer than its caller. Without
-        TLS (``--insecure``) there is no caller identity to check."""
-        if not self._secure:
-            return
-        caller = self._caller(context)
-        if caller and caller == named:
+    def _check_caller(self, caller: str | None, method: str, named: str) -> None:
+        """Raise _Abort(PERMISSION_DENIED) for a call that names another peer than ``caller``, the
+        peer its connection's certificate proves (None without TLS, ``--insecure``: there is no
+        caller identity to check)."""
+        if caller is None or (caller and caller == named):
             return
         self._h.auth_refused(method, caller, named)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method} names peer {named!r}, but this connection's certificate proves "
-                            f"{caller or 'no peer'!r}")
+        raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} names peer {named!r}, but this connection's "
+                     f"certificate proves {caller or 'no peer'!r}")
+
+    def _caller_of(self, context) -> str | None:
+        return self._caller(context) if self._secure else None
+
+    async def _authorize(self, context, method: str, named: str) -> None:
+        """Abort (PERMISSION_DENIED) a call that names another peer than its caller."""
+        try:
+            self._check_caller(self._caller_of(context), method, named)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
 
     async def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:  # noqa: N802
         await self._authorize(context, "Handshake", request.peer.peer_id)
@@ -144,7 +178,10 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         return convert.status_to_pb(self._h.status())
 
     async def JoinRound(self, request: pb.JoinRoundRequest, context) -> pb.JoinRoundResponse:  # noqa: N802
-        await self._authorize(context, "JoinRound", request.peer_id)
+        return await _unary(context, self._join_round(request, self._caller_of(context)))
+
+    async def _join_round(self, request: pb.JoinRoundRequest, caller: str | None) -> pb.JoinRoundResponse:
+        self._check_caller(caller, "JoinRound", request.peer_id)
         reply = await self._h.join_round(convert.join_request_from_pb(request))
         return convert.join_reply_to_pb(reply)
 
@@ -184,12 +221,15 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             self._answer_sent(result)
 
     async def ReduceWhole(self, request: pb.ReducePart, context) -> pb.ReducePart:  # noqa: N802
+        return await _unary(context, self._reduce_whole(request, self._caller_of(context)))
+
+    async def _reduce_whole(self, request: pb.ReducePart, caller: str | None) -> pb.ReducePart:
         # ``Reduce`` in one message each way, for a part that fits one chunk: the same checks,
         # in the same order, and the same errors.
         header: ReduceHeader | None = None
         try:
             header = convert.reduce_header_from_pb(request.header)
-            await self._authorize(context, "Reduce", header.peer_id)
+            self._check_caller(caller, "Reduce", header.peer_id)
             expected = await self._h.reduce_expect(header)
             if header.total_bytes != expected or len(request.data) != expected:
                 raise RoundError("bad_size", f"{header.peer_id} sent {len(request.data)} bytes (announced "
@@ -205,10 +245,76 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             checksum = self._answer_crc(result)
         except RoundError as exc:
             self._h.reduce_rejected(header, exc)
-            await context.abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
-            return pb.ReducePart()  # (abort raises)
+            raise _Abort(_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc)) from None
         reply = replace(reply, total_bytes=len(result), crc32=checksum)
         return pb.ReducePart(header=convert.reduce_header_to_pb(reply), data=bytes(result))
+
+    async def Session(self, request_iterator, context) -> None:  # noqa: N802
+        # Read with ``context.read`` and answered with ``context.write`` (one writer at a time):
+        # each request is served by a task of its own, so a JoinRound that waits for its group
+        # does not hold up the part or confirmation behind it. Messages arrive serialized
+        # (``method_handlers``): one that does not parse closes the stream, counted.
+        caller = self._caller_of(context)
+        writing = asyncio.Lock()
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(reply: pb.SessionMessage) -> None:
+            async with writing:
+                await context.write(reply)
+
+        async def serve(message: pb.SessionMessage) -> None:
+            # Served for as long as the caller waits (its unary call's deadline, which grpc
+            # would enforce here), at most ``SESSION_MAX_WAIT_S``; then dropped unanswered.
+            wait = message.timeout_s if 0 < message.timeout_s < SESSION_MAX_WAIT_S else SESSION_MAX_WAIT_S
+            try:
+                async with asyncio.timeout(wait):
+                    await serve_now(message)
+            except TimeoutError:
+                pass
+
+        async def serve_now(message: pb.SessionMessage) -> None:
+            kind = message.WhichOneof("kind")
+            try:
+                if kind == "join":
+                    reply = pb.SessionMessage(id=message.id, joined=await self._join_round(message.join, caller))
+                elif kind == "part":
+                    reply = pb.SessionMessage(id=message.id, part=await self._reduce_whole(message.part, caller))
+                else:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"a Session request is a join or a part, not {kind}")
+            except _Abort as exc:
+                reply = pb.SessionMessage(id=message.id, error=pb.SessionError(code=exc.code.name, message=exc.message))
+            await answer(reply)
+
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(SESSION_IDLE_S):
+                        raw = await context.read()
+                except TimeoutError:
+                    if tasks:
+                        continue
+                    return  # idle: the caller opens a new stream with its next request
+                if raw is grpc.aio.EOF:
+                    break
+                try:
+                    message = pb.SessionMessage.FromString(raw)
+                except DecodeError:
+                    self._h.malformed("Session", caller or "", "a message that does not parse")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Session message that does not parse")
+                    return
+                if len(tasks) >= SESSION_MAX_PENDING:
+                    await answer(pb.SessionMessage(id=message.id, error=pb.SessionError(
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
+                        message=f"more than {SESSION_MAX_PENDING} requests in flight on one Session stream")))
+                    continue
+                task = asyncio.create_task(serve(message), name="session-request")
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            # The caller is done sending: answer what it asked before it closed its side.
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def GetState(self, request: pb.GetStateRequest, context) -> AsyncIterator[bytes]:  # noqa: N802
         await self._authorize(context, "GetState", request.peer_id)
@@ -241,6 +347,14 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         return pb.LeaveResponse()
 
 
+async def _unary(context, call: Awaitable):
+    """The reply of a unary call, or its abort with the status an ``_Abort`` names."""
+    try:
+        return await call
+    except _Abort as exc:
+        await context.abort(exc.code, exc.message)
+
+
 def _serialize_state(message: bytes | pb.StateMessage) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
@@ -258,7 +372,8 @@ class _Handlers:
 def method_handlers(servicer: pb_grpc.PeerServiceServicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
     """The service name and the generated method handlers, except that GetState's and Reduce's
     responses may be messages serialized by the servicer (chunks framed without protobuf's
-    copies), and Reduce's requests reach the servicer serialized (it reads chunks in place)."""
+    copies), and Reduce's and Session's requests reach the servicer serialized (it reads chunks
+    in place; it counts a Session message that does not parse)."""
     registry = _Handlers()
     pb_grpc.add_PeerServiceServicer_to_server(servicer, registry)
     handlers = dict(registry.handlers)
@@ -266,6 +381,8 @@ def method_handlers(servicer: pb_grpc.PeerServiceServicer) -> tuple[str, dict[st
         servicer.GetState, request_deserializer=pb.GetStateRequest.FromString, response_serializer=_serialize_state)
     handlers["Reduce"] = grpc.stream_stream_rpc_method_handler(
         servicer.Reduce, request_deserializer=None, response_serializer=serialized)
+    handlers["Session"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Session, request_deserializer=None, response_serializer=pb.SessionMessage.SerializeToString)
     return registry.service, handlers
 
 

@@ -33,6 +33,9 @@ U32 = st.integers(0, 2**32 - 1)
 F64 = st.floats(allow_nan=True, allow_infinity=True)
 TEXT = st.text(max_size=40)
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# Streams from the sync client to a daemon over TLS take ~0.5 s each here (Reduce's did before
+# Session existed): fewer examples for the Session fuzzers, which add to the suite's time.
+FUZZ_STREAMS = settings(FUZZ, max_examples=15)
 
 
 def _info(me: str, run: st.SearchStrategy, schema: st.SearchStrategy) -> st.SearchStrategy:
@@ -107,6 +110,22 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
         def reduce_whole(part):
             call("ReduceWhole", lambda: stub.ReduceWhole(part, timeout=5))
 
+        @FUZZ_STREAMS
+        @given(messages=st.lists(st.one_of(
+            st.builds(pb.SessionMessage, id=U64, timeout_s=F64,
+                      join=st.builds(pb.JoinRoundRequest, run_id=run, peer_id=st.sampled_from([me, "someone"]),
+                                     round=U64, global_hash=TEXT, weight=F64, address=TEXT)),
+            st.builds(pb.SessionMessage, id=U64, timeout_s=st.floats(0, 0.5), part=_reduce_part(me, run_id)),
+            st.builds(pb.SessionMessage, id=U64, error=st.builds(pb.SessionError, code=TEXT, message=TEXT)),
+            st.builds(pb.SessionMessage, id=U64)), max_size=4))
+        def session(messages):
+            # (each request served for at most 0.5 s: a join the leader holds does not hold the test)
+            capped = [pb.SessionMessage(id=m.id, timeout_s=min(abs(m.timeout_s), 0.5) if m.timeout_s == m.timeout_s
+                                        else 0.5, **{k.name: v for k, v in m.ListFields() if k.name not in ("id",
+                                                                                                        "timeout_s")})
+                      for m in messages]
+            call("Session", lambda: [r.WhichOneof("kind") for r in stub.Session(iter(capped), timeout=5)])
+
         @FUZZ
         @given(req=st.builds(pb.GetStateRequest, run_id=run, peer_id=st.just(me), schema_hash=schema))
         def get_state(req):
@@ -118,13 +137,20 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
             fn = channel.unary_unary(f"/peer.v1.PeerService/{method}")
             call(f"raw-{method}", lambda: fn(raw, timeout=5))
 
+        @FUZZ_STREAMS
+        @given(raws=st.lists(st.binary(max_size=64), max_size=3))
+        def session_garbage(raws):
+            fn = channel.stream_stream("/peer.v1.PeerService/Session")
+            call("raw-Session", lambda: list(fn(iter(raws), timeout=5)))
+
         try:
-            for fuzz in (handshake, join, reduce, reduce_whole, get_state, garbage):
+            for fuzz in (handshake, join, reduce, reduce_whole, session, get_state, garbage, session_garbage):
                 fuzz()
             stub.Leave(pb.LeaveRequest(run_id=run_id, peer_id=me), timeout=5)
         finally:
             channel.close()
         assert answered.get("Handshake", 0) > 0 and answered.get("GetState", 0) > 0, answered
+        assert answered.get("Session", 0) > 0, answered
         # Assert: both peers up, and they go on together with equal hashes
         assert all(p.alive() for p in peers), logs()
         before = max(consistent_rounds(peers))
@@ -157,6 +183,23 @@ class _FakePeer:
 
             def ReduceWhole(self, request, context):  # noqa: N802
                 return outer.reply["reduce_whole"]
+
+            def Session(self, request_iterator, context):  # noqa: N802
+                # Each request answered as the generated ``session`` reply says: its own id or
+                # another, the right kind of reply or another, or an error of any code.
+                for request in request_iterator:
+                    how = outer.reply["session"]
+                    reply = pb.SessionMessage(id=request.id if how["same_id"] else how["id"])
+                    kind = how["kind"] or ("joined" if request.WhichOneof("kind") == "join" else "part")
+                    if kind == "joined":
+                        reply.joined.CopyFrom(outer.reply["join"])
+                    elif kind == "part":
+                        reply.part.CopyFrom(outer.reply["reduce_whole"])
+                    elif kind == "error":
+                        reply.error.CopyFrom(how["error"])
+                    yield reply
+                    if how["end"]:
+                        return
 
             def GetState(self, request, context):  # noqa: N802
                 yield from outer.reply["state"]
@@ -197,10 +240,16 @@ _GROUP = st.builds(pb.Group, group_id=TEXT, round=U64, global_hash=TEXT, members
        status=st.builds(pb.StatusResponse, peer=_info("x", TEXT, TEXT), loss=F64, samples=U64),
        join=st.builds(pb.JoinRoundResponse, outcome=st.integers(0, 9), message=TEXT, group=_GROUP, leader_hint=TEXT,
                       leader_round=U64),
-       reduce=_reduce_messages("x", "r"), reduce_whole=_reduce_part("x", "r"), state=_state_messages())
-def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status, join, reduce, reduce_whole, state):
+       reduce=_reduce_messages("x", "r"), reduce_whole=_reduce_part("x", "r"), state=_state_messages(),
+       session=st.fixed_dictionaries({
+           "same_id": st.booleans(), "id": U64, "kind": st.sampled_from([None, "joined", "part", "error", "none"]),
+           "error": st.builds(pb.SessionError, code=st.one_of(TEXT, st.sampled_from([c.name for c in grpc.StatusCode])),
+                              message=TEXT),
+           "end": st.booleans()}))
+def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status, join, reduce, reduce_whole, state,
+                                                    session):
     fake_peer.reply = {"handshake": handshake, "status": status, "join": join, "reduce": reduce,
-                       "reduce_whole": reduce_whole, "state": state}
+                       "reduce_whole": reduce_whole, "state": state, "session": session}
     address = f"127.0.0.1:{fake_peer.port}"
     me = PeerInfo("me", "r", 1, "s")
 
@@ -212,8 +261,9 @@ def test_client_decode_paths_raise_only_peer_errors(fake_peer, handshake, status
         part = ReduceHeader("r", "g", 1, "me", 0, 16, "int8", 16, 0)
         try:
             for fn in (lambda: client.handshake(address, me, 3), lambda: client.status(address, 3),
-                       lambda: client.join_round(address, JoinRequest("r", "me", 1, "h", 1.0, "me:1"), 3),
-                       lambda: client.reduce(address, part, b"\x00" * 20, 3),
+                       # (a reply under another id is never matched: these wait out their deadline)
+                       lambda: client.join_round(address, JoinRequest("r", "me", 1, "h", 1.0, "me:1"), 0.3),
+                       lambda: client.reduce(address, part, b"\x00" * 20, 0.3),
                        lambda: streaming.reduce(address, part, b"\x00" * 20, 3),
                        lambda: client.get_state(address, "r", "me", "s", 3)):
                 try:

@@ -239,6 +239,30 @@ class ReducePart(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[ReduceHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SessionMessage(_message.Message):
+    __slots__ = ("id", "join", "joined", "part", "error", "timeout_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    JOIN_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    join: JoinRoundRequest
+    joined: JoinRoundResponse
+    part: ReducePart
+    error: SessionError
+    timeout_s: float
+    def __init__(self, id: _Optional[int] = ..., join: _Optional[_Union[JoinRoundRequest, _Mapping]] = ..., joined: _Optional[_Union[JoinRoundResponse, _Mapping]] = ..., part: _Optional[_Union[ReducePart, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class SessionError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class GetStateRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "schema_hash")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class PeerServiceStub:
                 request_serializer=peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
                 response_deserializer=peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/peer.v1.PeerService/Session',
+                request_serializer=peer_dot_v1_dot_peer__pb2.SessionMessage.SerializeToString,
+                response_deserializer=peer_dot_v1_dot_peer__pb2.SessionMessage.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/peer.v1.PeerService/GetState',
                 request_serializer=peer_dot_v1_dot_peer__pb2.GetStateRequest.SerializeToString,
@@ -113,6 +118,19 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """JoinRound and ReduceWhole as messages on one long-lived stream per (caller, server): each
+        request carries the caller's number for it, its reply the same number, in any order. A
+        unary call costs ~0.75 ms of loopback round trip and ~0.35 ms of each side's CPU in
+        grpc.aio (call set-up, metadata, several completion-queue events); a message on an open
+        stream ~0.15 ms and ~0.09 ms (protocol version 7). A small model's round is three such
+        exchanges. The caller's identity is the stream's certificate; every request is checked as
+        its unary call is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
         """State transfer to a joiner or a peer that fell behind: the snapshot of the last completed round.
         """
@@ -154,6 +172,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.ReduceWhole,
                     request_deserializer=peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
                     response_serializer=peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=peer_dot_v1_dot_peer__pb2.SessionMessage.FromString,
+                    response_serializer=peer_dot_v1_dot_peer__pb2.SessionMessage.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
@@ -301,6 +324,33 @@ class PeerService:
             '/peer.v1.PeerService/ReduceWhole',
             peer_dot_v1_dot_peer__pb2.ReducePart.SerializeToString,
             peer_dot_v1_dot_peer__pb2.ReducePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/peer.v1.PeerService/Session',
+            peer_dot_v1_dot_peer__pb2.SessionMessage.SerializeToString,
+            peer_dot_v1_dot_peer__pb2.SessionMessage.FromString,
             options,
             channel_credentials,
             insecure,
