@@ -44,7 +44,7 @@ from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import REMEASURE_ABOVE, finite_bound, step_hashed_into
 from peer.sync.round import (
     INLINE_NUMEL, Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
-    check_group, leader_for, no_hook, offload,
+    check_group, leader_for, let_replies_out, no_hook, offload,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -690,6 +690,7 @@ class RoundDriver:
             await loop.run_in_executor(self._executor, dump_round, Path(self._cfg.run.dump_dir) / self._me, rnd,
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
+        await let_replies_out()
         self.progress.phase = "outer"
         now = self._store.state
         if now is not base:

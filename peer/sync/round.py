@@ -53,6 +53,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections import Counter as Tally
@@ -100,6 +101,18 @@ async def offload(executor: Executor, numel: int, fn: Callable, *args):
     if numel <= INLINE_NUMEL:
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+async def let_replies_out() -> None:
+    """Before CPU work on the loop (a small model's outer step runs inline): let the tasks that
+    are ready run first (a reply this peer owes another, such as the confirmation its leader
+    side just gave, is written by one), then give this CPU up once, to the gRPC thread that
+    sends what they wrote (woken on this CPU, it otherwise waited for the work to end). On
+    loopback with digits, a leader's confirmation took a p90 of 1.6-2.0 ms to reach the member
+    without this, 0.7 ms with it (median 0.22 ms either way)."""
+    await asyncio.sleep(0)
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
 
 
 class PeerClient(Protocol):

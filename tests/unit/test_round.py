@@ -510,3 +510,18 @@ async def test_an_owner_averages_its_own_part_as_it_is_cut_like_the_decoded_ones
         expected.add_(x, alpha=1.0 / 3.0)
     assert payload == codec.encode(expected) and contributors == 3
     owned.close()
+
+
+async def test_replies_ready_to_go_out_run_before_work_that_follows_on_the_loop():
+    from peer.sync.round import let_replies_out
+
+    sent: list[str] = []
+
+    async def reply() -> None:
+        sent.append("reply")
+
+    task = asyncio.ensure_future(reply())  # ready, not yet run (as a server's answer task is)
+    await let_replies_out()
+    sent.append("outer step")
+    await task
+    assert sent == ["reply", "outer step"]
