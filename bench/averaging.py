@@ -359,13 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"averaging: {args.system}{' (TLS)' if res['tls'] else ''}, K={args.peers}, N={args.params:,}, codec {args.codec}, "
           f"{res['link']}{' (' + res['link_emulation'] + ')' if 'link_emulation' in res else ''}; {res['machine']}")
-    print(f"  round s: median {res['median_s']:.3f}  min {res['min_s']:.3f}  max {res['max_s']:.3f}  "
+    # Four decimals: a small model's round is a few milliseconds.
+    print(f"  round s: median {res['median_s']:.4f}  min {res['min_s']:.4f}  max {res['max_s']:.4f}  "
           f"over {args.rounds} rounds after {args.warmup} warm-up; failed {res['rounds_failed']}")
     if res.get("cpu_s_per_peer_median") is not None:
         print(f"  CPU s per peer per round (user+sys, all threads; mean over peers, median over rounds): "
-              f"{res['cpu_s_per_peer_median']:.3f}")
+              f"{res['cpu_s_per_peer_median']:.4f}")
     if system_phases := [k for k in PHASES if f"{k}_median_s" in res]:
-        print("  phases (median s): " + ", ".join(f"{k} {res[k + '_median_s']:.3f}" for k in system_phases))
+        print("  phases (median s): " + ", ".join(f"{k} {res[k + '_median_s']:.4f}" for k in system_phases))
     if res["bytes_sent_per_peer"] is not None:
         print(f"  bytes sent per peer per round: {res['bytes_sent_per_peer']:,.0f} "
               f"({res['bytes_ratio']:.3f}x of 2(K-1)/K*N*bits/8 = {res['expected_bytes']:,.0f})")

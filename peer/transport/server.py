@@ -108,6 +108,21 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         # answered whole, ``ReduceWhole``, is at most one chunk; its entry waits for the next.)
         self._answer: tuple[bytes, int, list[bytes] | None] | None = None
         self._answer_users = 0
+        # Each open Session stream's handler task, and the tasks serving its requests in flight.
+        self._sessions: dict[asyncio.Task, set[asyncio.Task]] = {}
+        self._ending = False
+
+    async def end_sessions(self, grace_s: float) -> None:
+        """Before the server stops: requests in flight on Session streams get up to ``grace_s``
+        to be answered, then every Session stream ends (a caller's next request opens a new
+        one, wherever it goes). Without this, every caller's open stream would hold the
+        server's stop for its whole grace period."""
+        pending = {t for tasks in self._sessions.values() for t in tasks}
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        self._ending = True  # (a handler cancelled now ends its stream with OK: see ``Session``)
+        for handler in list(self._sessions):
+            handler.cancel()
 
     def _answer_crc(self, result: bytes) -> int:
         if self._answer is None or self._answer[0] is not result:
@@ -257,6 +272,8 @@ class _Servicer(pb_grpc.PeerServiceServicer):
         caller = self._caller_of(context)
         writing = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
+        handler = asyncio.current_task()
+        self._sessions[handler] = tasks
 
         async def answer(reply: pb.SessionMessage) -> None:
             async with writing:
@@ -312,7 +329,13 @@ class _Servicer(pb_grpc.PeerServiceServicer):
                 task.add_done_callback(tasks.discard)
             # The caller is done sending: answer what it asked before it closed its side.
             await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise  # the call was cancelled (by its caller, or by gRPC)
+            # ``end_sessions``: return, so that gRPC ends the call with a status (a handler that
+            # stays cancelled leaves the call open in gRPC's core until the server's grace ends).
         finally:
+            self._sessions.pop(handler, None)
             for task in tasks:
                 task.cancel()
 
@@ -415,7 +438,7 @@ class PeerServer:
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", max_streams_per_connection),
         ], maximum_concurrent_rpcs=max_concurrent_rpcs)
-        servicer = _Servicer(handler, chunk_bytes, chunk_idle_timeout_s, secure=identity is not None)
+        servicer = self._servicer = _Servicer(handler, chunk_bytes, chunk_idle_timeout_s, secure=identity is not None)
         service, handlers = method_handlers(servicer)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         self._server.add_registered_method_handlers(service, handlers)
@@ -435,5 +458,9 @@ class PeerServer:
         await self._server.start()
 
     async def stop(self, grace_s: float) -> None:
-        await self._server.stop(grace_s)
+        """Stop serving; calls in flight get up to ``grace_s`` in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        await self._servicer.end_sessions(grace_s)
+        await self._server.stop(max(0.0, deadline - loop.time()))
 

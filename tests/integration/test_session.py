@@ -177,3 +177,24 @@ async def test_the_server_stops_serving_a_request_its_caller_gave_up_on(plain):
     # The stream is still the caller's: the next request goes on it.
     assert (await client.join_round(address, _join("me", 0), 5)).message == "round 0 of me"
     assert len(client._sessions) == 1
+
+
+async def test_a_stopping_server_ends_open_streams_at_once_and_answers_what_is_in_flight(plain):
+    handler, server, client, address = plain
+    assert (await client.join_round(address, _join("me", 0), 5)).message == "round 0 of me"  # a stream is open
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await server.stop(5.0)
+    assert loop.time() - t0 < 1.0  # not the 5 s grace: nothing was in flight on the stream
+    again = PeerServer(handler, address)
+    await again.start()
+    try:
+        join = asyncio.create_task(client.join_round(address, _join("me", 6), 10))  # a new stream
+        await asyncio.sleep(0.3)
+        stopping = asyncio.create_task(again.stop(5.0))
+        await asyncio.sleep(0.3)
+        handler.release.set()  # answered within the grace, then the stream ends
+        assert (await asyncio.wait_for(join, 5)).message == "round 6 of me"
+        await asyncio.wait_for(stopping, 5)
+    finally:
+        await again.stop(0)
