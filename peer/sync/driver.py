@@ -690,7 +690,8 @@ class RoundDriver:
             await loop.run_in_executor(self._executor, dump_round, Path(self._cfg.run.dump_dir) / self._me, rnd,
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
-        await let_replies_out()
+        if avg.numel() <= INLINE_NUMEL:  # the step runs on the loop (``_apply``): replies first
+            await let_replies_out()
         self.progress.phase = "outer"
         now = self._store.state
         if now is not base:
