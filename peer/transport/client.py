@@ -308,28 +308,37 @@ class GrpcPeerClient:
     async def _session(self, address: str, connect_s: float) -> _Session:
         """The open Session stream to ``address``: this channel's, or a new one (connected within
         ``connect_s``) when there is none, it ended, or it was idle long enough that the server
-        may be closing it (``SESSION_IDLE_S``)."""
+        may be closing it (``SESSION_IDLE_S``). Callers that come while one is being opened wait
+        for that one; a caller cancelled meanwhile does not cancel the opening for the others."""
         key = (address, self._bound.get(address, ""))
         current = self._sessions.get(key)
-        if isinstance(current, asyncio.Future):
-            return await asyncio.shield(current)
-        if current is not None:
+        if isinstance(current, _Session):
             if not current.ended and asyncio.get_running_loop().time() - current.last_used < SESSION_IDLE_S / 2:
                 return current
             del self._sessions[key]
             await current.close()
-        opening = self._sessions[key] = asyncio.ensure_future(_Session.open(self._channel(address), address,
-                                                                            connect_s))
+            current = None
+        if current is None:
+            current = self._sessions[key] = asyncio.ensure_future(self._open_session(key, address, connect_s))
         try:
-            session = await asyncio.shield(opening)
-        except BaseException:
-            if self._sessions.get(key) is opening:
-                del self._sessions[key]
-            if not opening.done():
-                opening.cancel()
+            return await asyncio.shield(current)
+        except asyncio.CancelledError:
+            if current.cancelled() and not asyncio.current_task().cancelling():
+                # The opening was cancelled by ``forget``/``close``, not this caller.
+                raise PeerUnavailable(f"Session to {address} closed", grpc.StatusCode.CANCELLED.name) from None
             raise
-        if self._sessions.get(key) is opening:
+
+    async def _open_session(self, key: tuple[str, str], address: str, connect_s: float) -> _Session:
+        try:
+            session = await _Session.open(self._channel(address), address, connect_s)
+        except BaseException:
+            if self._sessions.get(key) is asyncio.current_task():
+                del self._sessions[key]
+            raise
+        if self._sessions.get(key) is asyncio.current_task():
             self._sessions[key] = session
+        else:  # forgotten while it opened
+            await session.close()
         return session
 
     async def reduce(

@@ -198,3 +198,23 @@ async def test_a_stopping_server_ends_open_streams_at_once_and_answers_what_is_i
         await asyncio.wait_for(stopping, 5)
     finally:
         await again.stop(0)
+
+
+async def test_a_caller_cancelled_while_its_stream_opens_does_not_fail_the_others(plain):
+    handler, server, _, address = plain
+    await server.stop(0)
+    client = GrpcPeerClient(chunk_bytes=1 << 20, chunk_idle_timeout_s=2, reconnect_wait_s=5)
+    try:
+        first = asyncio.create_task(client.join_round(address, _join("me", 0), 8))
+        second = asyncio.create_task(client.join_round(address, _join("me", 0), 8))
+        await asyncio.sleep(0.2)  # both wait for the one stream being opened (nothing listens yet)
+        first.cancel()
+        again = PeerServer(handler, address)
+        await again.start()
+        try:
+            assert (await asyncio.wait_for(second, 8)).message == "round 0 of me"
+            assert first.cancelled()
+        finally:
+            await again.stop(0)
+    finally:
+        await client.close()
