@@ -277,7 +277,11 @@ class _Servicer(pb_grpc.PeerServiceServicer):
 
         async def answer(reply: pb.SessionMessage) -> None:
             async with writing:
-                await context.write(reply)
+                try:
+                    await context.write(reply)
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.AbortError) as exc:
+                    # The call is over (its caller went away): nobody is left to tell.
+                    log.debug("a Session reply to %s was not sent: %r", caller or "a caller", exc)
 
         async def serve(message: pb.SessionMessage) -> None:
             # Served for as long as the caller waits (its unary call's deadline, which grpc

@@ -218,3 +218,29 @@ async def test_a_caller_cancelled_while_its_stream_opens_does_not_fail_the_other
             await again.stop(0)
     finally:
         await client.close()
+
+
+async def test_a_caller_that_goes_away_mid_request_leaves_no_error_and_others_are_served(plain):
+    handler, _, client, address = plain
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(SESSION, request_serializer=pb.SessionMessage.SerializeToString)()
+        await call.write(pb.SessionMessage(id=1, timeout_s=10, join=pb.JoinRoundRequest(run_id="r", peer_id="me",
+                                                                                      round=2)))
+        await asyncio.sleep(0.2)
+        call.cancel()
+    await asyncio.sleep(0.2)
+    handler.release.set()  # served after its caller left (its unary call would have been cancelled)
+    for _ in range(50):
+        if handler.joined or handler.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert handler.joined or handler.cancelled
+    import gc
+
+    gc.collect()  # (an exception never retrieved is reported when its task is collected)
+    await asyncio.sleep(0.1)
+    assert errors == []
+    assert (await client.join_round(address, _join("me", 0), 5)).message == "round 0 of me"
