@@ -824,11 +824,11 @@ class Reducer:
             tasks: dict[str, asyncio.Task] = {}
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(encode_in_order())
+                # The parts for the other owners start first: this member's own part, when it
+                # completes its shard, has its owner average it on the loop (a small model's
+                # mean runs inline), which must not hold up the parts the others wait for.
                 for j, m in enumerate(group.members):
                     if m.peer_id == self._me:
-                        own = (delta if corrected is None else corrected)[bounds[j][0]:bounds[j][1]] if raw_own \
-                            else encoded[j]
-                        tasks[m.peer_id] = tg.create_task(self._own(owned, own, weight))
                         continue
                     header = ReduceHeader(
                         run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
@@ -837,6 +837,9 @@ class Reducer:
                         total_bytes=codec.encoded_size(m.shard_end - m.shard_start),
                         weight=weight)
                     tasks[m.peer_id] = tg.create_task(self._send(m, header, encoded[j], deadline, stats, k))
+                own = (delta if corrected is None else corrected)[me.shard_start:me.shard_end] if raw_own \
+                    else encoded[mine]
+                tasks[self._me] = tg.create_task(self._own(owned, own, weight))
             for f in encoded:
                 if f.done() and f.exception() is not None:
                     raise f.exception()  # a delta the codec refuses (NaN/Inf): as before, the caller's error
