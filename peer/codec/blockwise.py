@@ -176,15 +176,8 @@ class _BlockCodec(Codec):
         # Each chunk gathered from the pieces into one chunk of scratch and encoded once full:
         # the chunks of ``_encode``, so the same bytes.
         n = check_numel(numel)
-        if n <= SMALL_NUMEL:  # gathered whole and encoded as ``encode`` does (numpy: see SMALL_NUMEL)
-            whole = torch.empty(n, dtype=torch.float32)
-            done = 0
-            for start, values in pieces:
-                self._next_piece(start, values.numel(), done, n)
-                whole[done:done + values.numel()].copy_(values)
-                done += values.numel()
-            self._pieces_ended(done, n)
-            return self._encode(whole)
+        if n <= SMALL_NUMEL:  # gathered whole and encoded by ``encode``'s numpy path (see SMALL_NUMEL)
+            return super().encode_pieces(pieces, n)
         data, scales, body = self._payload(n)
         head = scales.numel()
         gathered = torch.empty(min(n, self._chunk), dtype=torch.float32)
