@@ -176,8 +176,7 @@ class GrpcPeerClient:
             root_certificates=identity.ca_pem, private_key=identity.key_pem, certificate_chain=identity.cert_pem)
         self._bound: dict[str, str] = {}
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
-        # One stub a channel: building one sets up a callable per method (~50 us, three calls
-        # a round of a small model).
+        # One stub a channel: building one sets up a callable per method (~50 us).
         self._stubs: dict[tuple[str, str], pb_grpc.PeerServiceStub] = {}
         # One Session stream a channel, for JoinRound and ReduceWhole (``_exchange``); a stream
         # being opened is a future that concurrent callers share.
@@ -270,15 +269,14 @@ class GrpcPeerClient:
         # A channel that found no connection (before the peer listened, or after it restarted:
         # in reconnect backoff) gets ``reconnect_wait_s`` to connect before the peer counts as gone.
         reply = await self._exchange("JoinRound", address, timeout_s, min(self._reconnect_wait_s, timeout_s),
-                                     join=convert.join_request_to_pb(req))
-        if reply.WhichOneof("kind") != "joined":
-            raise RoundError("malformed", f"{address} answered a JoinRound with {reply.WhichOneof('kind')}")
-        return convert.join_reply_from_pb(reply.joined)
+                                     "joined", join=convert.join_request_to_pb(req))
+        return convert.join_reply_from_pb(reply)
 
-    async def _exchange(self, method: str, address: str, timeout_s: float, connect_s: float,
-                        **request) -> pb.SessionMessage:
-        """One request on the Session stream to ``address`` (opened, or reopened, here); its reply,
-        which is not an error. Failures as the unary ``method`` would raise them (``_fail``)."""
+    async def _exchange(self, method: str, address: str, timeout_s: float, connect_s: float, answer: str,
+                        **request):
+        """One request on the Session stream to ``address`` (opened, or reopened, here); its reply's
+        ``answer`` field (RoundError 'malformed' for a reply of another kind). Failures as the
+        unary ``method`` would raise them (``_fail``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
@@ -303,7 +301,9 @@ class GrpcPeerClient:
             if code in _UNAVAILABLE:
                 raise PeerUnavailable(text, code.name)
             raise RoundError(code.name.lower(), text)
-        return reply
+        if reply.WhichOneof("kind") != answer:
+            raise RoundError("malformed", f"{address} answered a {method} with {reply.WhichOneof('kind')}")
+        return getattr(reply, answer)
 
     async def _session(self, address: str, connect_s: float) -> _Session:
         """The open Session stream to ``address``: this channel's, or a new one (connected within
@@ -390,15 +390,13 @@ class GrpcPeerClient:
 
     async def _reduce_whole(self, address: str, header: ReduceHeader, payload: bytes | bytearray | memoryview,
                             timeout_s: float) -> tuple[ReduceHeader, bytes]:
-        """``reduce`` of a part that fits one chunk, by ``ReduceWhole``: one message each way
-        instead of a stream's header, chunk and end each way; the answer is checked alike."""
+        """``reduce`` of a part that fits one chunk, as ``ReduceWhole`` on the Session stream: one
+        message each way instead of a stream's header, chunk and end each way; the answer is
+        checked alike."""
         # protobuf takes bytes only; codecs may hand over the bytearray they wrote (at most a chunk)
         data = payload if isinstance(payload, bytes) else bytes(payload)
         request = pb.ReducePart(header=convert.reduce_header_to_pb(header), data=data)
-        reply = await self._exchange("Reduce", address, timeout_s, timeout_s, part=request)
-        if reply.WhichOneof("kind") != "part":
-            raise RoundError("malformed", f"{address} answered a part with {reply.WhichOneof('kind')}")
-        answer = reply.part
+        answer = await self._exchange("Reduce", address, timeout_s, timeout_s, "part", part=request)
         reply = convert.reduce_header_from_pb(answer.header)
         result = answer.data  # (each read of a bytes field copies it: once)
         if len(result) > _answer_bytes_limit(header.numel):
