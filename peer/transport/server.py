@@ -287,11 +287,13 @@ class _Servicer(pb_grpc.PeerServiceServicer):
             # Served for as long as the caller waits (its unary call's deadline, which grpc
             # would enforce here), at most ``SESSION_MAX_WAIT_S``; then dropped unanswered.
             wait = message.timeout_s if 0 < message.timeout_s < SESSION_MAX_WAIT_S else SESSION_MAX_WAIT_S
+            deadline = asyncio.timeout(wait)
             try:
-                async with asyncio.timeout(wait):
+                async with deadline:
                     await serve_now(message)
             except TimeoutError:
-                pass
+                if not deadline.expired():
+                    raise  # (not the caller's deadline: an error of the handler's own)
 
         async def serve_now(message: pb.SessionMessage) -> None:
             kind = message.WhichOneof("kind")
