@@ -181,6 +181,7 @@ class GrpcPeerClient:
         # One Session stream a channel, for JoinRound and ReduceWhole (``_exchange``); a stream
         # being opened is a future that concurrent callers share.
         self._sessions: dict[tuple[str, str], _Session | asyncio.Future[_Session]] = {}
+        self._closed = False
 
     def _checksum(self, data: bytes | bytearray | memoryview) -> int:
         return reduce_checksum(data, tls=self._creds is not None)
@@ -201,6 +202,12 @@ class GrpcPeerClient:
         key = (address, expect_id)
         channel = self._channels.get(key)
         if channel is None:
+            if self._closed:
+                # A call that comes after ``close`` (a task that outlived the daemon's stop) would
+                # open a channel nobody closes: one left open when the loop ends keeps gRPC's
+                # poller thread alive for the rest of the process.
+                raise PeerUnavailable(f"no call to {address}: this peer's client is closed",
+                                      grpc.StatusCode.CANCELLED.name)
             options = [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -232,6 +239,8 @@ class GrpcPeerClient:
             await self._channels.pop(key).close(grace=None)
 
     async def close(self) -> None:
+        """Close every channel; later calls raise PeerUnavailable (CANCELLED)."""
+        self._closed = True
         for address in {a for a, _ in self._channels} | {a for a, _ in self._sessions}:
             await self.forget(address)
 

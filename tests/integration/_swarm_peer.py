@@ -16,6 +16,7 @@ when the rounds did not come within the time limit.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import threading
@@ -80,6 +81,14 @@ def main() -> int:
         status = train(swarm, model, task, args.rounds, args.time_limit_s)
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     print(f"threads left after close: {left}", flush=True)
+    if left:
+        # What keeps gRPC's poller thread alive: its channels and servers still reachable.
+        gc.collect()
+        for obj in gc.get_objects():
+            module = getattr(type(obj), "__module__", "")
+            if isinstance(module, str) and module.startswith("grpc") and not isinstance(obj, type):
+                holders = [type(ref).__name__ for ref in gc.get_referrers(obj)][:6]
+                print(f"still alive: {module}.{type(obj).__name__}, held by {holders}", flush=True)
     return status
 
 

@@ -244,3 +244,16 @@ async def test_a_caller_that_goes_away_mid_request_leaves_no_error_and_others_ar
     await asyncio.sleep(0.1)
     assert errors == []
     assert (await client.join_round(address, _join("me", 0), 5)).message == "round 0 of me"
+
+
+async def test_a_closed_client_refuses_calls_instead_of_opening_a_channel(plain):
+    _, _, client, address = plain
+    assert (await client.join_round(address, _join("me", 0), 5)).message == "round 0 of me"
+    await client.close()
+    # A task that outlives the daemon's stop must not open a channel nobody would close.
+    for call in (client.join_round(address, _join("me", 0), 5), client.status(address, 5),
+                 client.reduce(address, ReduceHeader("r", "g", 1, "me", 0, 3, "fp32", 3, 0), b"abc", 5)):
+        with pytest.raises(PeerUnavailable) as err:
+            await call
+        assert err.value.code == "CANCELLED" and "closed" in str(err.value)
+    assert client._channels == {} and client._sessions == {}
