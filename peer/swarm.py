@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,19 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
         return uvloop.new_event_loop
     except ImportError:  # pragma: no cover (uvloop is a dependency; not on every platform)
         return asyncio.new_event_loop
+
+
+def _join_grpc_poller(before: set[int | None], timeout_s: float) -> None:
+    """Wait for gRPC's asyncio poller thread to end, if it started after ``before`` (the idents of
+    the threads alive then). Freeing gRPC's last channel and server shuts the poller down, but the
+    shutdown returns once the thread has flagged its end, not once it has ended: on a busy machine
+    the thread still runs for a moment (it needs the GIL to finish), and a closed swarm is to
+    leave no thread behind. Its name is gRPC's: ``Thread-N (_poll_wrapper)``, ``grpc-aio-poller``
+    in later releases."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.ident not in before and ("_poll_wrapper" in thread.name or thread.name == "grpc-aio-poller"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _close_at_exit(ref: weakref.ref[Swarm]) -> None:
@@ -120,6 +134,8 @@ class Swarm:
         # the caller's to end.
         label = eval_task.name if eval_task is not None else "own-loop"
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, task=label, rounds=0))
+        # The threads alive before this swarm: gRPC's poller among them is not this swarm's to wait for.
+        self._threads_before = {t.ident for t in threading.enumerate()}
         daemon = Daemon(cfg, registry, model=model, eval_task=eval_task)
         assert daemon.external is not None
         self._inner: ExternalInner = daemon.external
@@ -266,6 +282,7 @@ class Swarm:
         # daemon's parts reference each other (callbacks), so only a collection frees them.
         del daemon
         gc.collect()
+        _join_grpc_poller(self._threads_before, timeout_s=1.0)
 
     def __enter__(self) -> Swarm:
         return self

@@ -16,6 +16,7 @@ when the rounds did not come within the time limit.
 from __future__ import annotations
 
 import argparse
+import enum
 import gc
 import logging
 import sys
@@ -86,8 +87,9 @@ def main() -> int:
         gc.collect()
         for obj in gc.get_objects():
             module = getattr(type(obj), "__module__", "")
-            if isinstance(module, str) and module.startswith("grpc") and not isinstance(obj, type):
-                holders = [type(ref).__name__ for ref in gc.get_referrers(obj)][:6]
+            if (isinstance(module, str) and module.startswith("grpc") and not isinstance(obj, (type, enum.Enum))
+                    and not callable(obj)):
+                holders = [f"{type(ref).__module__}.{type(ref).__name__}" for ref in gc.get_referrers(obj)][:6]
                 print(f"still alive: {module}.{type(obj).__name__}, held by {holders}", flush=True)
     return status
 

@@ -161,3 +161,26 @@ def test_swarm_needs_credentials_and_a_module(tmp_path, monkeypatch):
         Swarm(_model(), run_id="lab1", state_dir=str(tmp_path))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         Swarm(object(), run_id="lab1", insecure=True)  # type: ignore[arg-type]
+
+
+def test_close_waits_for_a_grpc_poller_that_is_ending_and_not_for_one_that_was_there_before():
+    # gRPC's shutdown returns once its poller thread flagged its end; the thread itself may still
+    # run a moment (it needs the GIL). A closed swarm waits for the one that started with it.
+    from peer.swarm import _join_grpc_poller
+
+    release_old, release_new = threading.Event(), threading.Event()
+    old = threading.Thread(target=release_old.wait, name="Thread-1 (_poll_wrapper)", daemon=True)
+    old.start()
+    before = {t.ident for t in threading.enumerate()}
+    new = threading.Thread(target=lambda: release_new.wait(0.3), name="Thread-2 (_poll_wrapper)", daemon=True)
+    other = threading.Thread(target=release_new.wait, name="user-loader", daemon=True)
+    new.start()
+    other.start()
+    try:
+        _join_grpc_poller(before, timeout_s=5.0)
+
+        assert not new.is_alive()                   # the swarm's own poller: waited for
+        assert old.is_alive() and other.is_alive()  # one from before, a user's thread: not
+    finally:
+        release_old.set()
+        release_new.set()
