@@ -244,7 +244,8 @@ class Swarm:
     def close(self, timeout_s: float | None = None) -> None:
         """Leave the run as ``peer run`` does on SIGTERM (finish a round in flight within its
         grace, tell the peers, checkpoint, mDNS goodbye) and wait for the daemon's threads to
-        end (default: ``stop_grace_s`` + 5 s). Idempotent; any thread. Also runs at interpreter
+        end (default: ``stop_grace_s`` + 5 s; gRPC's poller thread, when this swarm started it,
+        up to 1 s more). Idempotent; any thread. Also runs at interpreter
         exit, when the main thread has ended (a loop on another thread: close the swarm there)."""
         with self._lock:
             first = not self._closed
