@@ -204,8 +204,7 @@ class GrpcPeerClient:
         if channel is None:
             if self._closed:
                 # A call that comes after ``close`` (a task that outlived the daemon's stop) would
-                # open a channel nobody closes: one left open when the loop ends keeps gRPC's
-                # poller thread alive for the rest of the process.
+                # open a channel, and a connection to that peer, that nobody closes.
                 raise PeerUnavailable(f"no call to {address}: this peer's client is closed",
                                       grpc.StatusCode.CANCELLED.name)
             options = [
