@@ -43,8 +43,8 @@ from peer.sync.confirm import AnswerChecks
 from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import REMEASURE_ABOVE, finite_bound, step_hashed_into
 from peer.sync.round import (
-    INLINE_NUMEL, Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
-    check_group, leader_for, let_replies_out, no_hook, offload,
+    Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
+    check_group, leader_for, let_replies_out, no_hook, offload, runs_inline,
 )
 from peer.sync.state import GlobalState
 from peer.sync.store import StateStore
@@ -690,7 +690,7 @@ class RoundDriver:
             await loop.run_in_executor(self._executor, dump_round, Path(self._cfg.run.dump_dir) / self._me, rnd,
                                        delta, weight, avg, group.codec)
         await self._hook("outer", rnd)
-        if avg.numel() <= INLINE_NUMEL:  # the step runs on the loop (``_apply``): replies first
+        if runs_inline(avg.numel()):  # the step runs on the loop (``_apply``): replies first
             await let_replies_out()
         self.progress.phase = "outer"
         now = self._store.state
@@ -825,7 +825,7 @@ class RoundDriver:
                 self._store.end_step()
             return state
 
-        if avg.numel() <= INLINE_NUMEL:  # on the loop itself (see ``offload``): nothing can interrupt it
+        if runs_inline(avg.numel()):  # on the loop itself (see ``offload``): nothing can interrupt it
             try:
                 state = self._outer(before, avg, in_place)
             except BaseException:

@@ -96,9 +96,15 @@ two peers that was most of a digits round's reduce phase (26-35 ms; bench/README
 check"). The same bytes either way (the codecs' host and device paths are byte-identical)."""
 
 
+def runs_inline(numel: int) -> bool:
+    """Whether work on ``numel`` values runs on the loop itself (``INLINE_NUMEL``) rather than on
+    an executor: ``offload``'s choice, which the round's other inline paths must make alike."""
+    return numel <= INLINE_NUMEL
+
+
 async def offload(executor: Executor, numel: int, fn: Callable, *args):
     """``fn(*args)`` on ``executor``, or inline when it works on at most ``INLINE_NUMEL`` values."""
-    if numel <= INLINE_NUMEL:
+    if runs_inline(numel):
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 

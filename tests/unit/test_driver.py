@@ -686,7 +686,7 @@ async def test_a_state_being_checkpointed_is_never_overwritten(tmp_path, pool):
 
 async def test_an_in_place_step_is_adopted_even_if_its_round_is_cancelled(tmp_path, pool, monkeypatch):
     # Prepare: the step on the executor (as for a large model), held there until released
-    monkeypatch.setattr(driver_module, "INLINE_NUMEL", 0)
+    monkeypatch.setattr(driver_module, "runs_inline", lambda numel: False)
     node = _swarm(tmp_path, pool, 1)["p15"]
     started, go = threading.Event(), threading.Event()
     outer = node.driver._outer
