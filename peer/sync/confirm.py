@@ -10,6 +10,14 @@ started from, which they share. An owner that answers members differently is det
 and counted here, on every leader that sees it; it is not blamed by name beyond the log line: a
 member that misreports its digests would look the same, and it only fails its own round.
 
+A group of two (or one) confirms nothing (``compared``): each owner answers one member besides
+itself, so it cannot answer two members differently, and the only member that an owner could fool
+that way is itself. An owner of a group of two that applies one thing and answers another only
+leaves itself with a state the other member does not hold, which the next round's hash check
+meets as it meets any lying member; the confirmation could not have caught it either (the owner
+reports whatever digest it likes). Skipping it takes a network round trip off every round of a
+pair.
+
 Loop-only; a confirmation waits at most the group's all-reduce deadline for the others.
 """
 
@@ -27,6 +35,12 @@ log = logging.getLogger(__name__)
 
 KEEP_GROUPS = 16
 """Groups a leader can confirm: the last few it formed (a round's confirmations follow at once)."""
+
+
+def compared(group: Group) -> bool:
+    """Whether the members of ``group`` report their answers' digests to its leader: only in a
+    group of three or more, where an owner answers two members or more (see the module's text)."""
+    return len(group.members) > 2
 
 
 def answer_digest(payload: bytes) -> str:
@@ -87,6 +101,11 @@ class AnswerChecks:
         if group.member(req.peer_id) is None:
             self._on_invalid("bad_confirmation", f"{req.peer_id} confirmed group {group.group_id}, not being in it")
             return JoinReply(JoinOutcome.REFUSED, f"{req.peer_id} is not in group {group.group_id}")
+        if not compared(group):
+            self._on_invalid("bad_confirmation", f"{req.peer_id} confirmed group {group.group_id} of "
+                             f"{len(group.members)}, which compares nothing")
+            return JoinReply(JoinOutcome.REFUSED, f"group {group.group_id} has {len(group.members)} members: "
+                             "a group of fewer than three confirms nothing")
         digests = tuple(req.answer_digests)
         if len(digests) != len(group.members) or any(len(d) > 64 for d in digests):
             self._on_invalid("bad_confirmation", f"{req.peer_id} confirmed group {group.group_id} with "

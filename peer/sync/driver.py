@@ -39,7 +39,7 @@ from peer.codec import all_finite
 from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
-from peer.sync.confirm import AnswerChecks
+from peer.sync.confirm import AnswerChecks, compared
 from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import REMEASURE_ABOVE, finite_bound, step_hashed_into
 from peer.sync.round import (
@@ -669,11 +669,11 @@ class RoundDriver:
             await self._catch_up(rnd)
             return None
         self._leader_outcome(leader, True)
-        # (a group of one confirms at once, here: nothing to wait for)
-        late = group.numel <= self._cfg.sync.confirm_late_max_numel and len(group.members) > 1
+        checked = compared(group)  # (a group of two or one has nothing to compare: peer.sync.confirm)
+        late = checked and group.numel <= self._cfg.sync.confirm_late_max_numel
         if late:  # applied now, settled as soon as the leader answers, and by the next round at the latest
             confirm = self._tasks.spawn(self._confirm(group, stats.answer_digests, leader), f"confirm-{rnd}")
-        elif not await self._confirm(group, stats.answer_digests, leader):
+        elif checked and not await self._confirm(group, stats.answer_digests, leader):
             self._fail(rnd, "answers_differ", "the averaged shards this peer received differ from the group's; "
                        "keeping the previous state")
             await self._catch_up(rnd)

@@ -74,7 +74,7 @@ import torch
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
 from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.aggregate import aggregate, cap_weights, l2_norm, outliers_by_norm, square_sum, weighted_mean_iter
-from peer.sync.confirm import answer_digest
+from peer.sync.confirm import answer_digest, compared
 from peer.sync.outer import magnitude
 from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, ReduceHeader, StateHeader
 
@@ -672,7 +672,7 @@ class ReduceStats:
     received_bytes: int = 0
     encoded_bytes: int = 0
     contributors: list[int] = field(default_factory=list)
-    answer_digests: list[str] = field(default_factory=list)  # each owner's answer, in member order
+    answer_digests: list[str] = field(default_factory=list)  # each owner's answer, in member order (none in a pair)
     # Each owner's answer as received, (shard start, shard end, payload) in member order: a
     # device mirror (``peer.sync.mirror``) applies these same bytes on the training device.
     answers: tuple[tuple[int, int, bytes], ...] = ()
@@ -895,7 +895,8 @@ class Reducer:
                         size = max(size, bounds[0])
                     if limit is not None and math.sqrt(squares) > limit:
                         too_large.append((m.peer_id, math.sqrt(squares), limit))
-                return size, [answer_digest(p) for _, p in results], too_large
+                # (digests only where the leader compares them: a group of two compares nothing)
+                return size, [answer_digest(p) for _, p in results] if compared(group) else [], too_large
 
             try:
                 size, stats.answer_digests, too_large = await offload(self._executor, group.numel, check_all)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
-from peer.sync.confirm import AnswerChecks, answer_digest
+from peer.sync.confirm import AnswerChecks, answer_digest, compared
 from peer.types import Group, JoinOutcome, JoinRequest, Member
 
 IDS = ("a", "b", "c")
@@ -82,6 +83,19 @@ async def test_bad_confirmations_are_refused_and_counted():
     assert (await checks.confirm(_confirm("zz", GOOD))).outcome == JoinOutcome.REFUSED
     assert (await checks.confirm(_confirm("a", GOOD, group="unknown"))).outcome == JoinOutcome.REFUSED
     assert seen.invalid == ["bad_confirmation"] * 3
+
+
+async def test_a_pair_compares_nothing_and_a_confirmation_of_one_is_refused_at_once_and_counted():
+    seen = Seen()
+    checks = seen.checks()
+    trio = _group()
+    pair = replace(trio, group_id="g2", members=trio.members[:2], numel=20)
+    checks.formed(pair)
+    # (no wait for the other member: the reply comes before the deadline's 5 s)
+    reply = await asyncio.wait_for(checks.confirm(_confirm("a", GOOD[:2], group="g2")), 1.0)
+    assert reply.outcome == JoinOutcome.REFUSED and "confirms nothing" in reply.message, reply
+    assert seen.invalid == ["bad_confirmation"] and seen.mismatches == []
+    assert (compared(trio), compared(pair), compared(replace(trio, members=trio.members[:1]))) == (True, False, False)
 
 
 async def test_only_the_last_groups_are_kept():

@@ -22,6 +22,7 @@ from peer.errors import PeerUnavailable, RoundError
 from peer.membership import Attested
 from peer.metrics import Metrics
 from peer.sync import driver as driver_module
+from peer.sync.confirm import AnswerChecks
 from peer.sync.driver import Deadlines, RoundDriver
 from peer.sync.mirror import DeviceMirror
 from peer.sync.outer import outer_step, tensor_digest
@@ -228,6 +229,30 @@ async def test_a_small_models_round_is_applied_at_once_and_counted_once_its_lead
     assert all(n.metric("peer_sync_invalid_claims_total", reason="owner_mismatch") == 0 for n in net.values())
     assert all(tensor_digest(s.params) == s.global_hash and s.params is not net[pid].store.state.params
                for pid, s in before.items())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("late", [0, NUMEL])
+async def test_only_a_group_of_three_or_more_confirms_its_answers(tmp_path, pool, monkeypatch, k, late):
+    # Prepare: every confirmation a leader receives, its own included, is seen
+    seen = []
+    real = AnswerChecks.confirm
+
+    async def confirm(self, req):
+        seen.append(req.peer_id)
+        return await real(self, req)
+
+    monkeypatch.setattr(AnswerChecks, "confirm", confirm)
+    net = _swarm(tmp_path, pool, k, confirm_late_max_numel=late)
+    # Execute
+    avgs = await _round(net.values())
+    await asyncio.gather(*(n.driver.settle() for n in net.values()))
+    # Assert: one new state; a pair completed the round with no confirmation (nothing to
+    # compare), a trio with one from each member
+    assert all(a is not None for a in avgs)
+    assert len({(n.store.state.round, n.store.state.global_hash) for n in net.values()}) == 1
+    assert sorted(seen) == (sorted(net) if k == 3 else [])
+    assert all(n.metric("peer_rounds_total", outcome="completed") == 1 for n in net.values())
 
 
 def _split_answers(liar: str, victim: str):
