@@ -62,37 +62,55 @@ def main(argv=None) -> int:
         await wait_channels(d)
         return {"numel": d.numel}
 
-    async def phases(arg: str, sync: bool) -> dict:
+    async def phases(arg: str, mode: str) -> dict:
+        """``mode``: ``plain`` (no round), ``sync`` (each phase, then its round) or ``overlap``
+        (each phase's round runs while the next phase trains, as ``RoundDriver.run`` does with
+        ``sync.overlap``: the next phase starts from the newest global parameters minus this
+        phase's own progress; the last round is waited for inside the timed span)."""
         d = st["d"]
         h, total = (int(x) for x in arg.split())
         loop = asyncio.get_running_loop()
         params = d.state.params
         steps = rounds = failed = 0
-        round_s = 0.0
+        round_s = 0.0  # sync: the rounds; overlap: the waits for a round the next phase did not hide
+        pending: asyncio.Task | None = None
         phases0 = phase_sums(d)
         t0 = time.perf_counter()
         while steps < total:
-            start = d.state.params if sync else params
+            start = d.state.params if mode == "sync" else params
             res = await loop.run_in_executor(d.train_pool, d.trainer.run_inner, start, h)
             steps += res.steps
-            if sync:
-                t1 = time.perf_counter()
-                avg = await d.round_once(res.delta, float(res.samples))
-                round_s += time.perf_counter() - t1
-                rounds += 1
-                failed += avg is None
-            else:
+            if mode == "plain":
                 params = start.to(res.delta.device) - res.delta  # stays on the training device
+                continue
+            t1 = time.perf_counter()
+            if pending is not None:
+                failed += (await pending) is None
+                pending = None
+            rounds += 1
+            if mode == "sync":
+                failed += (await d.round_once(res.delta, float(res.samples))) is None
+            else:  # (computed before the round takes the delta over)
+                params = d.state.params - res.delta.to(d.state.params.device)
+                pending = asyncio.ensure_future(d.round_once(res.delta, float(res.samples)))
+            round_s += time.perf_counter() - t1
+        if pending is not None:
+            t1 = time.perf_counter()
+            failed += (await pending) is None
+            round_s += time.perf_counter() - t1
         seconds = time.perf_counter() - t0
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "rounds": rounds,
                 "rounds_failed": failed, "round_s_total": round_s,
                 **{f"{ph}_s_total": v - phases0[ph] for ph, v in phase_sums(d).items()}}
 
     async def plain(arg: str) -> dict:
-        return await phases(arg, sync=False)
+        return await phases(arg, "plain")
 
     async def sync_(arg: str) -> dict:
-        return await phases(arg, sync=True)
+        return await phases(arg, "sync")
+
+    async def overlap(arg: str) -> dict:
+        return await phases(arg, "overlap")
 
     async def nothing(r: int) -> dict:
         return {}
@@ -104,7 +122,7 @@ def main(argv=None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    return asyncio.run(serve(setup, nothing, teardown, commands={"plain": plain, "sync": sync_}))
+    return asyncio.run(serve(setup, nothing, teardown, commands={"plain": plain, "sync": sync_, "overlap": overlap}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 with no networking.
 
     python -m bench.overhead [--tasks digits,fashion] [--H 10,50,200] [--peers 2] [--json]
-                             [--device cpu|cuda] [--precision fp32|bf16]
+                             [--device cpu|cuda] [--precision fp32|bf16] [--overlap] [--repeats R]
 
 Each of ``--peers`` worker processes (one torch thread each) builds a real ``Daemon`` for the
 task and drives its ``InnerTrainer``: first ``plain`` (H-step inner phases back to back, no
@@ -10,7 +10,11 @@ round), then ``sync`` (each H-step phase followed by ``Daemon.round_once``: matc
 butterfly all-reduce over gRPC, codec, outer step, state snapshot and checkpoint). All workers
 run both variants at the same time, so CPU contention is the same in both; eval is off in both.
 With 2 peers the round includes the slower peer's wait (a straggler costs its partner); with
-``--peers 1`` the round has no network transfer but every local cost.
+``--peers 1`` the round has no network transfer but every local cost. ``--overlap`` adds a third
+variant, ``overlap``: each phase's round runs while the next phase trains (the daemon's
+``sync.overlap``). ``--repeats R`` runs the variants in turn R times and reports medians (a
+ratio within each repeat): on a 2-core VM one variant's speed moves by a third from minute to
+minute.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -35,7 +40,7 @@ def available_tasks(names: list[str]) -> list[str]:
 
 
 def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int, timeout_s: float,
-        device: str = "cpu", precision: str = "fp32") -> dict:
+        device: str = "cpu", precision: str = "fp32", overlap: bool = False, repeats: int = 1) -> dict:
     import time
 
     rows = []
@@ -68,22 +73,47 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                         w.send(f"plain {h} {h}")
                     for w in workers:
                         w.expect("plain", deadline)
-                    res = {}
-                    for variant in ("plain", "sync"):
-                        for w in workers:
-                            w.send(f"{variant} {h} {total}")
-                        res[variant] = [w.expect(variant, deadline) for w in workers]
-                    slowest = max(res["sync"], key=lambda r: r["round_s_total"])
-                    plain = min(r["steps_per_s"] for r in res["plain"])
-                    sync = min(r["steps_per_s"] for r in res["sync"])
+                    variants = ("plain", "sync", "overlap") if overlap else ("plain", "sync")
+                    # Each repeat runs every variant once, in turn; a ratio is taken within one
+                    # repeat (the same minute's machine), then the median over the repeats.
+                    reps: list[dict[str, list[dict]]] = []
+                    for _ in range(repeats):
+                        res = {}
+                        for variant in variants:
+                            for w in workers:
+                                w.send(f"{variant} {h} {total}")
+                            res[variant] = [w.expect(variant, deadline) for w in workers]
+                        reps.append(res)
+
+                    def speed(res: dict, variant: str) -> float:
+                        return min(r["steps_per_s"] for r in res[variant])  # the slowest peer's
+
+                    def per_round(res: dict, variant: str) -> float:
+                        return max(r["round_s_total"] / max(1, r["rounds"]) for r in res[variant])
+
+                    def med(f) -> float:
+                        return statistics.median(f(res) for res in reps)
+
+                    slowest = max(reps[-1]["sync"], key=lambda r: r["round_s_total"])
+                    row = {} if not overlap else {
+                        "overlap_steps_per_s": med(lambda res: speed(res, "overlap")),
+                        "overlap_ratio": med(lambda res: speed(res, "overlap") / speed(res, "plain")),
+                        "overlap_ratios": [speed(res, "overlap") / speed(res, "plain") for res in reps],
+                        "overlap_wait_s_mean": med(lambda res: per_round(res, "overlap")),
+                        "overlap_rounds_failed": sum(r["rounds_failed"] for res in reps for r in res["overlap"]),
+                    }
                     rows.append({
-                        "task": task, "params": numel, "H": h, "steps": total, "peers": peers,
-                        "plain_steps_per_s": plain, "sync_steps_per_s": sync, "ratio": sync / plain,
-                        "rounds": res["sync"][0]["rounds"],
-                        "rounds_failed": sum(r["rounds_failed"] for r in res["sync"]),
-                        "round_s_mean": max(r["round_s_total"] / max(1, r["rounds"]) for r in res["sync"]),
-                        # Where the slowest peer's round went (its phase histograms; the rest of
-                        # round_once is the snapshot and bookkeeping).
+                        **row,
+                        "task": task, "params": numel, "H": h, "steps": total, "peers": peers, "repeats": repeats,
+                        "plain_steps_per_s": med(lambda res: speed(res, "plain")),
+                        "sync_steps_per_s": med(lambda res: speed(res, "sync")),
+                        "ratio": med(lambda res: speed(res, "sync") / speed(res, "plain")),
+                        "ratios": [speed(res, "sync") / speed(res, "plain") for res in reps],
+                        "rounds": reps[-1]["sync"][0]["rounds"],
+                        "rounds_failed": sum(r["rounds_failed"] for res in reps for r in res["sync"]),
+                        "round_s_mean": med(lambda res: per_round(res, "sync")),
+                        # Where the slowest peer's round went in the last repeat (its phase
+                        # histograms; the rest of round_once is the snapshot and bookkeeping).
                         "phases_ms": "/".join(f"{1e3 * slowest[f'{ph}_s_total'] / max(1, slowest['rounds']):.1f}"
                                               for ph in PHASES),
                     })
@@ -111,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--device", default="cpu", help="where every peer trains: cpu, cuda or cuda:N (they share it)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="inner phase under bf16 autocast")
+    p.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times; medians")
+    p.add_argument("--overlap", action="store_true",
+                   help="also run each round while the next inner phase trains (the daemon's sync.overlap)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
         res = run(a.tasks.split(","), [int(x) for x in a.H.split(",")], a.peers, a.codec, a.min_steps, a.timeout,
-                  a.device, a.precision)
+                  a.device, a.precision, a.overlap, a.repeats)
     except BenchError as exc:
         print(f"overhead bench failed: {exc}", file=sys.stderr)
         return 1
@@ -124,12 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"overhead: {a.peers} peer(s) on loopback, codec {a.codec}, training on {a.device} ({a.precision}), "
           f"one torch thread each; {res['machine']}")
-    print("steps/s = slowest peer's; ratio = sync / plain (target >= 0.95 at H=50)")
+    print("steps/s = slowest peer's; ratio = sync / plain (target >= 0.95 at H=50)"
+          + (f"; medians over {a.repeats} repeats of the variants in turn" if a.repeats > 1 else ""))
     print(table(res["rows"], [("task", "task", ""), ("params", "params", ","), ("H", "H", "d"), ("steps", "steps", "d"),
                               ("plain_steps_per_s", "plain steps/s", ".0f"), ("sync_steps_per_s", "sync steps/s", ".0f"),
                               ("ratio", "ratio", ".3f"), ("round_s_mean", "s/round", ".4f"),
                               ("phases_ms", "mm/reduce/outer ms", ""),
                               ("rounds_failed", "failed", "d")]))
+    if a.overlap:
+        print("overlap: each round runs while the next inner phase trains (sync.overlap); wait = the part of "
+              "a round the next phase did not hide")
+        print(table(res["rows"], [("task", "task", ""), ("H", "H", "d"),
+                                  ("overlap_steps_per_s", "overlap steps/s", ".0f"), ("overlap_ratio", "ratio", ".3f"),
+                                  ("overlap_wait_s_mean", "wait s/round", ".4f"),
+                                  ("overlap_rounds_failed", "failed", "d")]))
     return 0
 
 

@@ -119,10 +119,14 @@ def test_averaging_peer_on_rate_limited_links():
 
 
 def test_overhead_bench():
-    out = bench("overhead", "--tasks", "digits", "--H", "10", "--min-steps", "40", "--peers", "2")
+    out = bench("overhead", "--tasks", "digits", "--H", "10", "--min-steps", "40", "--peers", "2", "--overlap",
+                "--repeats", "2")
     (row,) = out["rows"]
     assert row["task"] == "digits" and row["H"] == 10 and row["rounds"] == 4 and row["rounds_failed"] == 0
     assert row["plain_steps_per_s"] > 0 and row["sync_steps_per_s"] > 0 and row["ratio"] > 0
+    # Overlapped rounds (each while the next phase trained), every one completed; one ratio a repeat
+    assert row["overlap_steps_per_s"] > 0 and row["overlap_rounds_failed"] == 0
+    assert len(row["ratios"]) == len(row["overlap_ratios"]) == 2 and row["overlap_wait_s_mean"] >= 0
     # The slowest peer's phases per round, from its own metrics: every round reduced something.
     matchmaking, reduce, outer = (float(x) for x in row["phases_ms"].split("/"))
     assert reduce > 0 and outer > 0 and matchmaking >= 0
