@@ -81,11 +81,15 @@ from peer.types import Group, JoinOutcome, JoinReply, JoinRequest, Member, Reduc
 log = logging.getLogger(__name__)
 
 
-INLINE_NUMEL = 1 << 15
-"""Codec and averaging work on at most this many values runs on the loop itself (tens of
-microseconds: int8 encodes or decodes ~1 GB/s a thread here). Handing it to the executor costs a
-thread hand-off and a wake-up each way, more than the work for small models: a round of the
-9.6k-parameter digits model made five such hops per peer."""
+INLINE_NUMEL = 1 << 20
+"""Codec, averaging and outer-step work on at most this many values runs on the loop itself (at
+most a few milliseconds: int8 encodes or decodes ~1 GB/s a thread here, and the outer step sweeps
+~17 bytes a value). Handing it to the executor costs a thread hand-off, a wake-up each way and
+the GIL's hand-back, which with every core busy cost more than the work: a round of the
+9.6k-parameter digits model made five such hops per peer. Measured with 32Ki values as the line
+(bench/README.md "fifth pass", in turn on two cores): a K=2 round of 203,530 values (fashion) took
+4.4-5.8 ms inline against 6.6-8.2 ms; of 1M values 11.3-11.9 ms against 15.1-15.5 ms; K=4 at 1M
+42-43 ms against 48-50 ms. Larger work keeps the loop free for the network."""
 
 
 HOST_NUMEL = 1 << 15
