@@ -355,7 +355,7 @@ class RoundDriver:
         state = self._store.state
         if self._mirror is None or not self._mirror.enabled:
             return state.params
-        return await offload(self._executor, state.params.numel(), self._mirror.start, state)
+        return await offload(self._executor, state.params.numel(), self._mirror.start, state, on_device=True)
 
     async def _startup_wait(self) -> None:
         """Give discovery a moment so that a peer joining a running swarm fetches its state
@@ -709,7 +709,7 @@ class RoundDriver:
             # The same answers and the same step on the training device; the host's state (just
             # adopted) stays the one hashed, served and saved, and checks the device's.
             await offload(self._executor, avg.numel(), self._mirror.advance, base, Answers(group.codec, answers),
-                          state)
+                          state, on_device=True)
             if not self._mirror.enabled:
                 self._metrics.mirror_active.set(0)
                 self._metrics.mirror_off.labels(self._mirror.off_reason).inc()

@@ -89,7 +89,13 @@ the GIL's hand-back, which with every core busy cost more than the work: a round
 9.6k-parameter digits model made five such hops per peer. Measured with 32Ki values as the line
 (bench/README.md "fifth pass", in turn on two cores): a K=2 round of 203,530 values (fashion) took
 4.4-5.8 ms inline against 6.6-8.2 ms; of 1M values 11.3-11.9 ms against 15.1-15.5 ms; K=4 at 1M
-42-43 ms against 48-50 ms. Larger work keeps the loop free for the network."""
+42-43 ms against 48-50 ms. Larger work keeps the loop free for the network.
+
+Work on a device (a GPU's kernels, copies and the waits for them) keeps the line of 32Ki values
+it had (``DEVICE_INLINE_NUMEL``): its time is mostly waiting, which the loop would sit through."""
+
+DEVICE_INLINE_NUMEL = 1 << 15
+"""``INLINE_NUMEL`` for work on a device (``runs_inline(numel, on_device=True)``)."""
 
 
 HOST_NUMEL = 1 << 15
@@ -100,15 +106,17 @@ two peers that was most of a digits round's reduce phase (26-35 ms; bench/README
 check"). The same bytes either way (the codecs' host and device paths are byte-identical)."""
 
 
-def runs_inline(numel: int) -> bool:
-    """Whether work on ``numel`` values runs on the loop itself (``INLINE_NUMEL``) rather than on
-    an executor: ``offload``'s choice, which the round's other inline paths must make alike."""
-    return numel <= INLINE_NUMEL
+def runs_inline(numel: int, on_device: bool = False) -> bool:
+    """Whether work on ``numel`` values runs on the loop itself (``INLINE_NUMEL``, or
+    ``DEVICE_INLINE_NUMEL`` for work on a device) rather than on an executor: ``offload``'s
+    choice, which the round's other inline paths must make alike."""
+    return numel <= (DEVICE_INLINE_NUMEL if on_device else INLINE_NUMEL)
 
 
-async def offload(executor: Executor, numel: int, fn: Callable, *args):
-    """``fn(*args)`` on ``executor``, or inline when it works on at most ``INLINE_NUMEL`` values."""
-    if runs_inline(numel):
+async def offload(executor: Executor, numel: int, fn: Callable, *args, on_device: bool = False):
+    """``fn(*args)`` on ``executor``, or inline when it works on at most ``INLINE_NUMEL`` values
+    (``DEVICE_INLINE_NUMEL`` when ``on_device``: it works on a GPU's tensors)."""
+    if runs_inline(numel, on_device):
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
@@ -806,7 +814,8 @@ class Reducer:
             norms = [l2_norm(delta[s:e]) if weight > 0 else 0.0 for s, e in bounds]
             return norms, (ef.corrected_in_place(delta) if ef is not None else None)
 
-        own_norms, corrected = await offload(self._executor, delta.numel(), prepare)
+        on_device = delta.device.type != "cpu"
+        own_norms, corrected = await offload(self._executor, delta.numel(), prepare, on_device=on_device)
 
         def encode_one(j: int) -> bytes:
             s, e = bounds[j]
@@ -815,7 +824,8 @@ class Reducer:
         async def encode_in_order() -> None:
             for j in order:
                 try:
-                    encoded[j].set_result(await offload(self._executor, bounds[j][1] - bounds[j][0], encode_one, j))
+                    encoded[j].set_result(await offload(self._executor, bounds[j][1] - bounds[j][0], encode_one, j,
+                                                        on_device=on_device))
                 except CodecError as exc:  # every shard not yet encoded fails alike
                     for f in encoded:
                         if not f.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -13,7 +14,18 @@ import torch
 from peer.codec import get_codec
 from peer.errors import PeerUnavailable, RoundError
 from peer.sync.outer import OUTER_CHUNK, magnitude, step_hashed_into, tensor_digest
-from peer.sync.round import Averaged, Matchmaker, OwnedShard, Reducer, ShardRegistry, leader_for, shard_bounds
+from peer.sync.round import (
+    DEVICE_INLINE_NUMEL,
+    INLINE_NUMEL,
+    Averaged,
+    Matchmaker,
+    OwnedShard,
+    Reducer,
+    ShardRegistry,
+    leader_for,
+    offload,
+    shard_bounds,
+)
 from peer.types import Group, JoinOutcome, JoinRequest, Member
 
 
@@ -525,3 +537,17 @@ async def test_replies_ready_to_go_out_run_before_work_that_follows_on_the_loop(
     sent.append("outer step")
     await task
     assert sent == ["reply", "outer step"]
+
+
+async def test_host_work_of_up_to_a_million_values_runs_on_the_loop_and_device_work_only_when_small():
+    # Prepare: a function that says which thread ran it
+    def where(_: object) -> str:
+        return threading.current_thread().name
+
+    loop_thread = threading.current_thread().name
+    with ThreadPoolExecutor(1, thread_name_prefix="codec") as pool:
+        # Execute / Assert: on the loop at and below the line, on the executor above it
+        assert await offload(pool, INLINE_NUMEL, where, None) == loop_thread
+        assert (await offload(pool, INLINE_NUMEL + 1, where, None)).startswith("codec")
+        assert await offload(pool, DEVICE_INLINE_NUMEL, where, None, on_device=True) == loop_thread
+        assert (await offload(pool, DEVICE_INLINE_NUMEL + 1, where, None, on_device=True)).startswith("codec")
