@@ -11,12 +11,11 @@ and counted here, on every leader that sees it; it is not blamed by name beyond 
 member that misreports its digests would look the same, and it only fails its own round.
 
 A group of two (or one) confirms nothing (``compared``): each owner answers one member besides
-itself, so it cannot answer two members differently, and the only member that an owner could fool
-that way is itself. An owner of a group of two that applies one thing and answers another only
-leaves itself with a state the other member does not hold, which the next round's hash check
-meets as it meets any lying member; the confirmation could not have caught it either (the owner
-reports whatever digest it likes). Skipping it takes a network round trip off every round of a
-pair.
+itself, so no owner can answer two members differently. An owner of a pair that applies one
+answer and sends its partner another leaves two states, which the next round's hash check meets
+as it meets any other disagreement; the confirmation could not have caught that owner anyway
+(it reports whatever digest it likes). Skipping it takes a network round trip off every round
+of a pair.
 
 Loop-only; a confirmation waits at most the group's all-reduce deadline for the others.
 """
