@@ -94,11 +94,16 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                     def med(f) -> float:
                         return statistics.median(f(res) for res in reps)
 
+                    def ratios(variant: str) -> list[float]:  # one a repeat, against that repeat's plain
+                        return [speed(res, variant) / speed(res, "plain") for res in reps]
+
                     slowest = max(reps[-1]["sync"], key=lambda r: r["round_s_total"])
+                    sync_ratios = ratios("sync")
+                    overlap_ratios = ratios("overlap") if overlap else []
                     row = {} if not overlap else {
                         "overlap_steps_per_s": med(lambda res: speed(res, "overlap")),
-                        "overlap_ratio": med(lambda res: speed(res, "overlap") / speed(res, "plain")),
-                        "overlap_ratios": [speed(res, "overlap") / speed(res, "plain") for res in reps],
+                        "overlap_ratio": statistics.median(overlap_ratios),
+                        "overlap_ratios": overlap_ratios,
                         "overlap_wait_s_mean": med(lambda res: per_round(res, "overlap")),
                         "overlap_rounds_failed": sum(r["rounds_failed"] for res in reps for r in res["overlap"]),
                     }
@@ -107,8 +112,8 @@ def run(tasks: list[str], hs: list[int], peers: int, codec: str, min_steps: int,
                         "task": task, "params": numel, "H": h, "steps": total, "peers": peers, "repeats": repeats,
                         "plain_steps_per_s": med(lambda res: speed(res, "plain")),
                         "sync_steps_per_s": med(lambda res: speed(res, "sync")),
-                        "ratio": med(lambda res: speed(res, "sync") / speed(res, "plain")),
-                        "ratios": [speed(res, "sync") / speed(res, "plain") for res in reps],
+                        "ratio": statistics.median(sync_ratios),
+                        "ratios": sync_ratios,
                         "rounds": reps[-1]["sync"][0]["rounds"],
                         "rounds_failed": sum(r["rounds_failed"] for res in reps for r in res["sync"]),
                         "round_s_mean": med(lambda res: per_round(res, "sync")),
