@@ -73,6 +73,11 @@ def check_compatible(me: PeerInfo, other: PeerInfo) -> None:
                                f"dtypes differ)")
 
 
+def _newest_first(info: PeerInfo) -> tuple[int, str]:
+    """Sort key of ``Membership.split``: the highest round first, then the smallest hash."""
+    return -info.round, info.global_hash
+
+
 class Membership:
     """The live peer set of this peer's run.
 
@@ -155,11 +160,32 @@ class Membership:
         donors = tuple((k.info.peer_id, k.address) for k in sorted(backers, key=lambda k: k.info.peer_id))
         return Attested(rnd, digest, donors)
 
-    def ahead(self) -> int:
-        """The round of the attested state (-1 without one): a single member's claim is not
-        enough to move anyone (see ``attested``)."""
-        found = self.attested()
-        return -1 if found is None else found.round
+    def split(self) -> Attested | None:
+        """Where the run has split into as many states as peers (no two of the reachable members
+        and this peer report the same state, so nothing is or ever becomes attested): the state
+        of the highest round (at equal rounds, the smallest hash), with its one reporter as
+        donor; None if this peer holds it, or if two or more share a state (then ``attested``
+        rules, or a group of those two makes progress).
+
+        This is not a majority's word, and a liar can claim a round far ahead. It is safe to
+        take only where there is nothing else to take: honest peers that share a state count
+        each other here, so a liar moves none of them; only peers that already disagree with
+        everyone, and have made no progress for a while (the caller's patience:
+        ``RoundDriver``), follow it. Without it, three peers at three states (a kill mid-round
+        left two survivors a round apart, and the victim restarted from an older checkpoint)
+        waited on each other forever: every leader refused the rounds of the others."""
+        me = self._me()
+        reachable = [k for k in self._known.values() if k.misses == 0]
+        states = {(me.round, me.global_hash)}
+        for k in reachable:
+            state = (k.info.round, k.info.global_hash)
+            if state in states:
+                return None
+            states.add(state)
+        best = min(reachable, key=lambda k: _newest_first(k.info), default=None)
+        if best is None or _newest_first(best.info) >= _newest_first(me):
+            return None
+        return Attested(best.info.round, best.info.global_hash, ((best.info.peer_id, best.address),))
 
     def settled(self) -> bool:
         """Some members known and no handshake in flight (start-up may stop waiting)."""

@@ -77,6 +77,10 @@ class Metrics:
                                       ["reason"], registry=r)
         self.excluded = Counter("peer_sync_excluded", "Members left out of leading or of groups for a while, by "
                                 "reason.", ["reason"], registry=r)
+        self.split_adoptions = Counter(
+            "peer_sync_split_adoptions", "States adopted without a majority: no two peers shared a state and this one "
+            "had made no progress for a while, so it took the highest round's (peer.membership.Membership.split).",
+            registry=r)
         self.discovery_ignored = Counter("peer_discovery_ignored", "Discovered services ignored, by reason.",
                                          ["reason"], registry=r)
         self.mirror_active = Gauge(

@@ -9,6 +9,8 @@ wrappers the daemon builds; this module knows nothing of it.
 Resync rule (logged on every resync): adopt only the ``(round, global hash)`` that more than
 half of the reachable members report (with one other member, its word), and only bytes that hash
 to it; at equal rounds, the group's majority (the leader tells a minority member to resync).
+Where no two peers share a state (nothing can ever be attested), a peer without progress for
+three matchmaking timeouts takes the highest round's (``Members.split``, ``_target``).
 
 Late confirmation (models of at most ``confirm_late_max_numel`` values): a member applies a
 round's answers as soon as it has them and sends its answer digests to the round's leader in the
@@ -102,7 +104,6 @@ class Members(Protocol):
 
     def live(self) -> dict[str, str]: ...
     def is_member(self, peer_id: str) -> bool: ...
-    def ahead(self) -> int: ...
     def majority_round(self) -> int:
         """The highest round more than half of the reachable members have reached."""
     def round_of(self, peer_id: str) -> int:
@@ -110,6 +111,9 @@ class Members(Protocol):
     def attested(self) -> Any | None:
         """The state a majority of the reachable members reports: ``.round``, ``.global_hash``,
         ``.donors`` [(peer id, address)]; None without a majority."""
+    def split(self) -> Any | None:
+        """Where no two of the reachable members and this peer share a state: the highest
+        round's state, if not this peer's own (same shape as ``attested``); None otherwise."""
     def settled(self) -> bool: ...
     def drop(self, peer_id: str, why: str) -> None: ...
     def introduce(self, address: str, hint: str) -> None: ...
@@ -218,6 +222,7 @@ class RoundDriver:
         self._heard: dict[str, float] = {}  # member -> when it last joined a round here or sent us a part
         self.answers = AnswerChecks(on_mismatch=self._answers_differ, on_invalid=self._invalid)
         self._unconfirmed: _Unconfirmed | None = None  # the last round applied, until its leader confirms
+        self._moved_at = time.monotonic()  # when this peer last completed a round or adopted a state
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
                                      leaders=self._candidates,
                                      current_round=lambda: store.state.round,
@@ -317,9 +322,9 @@ class RoundDriver:
                     if self.progress.completed >= rounds:
                         log.info("completed %d rounds; stopping", self.progress.completed)
                         return
-                if pending is None and self._members.ahead() > self._store.state.round:
+                if pending is None and self._ahead() > self._store.state.round:
                     await self.settle()
-                    await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+                    await self.resync(self._ahead(), self._cfg.timeouts.state_transfer_timeout_s)
                     start = await self._start_point()
                     continue
                 rnd = self._store.state.round
@@ -366,8 +371,8 @@ class RoundDriver:
             if self._members.settled() and time.monotonic() > deadline - grace / 2:
                 break
             await asyncio.sleep(0.1)
-        if self._members.ahead() > self._store.state.round:
-            await self.resync(self._members.ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+        if self._ahead() > self._store.state.round:
+            await self.resync(self._ahead(), self._cfg.timeouts.state_transfer_timeout_s)
 
     async def _inner_phase(self, rnd: int, start: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """H inner steps from ``start``; return (delta, weight), or None when stopping. A NaN/Inf
@@ -728,6 +733,7 @@ class RoundDriver:
         """Count, checkpoint, evaluate and log a round that is settled here."""
         p = self.progress
         p.completed += 1
+        self._moved_at = time.monotonic()
         self._metrics.rounds.labels("completed").inc()
         p.last_round_s = u.seconds
         self._store.maybe_checkpoint()
@@ -887,6 +893,28 @@ class RoundDriver:
 
     # ----------------------------------------------------------------- resync
 
+    def _target(self) -> tuple[Any | None, bool]:
+        """The state to resync to, and whether it is a split's (``Members.split``) rather than
+        the attested one. A split's only once this peer has made no progress (no round completed,
+        no state adopted) for ``_split_patience_s``: it is one peer's word, taken only where the
+        run would otherwise wait forever."""
+        found = self._members.attested()
+        if found is not None or time.monotonic() - self._moved_at < self._split_patience_s():
+            return found, False
+        found = self._members.split()
+        return found, found is not None
+
+    def _ahead(self) -> int:
+        """The round of ``_target``'s state (-1 without one)."""
+        found, _ = self._target()
+        return -1 if found is None else found.round
+
+    def _split_patience_s(self) -> float:
+        """How long a peer without progress waits before it follows a split (``_target``): as
+        long as a leader waits before it forms a group of one (its matchmaking timeout three
+        times, ``Matchmaker``), at the configured timeout."""
+        return 3 * self._cfg.sync.matchmaking_timeout_s
+
     async def resync(self, min_round: int, wait_s: float) -> bool:
         """Fetch the state of a member at round >= ``min_round``; wait up to ``wait_s`` for one."""
         deadline = time.monotonic() + wait_s
@@ -896,9 +924,10 @@ class RoundDriver:
         timeout_s = self._cfg.timeouts.state_transfer_timeout_s
         while time.monotonic() < deadline and not self._stopping:
             # Only a state the majority attests: one member's claim (a round far ahead, a made-up
-            # state whose hash matches its own claim) moves nobody.
-            target = self._members.attested()
+            # state whose hash matches its own claim) moves nobody, but a split's (``_target``).
+            target, split = self._target()
             for donor, address in target.donors if target is not None and target.round >= min_round else ():
+                fetch_t0 = time.monotonic()
                 try:
                     header, blob = await self._client.get_state(address, self._run_id, self._me,
                                                                 self._schema_hash, timeout_s)
@@ -920,15 +949,19 @@ class RoundDriver:
                                   f"({target.global_hash[:12]}) or one shortly after it")
                     continue
                 self._metrics.state_transfers.labels("received", "ok").inc()
+                if split:
+                    self._metrics.split_adoptions.inc()
                 self._store.adopt(state)
+                self._moved_at = time.monotonic()
                 self.reducer.reset_feedback()
-                elapsed = time.monotonic() - started
-                self._metrics.round_phase_seconds.labels("resync").observe(elapsed)
+                now = time.monotonic()
+                self._metrics.round_phase_seconds.labels("resync").observe(now - started)  # (waits included)
                 log.info("resynced to round %d (%s) from %s: %d bytes in %.2f s (%.1f MB/s); was at round %d "
-                         "(rule: the state the majority of reachable members reports; at equal rounds, the "
-                         "group's majority)",
-                         state.round, state.global_hash[:12], donor, len(blob), elapsed,
-                         len(blob) / max(elapsed, 1e-9) / 1e6, previous)
+                         "(rule: %s)", state.round, state.global_hash[:12], donor, len(blob), now - fetch_t0,
+                         len(blob) / max(now - fetch_t0, 1e-9) / 1e6, previous,
+                         f"no two peers share a state and this one made no progress for {self._split_patience_s():.0f}"
+                         " s: the highest round's" if split else
+                         "the state the majority of reachable members reports; at equal rounds, the group's majority")
                 if not self._cfg.sync.overlap:
                     # The reported eval is of the state held now (buffers included). With overlap
                     # an inner phase holds the trainer thread: the next round's eval covers it.

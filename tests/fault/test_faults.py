@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration._peers import Swarm, check_invariant, consistent_rounds, round_groups, wait_until
+from tests.integration._peers import Swarm, check_invariant, consistent_rounds, metric, round_groups, wait_until
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*round (\d+) done: (\d+) peers", re.M)
 
@@ -131,6 +131,33 @@ def test_a_restarted_peer_resumes_from_its_checkpoint_then_catches_up(tmp_path):
         wait_until(lambda: len([r for r in consistent_rounds([peers[0], peers[1], again])
                                 if r > 8]) >= 1, 40, "a round of all three after the restart",
                    lambda: _logs(swarm))
+        check_invariant(swarm.peers)
+
+
+def test_three_peers_at_three_states_converge_on_the_highest_round(tmp_path):
+    # Each peer trains alone first (5, 3 and 1 rounds), then all three restart from those
+    # checkpoints: three states, no two alike, so no state is ever attested. (CI met this after a
+    # kill -9 mid-round left the two survivors a round apart and the victim came back from an
+    # older checkpoint: every leader refused the others' rounds, for good.)
+    with Swarm(tmp_path, f"split-{os.getpid()}", ["--rounds", "0"]) as swarm:
+        for i, rounds in enumerate((5, 3, 1)):
+            alone = swarm.start(f"alone{i}", "--peer-id", f"p{i}", "--state-dir", str(tmp_path / f"p{i}"),
+                                "--rounds", str(rounds))
+            assert alone.proc.wait(60) == 0, alone.tail()
+        peers = [swarm.start(f"p{i}", "--peer-id", f"p{i}", wait=False) for i in range(3)]
+        for p in peers:
+            p.wait_listening(60)
+
+        # Assert: the two behind take the highest round's state once they waited (counted), and
+        # then all three complete rounds in one group
+        for p in peers[1:]:
+            # (round 5, or later if p0 led itself through groups of one meanwhile)
+            healed = wait_until(lambda p=p: re.search(r"resynced to round (\d+) .*no two peers share a state", p.log()),
+                                60, "the split to heal", lambda: _logs(swarm))
+            assert int(healed[1]) >= 5
+            assert metric(p.metrics_port, "peer_sync_split_adoptions_total") == 1
+        assert "resynced" not in peers[0].log()
+        wait_until(lambda: consistent_rounds(peers), 30, "a round of all three in one group", lambda: _logs(swarm))
         check_invariant(swarm.peers)
 
 

@@ -70,6 +70,7 @@ class FakeMembers:
     view: set[str] = field(default_factory=set)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     introduced: list[str] = field(default_factory=list)
+    split_to: Attested | None = None  # what ``split`` names (peer.membership's rule has its own tests)
 
     def live(self):
         return {p: p for p in self.view}
@@ -96,9 +97,8 @@ class FakeMembers:
         rounds = sorted((self.net[p].store.state.round for p in self.view if not self.net[p].down), reverse=True)
         return rounds[len(rounds) // 2] if rounds else -1
 
-    def ahead(self):
-        found = self.attested()
-        return -1 if found is None else found.round
+    def split(self):
+        return self.split_to
 
     def settled(self):
         return bool(self.view)
@@ -430,15 +430,35 @@ async def test_a_member_that_falls_behind_resyncs_from_a_donor(tmp_path, pool):
     await _round([net["p15"], net["p22"]])
     net["p17"].down = False
     lagging = net["p17"]
-    assert lagging.members.ahead() == 2 and lagging.store.state.round == 1
+    assert lagging.members.attested().round == 2 and lagging.store.state.round == 1
     # Execute
-    ok = await lagging.driver.resync(lagging.members.ahead(), 2.0)
+    ok = await lagging.driver.resync(lagging.members.attested().round, 2.0)
     # Assert: adopted the donors' state, bit for bit
     assert ok
     assert lagging.store.state.round == 2
     assert lagging.store.state.global_hash == net["p15"].store.state.global_hash
     assert torch.equal(lagging.store.state.momentum, net["p15"].store.state.momentum)
     assert lagging.metric("peer_state_transfers_total", direction="received", outcome="ok") == 1
+
+
+async def test_a_split_is_followed_only_after_three_matchmaking_timeouts_without_progress(tmp_path, pool):
+    # Prepare: p15 and p22 complete a round without p17; then p17 sees nothing attested (its view
+    # is empty) and a split that names p15's state
+    net = _swarm(tmp_path, pool, 3, matchmaking_timeout_s=1.0)
+    lagging = net["p17"]
+    lagging.members.view.clear()
+    net["p15"].members.view.discard("p17")
+    net["p22"].members.view.discard("p17")
+    await _round([net["p15"], net["p22"]])
+    donor = net["p15"].store.state
+    lagging.members.split_to = Attested(donor.round, donor.global_hash, (("p15", "p15"),))
+    # Execute and assert: a peer that made progress lately does not take one peer's word...
+    assert not await lagging.driver.resync(1, 0.5)
+    assert lagging.store.state.round == 0 and lagging.metric("peer_sync_split_adoptions_total") == 0
+    # ...one that made none for 3 x 1.0 s does, bit for bit, counted
+    assert await lagging.driver.resync(1, 4.0)
+    assert lagging.store.state.global_hash == donor.global_hash
+    assert lagging.metric("peer_sync_split_adoptions_total") == 1
 
 
 async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path, pool):

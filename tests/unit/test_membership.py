@@ -14,9 +14,9 @@ from peer.metrics import Metrics
 from peer.types import PROTOCOL_VERSION, HandshakeReply, PeerInfo, StatusInfo
 
 
-def _info(pid: str, run: str = "r", schema: str = "s", rnd: int = 0) -> PeerInfo:
+def _info(pid: str, run: str = "r", schema: str = "s", rnd: int = 0, digest: str = "") -> PeerInfo:
     return PeerInfo(peer_id=pid, run_id=run, protocol_version=PROTOCOL_VERSION, schema_hash=schema, round=rnd,
-                    address=f"{pid}:1")
+                    global_hash=digest, address=f"{pid}:1")
 
 
 class Remote:
@@ -74,12 +74,12 @@ class Discovery:
         return list(self.records)
 
 
-def _membership(**cfg):
+def _membership(me=lambda: _info("me"), **cfg):
     config = load_config({"run_id": "r", "heartbeat_interval_s": 0.05, "heartbeat_misses": 2,
                           "state_transfer_timeout_s": 0.1, "reduce_deadline_s": 0.1, **cfg}, env={})
     client, disc, metrics = Client(), Discovery(), Metrics(CollectorRegistry())
     dropped: list[str] = []
-    m = Membership(config, lambda: _info("me"), client, disc, metrics, on_drop=dropped.append)
+    m = Membership(config, me, client, disc, metrics, on_drop=dropped.append)
     return m, client, disc, metrics, dropped
 
 
@@ -93,7 +93,7 @@ async def test_a_compatible_peer_is_admitted_and_an_incompatible_one_refused():
     client.remotes["b:1"] = Remote(_info("b", schema="other"))
     await m.handshake("a:1", "a")
     await m.handshake("b:1", "b")
-    assert m.live() == {"a": "a:1"} and m.ahead() == 3 and m.is_member("a")
+    assert m.live() == {"a": "a:1"} and m.attested().round == 3 and m.is_member("a")
     assert _metric(metrics, "peer_handshake_refusals_total", reason="schema_mismatch") == 1
     assert _metric(metrics, "peer_swarm_live_peers") == 1
 
@@ -120,12 +120,12 @@ async def test_heartbeat_drops_a_silent_peer_and_refreshes_rounds():
         client.remotes["a:1"].info = _info("a", rnd=9)
         client.remotes["b:1"].up = False  # kill -9: no goodbye
         for _ in range(100):
-            if not m.is_member("b") and m.ahead() == 9:
+            if not m.is_member("b") and getattr(m.attested(), "round", -1) == 9:
                 break
             await asyncio.sleep(0.02)
     finally:
         await m.stop()
-    assert dropped == ["b"] and m.live() == {"a": "a:1"} and m.ahead() == 9
+    assert dropped == ["b"] and m.live() == {"a": "a:1"} and m.attested().round == 9
 
 
 async def test_leave_and_discovery_goodbye_drop_and_events_handshake():
@@ -203,12 +203,12 @@ async def test_goodbyes_are_remembered_only_as_long_as_a_handshake_can_last():
 async def test_only_a_state_the_majority_reports_is_attested():
     m, _, _, _, _ = _membership()
     m.admit(_info("a", rnd=2), "a:1")
-    assert m.attested().donors == (("a", "a:1"),) and m.ahead() == 2  # one other member: its word
+    assert m.attested().donors == (("a", "a:1"),) and m.attested().round == 2  # one other member: its word
     m.admit(_info("b", rnd=5), "b:1")
-    assert m.attested() is None and m.ahead() == -1  # 1 of 2 is not more than half
+    assert m.attested() is None  # 1 of 2 is not more than half
     m.admit(_info("c", rnd=5), "c:1")
     found = m.attested()
-    assert (found.round, found.donors) == (5, (("b", "b:1"), ("c", "c:1"))) and m.ahead() == 5
+    assert (found.round, found.donors) == (5, (("b", "b:1"), ("c", "c:1")))
     # a liar far ahead does not move anyone, and a member that stopped answering does not vote
     m.admit(_info("d", rnd=5), "d:1")
     m.admit(_info("liar", rnd=10**6), "liar:1")
@@ -222,6 +222,34 @@ async def test_only_a_state_the_majority_reports_is_attested():
     assert m.attested() is None  # two forks of two: no plurality
     m.known["e"].misses = m.known["f"].misses = m.known["c"].misses = 1
     assert m.attested() is None  # one member each (d and the liar): a single claim moves nobody
+
+
+async def test_a_split_into_as_many_states_as_peers_names_the_highest_round_and_nothing_else_does():
+    own = [_info("me", rnd=11, digest="b")]
+    m, _, _, _, _ = _membership(me=lambda: own[0])
+    assert m.split() is None  # nobody else
+    m.admit(_info("p2", rnd=10, digest="c"), "p2:1")
+    assert m.split() is None  # this peer holds the highest round
+    m.admit(_info("p0", rnd=13, digest="a"), "p0:1")
+    # Three peers at three states (the restart test's deadlock): nothing is attested, ever...
+    assert m.attested() is None
+    # ...so the highest round's state is named, with its one reporter as donor
+    found = m.split()
+    assert (found.round, found.global_hash, found.donors) == (13, "a", (("p0", "p0:1"),))
+    # at equal rounds, the smallest hash; a member that stopped answering does not count
+    m.admit(_info("q", rnd=13, digest="0"), "q:1")
+    assert m.split().donors == (("q", "q:1"),)
+    m.known["q"].misses = 1
+    assert m.split().donors == (("p0", "p0:1"),)
+    # Two that share a state (here: a member and this peer) are no split: a liar far ahead of
+    # honest peers that agree moves none of them
+    m.admit(_info("liar", rnd=10**6, digest="f"), "liar:1")
+    m.admit(_info("twin", rnd=11, digest="b"), "twin:1")
+    assert m.split() is None
+    own[0] = _info("me", rnd=12, digest="d")  # this peer moved on: the twin and p2 still differ from all
+    assert m.split().round == 10**6
+    m.admit(_info("p3", rnd=10, digest="c"), "p3:1")  # two members share a state
+    assert m.split() is None
 
 
 async def test_a_discovery_goodbye_is_only_a_hint_to_ask_again():
