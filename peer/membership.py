@@ -126,10 +126,14 @@ class Membership:
     def is_member(self, peer_id: str) -> bool:
         return peer_id in self._known
 
+    def _reachable(self) -> list[Known]:
+        """The members that answered their last ping: the only ones whose reports count."""
+        return [k for k in self._known.values() if k.misses == 0]
+
     def majority_round(self) -> int:
         """The highest round that more than half of the reachable members have reached, as
         they report it (-1 with no member): one member's claim cannot raise it."""
-        rounds = sorted((k.info.round for k in self._known.values() if k.misses == 0), reverse=True)
+        rounds = sorted((k.info.round for k in self._reachable()), reverse=True)
         return rounds[len(rounds) // 2] if rounds else -1
 
     def round_of(self, peer_id: str) -> int:
@@ -145,7 +149,7 @@ class Membership:
         group from a partial view), the state strictly more of them report than any other, if
         at least two do: without it no one could ever resync and the forks would stay apart,
         and one member's claim still moves nobody. None otherwise."""
-        reachable = [k for k in self._known.values() if k.misses == 0]
+        reachable = self._reachable()
         tally: dict[tuple[int, str], list[Known]] = {}
         for k in reachable:
             tally.setdefault((k.info.round, k.info.global_hash), []).append(k)
@@ -175,7 +179,7 @@ class Membership:
         left two survivors a round apart, and the victim restarted from an older checkpoint)
         waited on each other forever: every leader refused the rounds of the others."""
         me = self._me()
-        reachable = [k for k in self._known.values() if k.misses == 0]
+        reachable = self._reachable()
         states = {(me.round, me.global_hash)}
         for k in reachable:
             state = (k.info.round, k.info.global_hash)

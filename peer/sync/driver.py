@@ -322,9 +322,9 @@ class RoundDriver:
                     if self.progress.completed >= rounds:
                         log.info("completed %d rounds; stopping", self.progress.completed)
                         return
-                if pending is None and self._ahead() > self._store.state.round:
+                if pending is None and (ahead := self._ahead()) > self._store.state.round:
                     await self.settle()
-                    await self.resync(self._ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+                    await self.resync(ahead, self._cfg.timeouts.state_transfer_timeout_s)
                     start = await self._start_point()
                     continue
                 rnd = self._store.state.round
@@ -371,8 +371,8 @@ class RoundDriver:
             if self._members.settled() and time.monotonic() > deadline - grace / 2:
                 break
             await asyncio.sleep(0.1)
-        if self._ahead() > self._store.state.round:
-            await self.resync(self._ahead(), self._cfg.timeouts.state_transfer_timeout_s)
+        if (ahead := self._ahead()) > self._store.state.round:
+            await self.resync(ahead, self._cfg.timeouts.state_transfer_timeout_s)
 
     async def _inner_phase(self, rnd: int, start: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """H inner steps from ``start``; return (delta, weight), or None when stopping. A NaN/Inf
