@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run each round while the next inner phase trains (the daemon's sync.overlap)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1, not {a.repeats}")
     try:
         res = run(a.tasks.split(","), [int(x) for x in a.H.split(",")], a.peers, a.codec, a.min_steps, a.timeout,
                   a.device, a.precision, a.overlap, a.repeats)
