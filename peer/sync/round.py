@@ -328,7 +328,16 @@ class Matchmaker:
             m.first_join = time.monotonic()
             m.timer = asyncio.create_task(self._form_after(m, self._timeout_s()), name=f"matchmaking-{req.round}")
         self._maybe_form(m)
-        group: Group | None = await asyncio.shield(m.formed)
+        try:
+            group: Group | None = await asyncio.shield(m.formed)
+        except asyncio.CancelledError:
+            # The joiner stopped waiting (its call timed out or was cancelled): it will not
+            # learn of a group formed after this, so that group must not count on its part
+            # (its owners would wait for a part that never comes and blame it for missing the
+            # deadline: three such rounds and it is left out of every group this peer leads).
+            if not m.formed.done() and m.joins.get(req.peer_id) is req:
+                del m.joins[req.peer_id]
+            raise
         if group is None:
             # The round was given up here while this peer waited (most members moved past it).
             current = max(self._current_round(), self._swarm_round())

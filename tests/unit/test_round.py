@@ -149,6 +149,22 @@ async def test_group_forms_without_a_peer_that_never_joins():
     assert late.outcome == JoinOutcome.TOO_LATE
 
 
+async def test_a_joiner_that_stopped_waiting_is_not_in_the_group_formed_after_it():
+    # Found in the partition test: a member whose JoinRound timed out was still counted in the
+    # group the leader formed afterwards; its owners waited for a part that never came, blamed
+    # it three rounds in a row and left it out of their groups for a minute.
+    net = _swarm(3, 100, timeout_s=0.5)
+    leader = net[leader_for(0, ["p0", "p1", "p2"])]
+    quitter, stayer = [n for n in net.values() if n is not leader]
+    own = asyncio.ensure_future(leader.matchmaker.join(leader.req()))
+    with pytest.raises(TimeoutError):  # the leader waits for everyone live; this joiner gives up first
+        await Client(net).join_round(leader.pid, quitter.req(), 0.1)
+    later = await Client(net).join_round(leader.pid, stayer.req(), 5)
+    assert later.outcome == JoinOutcome.GROUP
+    assert sorted(m.peer_id for m in later.group.members) == sorted([leader.pid, stayer.pid])
+    assert (await own).group == later.group
+
+
 async def test_minority_hash_is_told_to_resync():
     net = _swarm(3, 100)
     replies = await asyncio.gather(_form(net["p0"], "good"), _form(net["p1"], "good"), _form(net["p2"], "bad"))
