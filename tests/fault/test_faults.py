@@ -26,8 +26,9 @@ def _logs(swarm: Swarm) -> str:
 
 def _done_times(log: str) -> list[tuple[float, int, int]]:
     """(unix time, round, group size) of every completed round in a log."""
-    return [(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(m[2]), int(m[3]))
-            for m in STAMP.finditer(log)]
+    # (fromisoformat reads the logging module's "2026-11-27 20:10:04,572" as strptime does, a
+    # thousand times faster: predicates polled over logs of thousands of rounds ran for seconds)
+    return [(datetime.fromisoformat(m[1]).timestamp(), int(m[2]), int(m[3])) for m in STAMP.finditer(log)]
 
 
 def _report(name: str, seconds: float) -> None:

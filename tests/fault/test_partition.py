@@ -46,8 +46,11 @@ def test_split_sides_keep_training_and_converge_when_the_link_returns(tmp_path):
             # Assert 1: each side completes rounds as a group of two
             wait_until(lambda: all(len(_rounds_since(p, cut, 2)) >= 3 for p in peers), 60,
                        "three 2-peer rounds on both sides", logs)
-            side_a = {r: g for r, g in round_groups(peers[0].log()).items() if r in _rounds_since(peers[0], cut, 2)}
-            side_b = {r: g for r, g in round_groups(peers[2].log()).items() if r in _rounds_since(peers[2], cut, 2)}
+            # (each log parsed once: at a hundred rounds a second, parsing it again for every
+            # round took minutes, and the link returned that much later)
+            split_a, split_b = set(_rounds_since(peers[0], cut, 2)), set(_rounds_since(peers[2], cut, 2))
+            side_a = {r: g for r, g in round_groups(peers[0].log()).items() if r in split_a}
+            side_b = {r: g for r, g in round_groups(peers[2].log()).items() if r in split_b}
             common = set(side_a) & set(side_b)
             assert any(side_a[r][1] != side_b[r][1] for r in common) or not common  # the histories diverged
 
