@@ -223,6 +223,8 @@ class RoundDriver:
         self.answers = AnswerChecks(on_mismatch=self._answers_differ, on_invalid=self._invalid)
         self._unconfirmed: _Unconfirmed | None = None  # the last round applied, until its leader confirms
         self._moved_at = time.monotonic()  # when this peer last completed a round or adopted a state
+        # ... and when it last completed one with another peer, or adopted a state (``_alone_ahead``)
+        self._together_at = self._moved_at
         self.matchmaker = Matchmaker(peer_id=peer_id, numel=store.numel, codec=s.codec, live=self._waitable,
                                      leaders=self._candidates,
                                      current_round=lambda: store.state.round,
@@ -322,7 +324,7 @@ class RoundDriver:
                     if self.progress.completed >= rounds:
                         log.info("completed %d rounds; stopping", self.progress.completed)
                         return
-                if pending is None and (ahead := self._ahead()) > self._store.state.round:
+                if pending is None and ((ahead := self._ahead()) > self._store.state.round or self._alone_ahead()):
                     await self.settle()
                     await self.resync(ahead, self._cfg.timeouts.state_transfer_timeout_s)
                     start = await self._start_point()
@@ -434,6 +436,8 @@ class RoundDriver:
             if leader == self._me:
                 reply = await self.matchmaker.join(req)
             else:
+                # Joins this peer took for the round as its leader (before its view changed) go there too.
+                self.matchmaker.redirect(rnd, leader, address)
                 try:
                     reply = await self._client.join_round(address, req, max(0.1, deadline - time.monotonic()))
                 except (PeerUnavailable, RoundError) as exc:
@@ -734,6 +738,8 @@ class RoundDriver:
         p = self.progress
         p.completed += 1
         self._moved_at = time.monotonic()
+        if len(u.group.members) > 1:
+            self._together_at = self._moved_at
         self._metrics.rounds.labels("completed").inc()
         p.last_round_s = u.seconds
         self._store.maybe_checkpoint()
@@ -909,6 +915,26 @@ class RoundDriver:
         found, _ = self._target()
         return -1 if found is None else found.round
 
+    def _alone_ahead(self) -> bool:
+        """Whether this peer holds a later round than the attested state only because it trained
+        alone: its state is not the attested one, which two or more members report, and it
+        completed no round with another peer (nor adopted a state) for ``_split_patience_s``. A partition that left it on a side of its
+        own: its groups of one went faster than the majority's rounds, and when the link returned
+        nothing moved it (``_ahead`` looks forward only), while its joins were for rounds no
+        leader of the majority matched: a fork for good. The documented rule (the state the
+        majority of reachable members reports) takes it back to the majority's state, its later
+        round notwithstanding. A peer that rounds with others is never moved back by this: its
+        lead over the heartbeats' rounds is the normal lag of a report."""
+        if time.monotonic() - self._together_at < self._split_patience_s():
+            return False
+        found = self._members.attested()
+        state = self._store.state
+        # (backed by two or more: one member's word, enough to move a peer forward, does not
+        # take back the later rounds of a peer that went on alone while that member was away,
+        # say restarting from an older checkpoint; it resyncs forward to this one instead)
+        return (found is not None and len(found.donors) >= 2 and found.round < state.round
+                and found.global_hash != state.global_hash)
+
     def _split_patience_s(self) -> float:
         """How long a peer without progress waits before it follows a split (``_target``): as
         long as a leader waits before it forms a group of one (its matchmaking timeout three
@@ -952,7 +978,7 @@ class RoundDriver:
                 if split:
                     self._metrics.split_adoptions.inc()
                 self._store.adopt(state)
-                self._moved_at = time.monotonic()
+                self._moved_at = self._together_at = time.monotonic()
                 self.reducer.reset_feedback()
                 now = time.monotonic()
                 self._metrics.round_phase_seconds.labels("resync").observe(now - started)  # (waits included)
@@ -961,7 +987,8 @@ class RoundDriver:
                          len(blob) / max(now - fetch_t0, 1e-9) / 1e6, previous,
                          f"no two peers share a state and this one made no progress for {self._split_patience_s():.0f}"
                          " s: the highest round's" if split else
-                         "the state the majority of reachable members reports; at equal rounds, the group's majority")
+                         "the state the majority of reachable members reports; at equal rounds, the group's majority"
+                         + ("; this peer's later round was its own, trained alone" if state.round < previous else ""))
                 if not self._cfg.sync.overlap:
                     # The reported eval is of the state held now (buffers included). With overlap
                     # an inner phase holds the trainer thread: the next round's eval covers it.

@@ -228,6 +228,7 @@ class _Match:
     timer: asyncio.Task | None = None
     first_join: float = 0.0
     formed_at: float = 0.0
+    redirect: str = ""  # "peer@address" of the leader this peer itself joined the round at (``redirect``)
 
 
 class Matchmaker:
@@ -337,7 +338,13 @@ class Matchmaker:
             # deadline: three such rounds and it is left out of every group this peer leads).
             if not m.formed.done() and m.joins.get(req.peer_id) is req:
                 del m.joins[req.peer_id]
+                if not m.joins and m.timer is not None:  # the next join starts the wait afresh
+                    m.timer.cancel()
+                    m.timer = None
             raise
+        if group is None and m.redirect:
+            leader_id = m.redirect.partition("@")[0]
+            return JoinReply(JoinOutcome.NOT_LEADER, f"{leader_id} leads round {req.round}", leader_hint=m.redirect)
         if group is None:
             # The round was given up here while this peer waited (most members moved past it).
             current = max(self._current_round(), self._swarm_round())
@@ -350,6 +357,18 @@ class Matchmaker:
                              f"round {req.round}: your parameters {req.global_hash[:12]} differ from the "
                              f"group's {group.global_hash[:12]}; resync", leader_round=group.round)
         return JoinReply(JoinOutcome.TOO_LATE, f"the group of round {req.round} formed without {req.peer_id}")
+
+    def redirect(self, rnd: int, leader: str, address: str) -> None:
+        """This peer joins round ``rnd`` at ``leader``: its view of the members changed since it
+        took the joins it holds for that round (a peer joined: the rotation moved). Those joiners
+        are told to go there too (NOT_LEADER, with the hint), instead of waiting here for a
+        leader that never joins its own round and then getting a group of one: a fork."""
+        m = self._matches.get(rnd)
+        if m is None or m.formed is None or m.formed.done() or not m.joins or self._me in m.joins:
+            return
+        m.redirect = f"{leader}@{address}"
+        log.info("round %d: this peer joins it at %s; sending %s there", rnd, leader, ", ".join(sorted(m.joins)))
+        self._drop(rnd)
 
     def _drop(self, rnd: int) -> None:
         """Forget round ``rnd``; peers still waiting for its group are told it is over."""

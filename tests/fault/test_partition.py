@@ -68,3 +68,56 @@ def test_split_sides_keep_training_and_converge_when_the_link_returns(tmp_path):
             print(f"\nPARTITION healed: converged {time.time() - healed:.1f} s after the link returned")
     finally:
         ctx.__exit__(None, None, None)
+
+
+def _last_round(p) -> int:
+    from tests.fault.test_faults import _done_times
+
+    done = _done_times(p.log())
+    return done[-1][1] if done else -1
+
+
+def test_a_peer_cut_off_alone_returns_to_the_majoritys_state_though_its_round_is_later(tmp_path):
+    # Found by reading the rules: a side of one trains in groups of one, faster than the other
+    # side's rounds; its later round kept it from resyncing (resync looked forward only) while
+    # no leader of the majority matched its rounds: the run stayed forked after the link returned.
+    try:
+        ctx = bridged_namespaces(3, "alone")
+        hosts = ctx.__enter__()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable here: {exc}")
+    try:
+        args = ["--rounds", "0", "--rpc-timeout-s", "1", "--handshake-timeout-s", "1"]
+        with Swarm(tmp_path, f"alone-{os.getpid()}", args) as swarm:
+            # h2 trains 2 steps a round, the others 10: alone, it surely gets ahead of the pair
+            peers = [swarm.start(f"h{i}", "--peer-id", f"h{i}", *(["--inner-steps", "2"] if i == 2 else []),
+                                 netns_argv=h.exec_argv([]), listen="0.0.0.0:7070", interface=None, wait=False)
+                     for i, h in enumerate(hosts)]
+            for p in peers:
+                p.wait_listening(60)
+            logs = lambda: "\n".join(p.tail(25) for p in peers)  # noqa: E731
+            wait_until(lambda: all(re.search(r"round \d+ done: 3 peers", p.log()) for p in peers), 60,
+                       "a round of all three", logs)
+
+            # Execute 1: cut h2 off h0, h1
+            partition(hosts, side_b=[2])
+            cut = time.time()
+            # Assert 1: the pair rounds as two, h2 alone, and h2 gets ahead (a group of one waits for no one)
+            wait_until(lambda: all(len(_rounds_since(p, cut, 2)) >= 3 for p in peers[:2])
+                       and len(_rounds_since(peers[2], cut, 1)) >= 3, 60, "rounds on both sides", logs)
+            wait_until(lambda: _last_round(peers[2]) > _last_round(peers[0]) + 20, 60, "h2 ahead of the pair", logs)
+
+            # Execute 2: the link returns
+            heal(hosts)
+            healed = time.time()
+            # Assert 2: all three complete a round together again, with identical parameters,
+            # h2 having gone back to the pair's state by the majority rule
+            wait_until(lambda: all(_rounds_since(p, healed, 3) for p in peers), 90, "a 3-peer round after healing",
+                       logs)
+            check_invariant(peers)
+            back = re.findall(r"resynced to round (\d+) .*was at round (\d+) \(rule: the state the majority of "
+                              r"reachable members reports.*trained alone", peers[2].log())
+            assert back and all(int(to) < int(was) for to, was in back), logs()
+            print(f"\nPARTITION 1|2 healed: converged {time.time() - healed:.1f} s after the link returned")
+    finally:
+        ctx.__exit__(None, None, None)

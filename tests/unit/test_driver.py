@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -459,6 +460,39 @@ async def test_a_split_is_followed_only_after_three_matchmaking_timeouts_without
     assert await lagging.driver.resync(1, 4.0)
     assert lagging.store.state.global_hash == donor.global_hash
     assert lagging.metric("peer_sync_split_adoptions_total") == 1
+
+
+async def test_a_peer_ahead_only_by_rounds_alone_goes_back_to_the_majoritys_state(tmp_path, pool):
+    # Prepare: a partition left p17 on a side of its own; its groups of one got it to round 3
+    # while p15 and p22 completed one round together
+    net = _swarm(tmp_path, pool, 3, matchmaking_timeout_s=0.3)
+    alone = net["p17"]
+    for n in net.values():
+        n.members.view.clear()
+    net["p15"].members.view.add("p22")
+    net["p22"].members.view.add("p15")
+    for _ in range(3):
+        await alone.driver.round(_delta(alone), 1.0)
+    await _round([net["p15"], net["p22"]])
+    majority = net["p15"].store.state
+    assert (alone.store.state.round, majority.round) == (3, 1)
+    # Execute: the link returns
+    alone.members.view = {"p15", "p22"}
+    # Assert: only after 3 x 0.3 s without a round with another peer...
+    alone.driver._together_at = time.monotonic()
+    assert not alone.driver._alone_ahead()
+    await asyncio.sleep(0.95)
+    assert alone.driver._alone_ahead()
+    # (and only for a state two or more report: one member's word does not take rounds back)
+    alone.members.view = {"p15"}
+    assert not alone.driver._alone_ahead()
+    alone.members.view = {"p15", "p22"}
+    # ...it takes the majority's state, bit for bit, though its round is lower
+    assert await alone.driver.resync(alone.driver._ahead(), 2.0)
+    assert (alone.store.state.round, alone.store.state.global_hash) == (majority.round, majority.global_hash)
+    assert not alone.driver._alone_ahead()
+    # and a member of the majority, behind no one, is never moved back
+    assert not net["p15"].driver._alone_ahead()
 
 
 async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path, pool):

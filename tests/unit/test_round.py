@@ -165,6 +165,35 @@ async def test_a_joiner_that_stopped_waiting_is_not_in_the_group_formed_after_it
     assert (await own).group == later.group
 
 
+async def test_joiners_held_by_a_leader_that_joins_elsewhere_are_sent_there():
+    # Found in test_swarm: a peer joined; one old member already asked the old rotation's leader
+    # while that leader, seeing the new member, asked the new one. The first waited for a leader
+    # that never joined its own round, and got a group of one after three timeouts: a fork.
+    net = _swarm(3, 100, timeout_s=5.0)
+    net["p2"].down = True  # not met yet
+    rnd = next(r for r in range(100) if leader_for(r, ["p0", "p1"]) != "p2" == leader_for(r, ["p0", "p1", "p2"]))
+    old = net[leader_for(rnd, ["p0", "p1"])]
+    follower = net["p1" if old.pid == "p0" else "p0"]
+    for n in net.values():
+        n.round = rnd
+    waiting = asyncio.ensure_future(old.matchmaker.join(follower.req()))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    net["p2"].down = False  # met: the old leader joins the round at p2
+    old.matchmaker.redirect(rnd, "p2", "p2")
+    reply = await asyncio.wait_for(waiting, 1.0)
+    assert reply.outcome == JoinOutcome.NOT_LEADER and reply.leader_hint == "p2@p2"
+    # A leader waiting in its own round (its join among those it holds) sends nobody away
+    net["p2"].down = True
+    own = asyncio.ensure_future(old.matchmaker.join(old.req()))
+    await asyncio.sleep(0.05)
+    old.matchmaker.redirect(rnd, "p2", "p2")
+    await asyncio.sleep(0.05)
+    assert not own.done()
+    replies = await asyncio.wait_for(asyncio.gather(own, old.matchmaker.join(follower.req())), 1.0)
+    assert [r.outcome for r in replies] == [JoinOutcome.GROUP] * 2
+
+
 async def test_minority_hash_is_told_to_resync():
     net = _swarm(3, 100)
     replies = await asyncio.gather(_form(net["p0"], "good"), _form(net["p1"], "good"), _form(net["p2"], "bad"))
