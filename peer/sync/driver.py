@@ -918,13 +918,15 @@ class RoundDriver:
     def _alone_ahead(self) -> bool:
         """Whether this peer holds a later round than the attested state only because it trained
         alone: its state is not the attested one, which two or more members report, and it
-        completed no round with another peer (nor adopted a state) for ``_split_patience_s``. A partition that left it on a side of its
-        own: its groups of one went faster than the majority's rounds, and when the link returned
-        nothing moved it (``_ahead`` looks forward only), while its joins were for rounds no
-        leader of the majority matched: a fork for good. The documented rule (the state the
-        majority of reachable members reports) takes it back to the majority's state, its later
-        round notwithstanding. A peer that rounds with others is never moved back by this: its
-        lead over the heartbeats' rounds is the normal lag of a report."""
+        completed no round with another peer (nor adopted a state) for ``_split_patience_s``.
+
+        A partition that left it on a side of its own: its groups of one went faster than the
+        majority's rounds. When the link returned nothing moved it (``_ahead`` looks forward
+        only), the majority's leaders refused its rounds as ahead of theirs, and the majority
+        tried to resync to its round, which nobody attested: no round completed anywhere again.
+        The documented rule (the state the majority of reachable members reports) takes it back
+        to the majority's state, its later round notwithstanding. A peer that rounds with others
+        is never moved back by this: its lead over the heartbeats' rounds is a report's lag."""
         if time.monotonic() - self._together_at < self._split_patience_s():
             return False
         found = self._members.attested()
