@@ -384,11 +384,14 @@ class Matchmaker:
         # only its own delta): give them up to two more timeouts to arrive. Peers that died are
         # dropped from the live set by the daemon's heartbeat in the meantime.
         for _ in range(2):
-            others = self._expected(m.round) - {self._me}
-            if len(m.joins) > 1 or not others:
+            expected = self._expected(m.round)
+            if len(m.joins) > 1 or not expected - {self._me}:
                 break
-            log.info("round %d: only this peer joined so far; waiting %.1f s more for %s", m.round, delay,
-                     ", ".join(sorted(others)))
+            # (the one join may be another peer's: this one may not have joined its own round yet)
+            name = lambda p: "this peer" if p == self._me else p  # noqa: E731
+            log.info("round %d: only %s joined so far; waiting %.1f s more for %s", m.round,
+                     ", ".join(map(name, m.joins)) or "no one", delay,
+                     ", ".join(map(name, sorted(expected - set(m.joins)))))
             await asyncio.sleep(delay)
         m.timer = None
         self._form(m)
