@@ -324,7 +324,7 @@ class RoundDriver:
                     if self.progress.completed >= rounds:
                         log.info("completed %d rounds; stopping", self.progress.completed)
                         return
-                if pending is None and ((ahead := self._ahead()) > self._store.state.round or self._alone_ahead()):
+                if pending is None and (ahead := self._resync_round()) is not None:
                     await self.settle()
                     await self.resync(ahead, self._cfg.timeouts.state_transfer_timeout_s)
                     start = await self._start_point()
@@ -915,10 +915,20 @@ class RoundDriver:
         found, _ = self._target()
         return -1 if found is None else found.round
 
-    def _alone_ahead(self) -> bool:
-        """Whether this peer holds a later round than the attested state only because it trained
-        alone: its state is not the attested one, which two or more members report, and it
-        completed no round with another peer (nor adopted a state) for ``_split_patience_s``.
+    def _resync_round(self) -> int | None:
+        """The round to resync to before the next inner phase, ``_target``'s (computed once):
+        when it is later than this peer's, or when this peer is ahead of it only by rounds it
+        trained alone (``_alone_ahead``); None otherwise."""
+        found, _ = self._target()
+        if found is None or not (found.round > self._store.state.round or self._alone_ahead(found)):
+            return None
+        return found.round
+
+    def _alone_ahead(self, found: Any) -> bool:
+        """Whether this peer holds a later round than ``found`` (``_target``'s state) only because
+        it trained alone: its state is not that one, which two or more members report (so the
+        attested state, never a split's), and it completed no round with another peer (nor
+        adopted a state) for ``_split_patience_s``.
 
         A partition that left it on a side of its own: its groups of one went faster than the
         majority's rounds. When the link returned nothing moved it (``_ahead`` looks forward
@@ -929,13 +939,11 @@ class RoundDriver:
         is never moved back by this: its lead over the heartbeats' rounds is a report's lag."""
         if time.monotonic() - self._together_at < self._split_patience_s():
             return False
-        found = self._members.attested()
         state = self._store.state
         # (backed by two or more: one member's word, enough to move a peer forward, does not
         # take back the later rounds of a peer that went on alone while that member was away,
         # say restarting from an older checkpoint; it resyncs forward to this one instead)
-        return (found is not None and len(found.donors) >= 2 and found.round < state.round
-                and found.global_hash != state.global_hash)
+        return len(found.donors) >= 2 and found.round < state.round and found.global_hash != state.global_hash
 
     def _split_patience_s(self) -> float:
         """How long a peer without progress waits before it follows a split (``_target``): as

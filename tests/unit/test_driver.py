@@ -480,19 +480,20 @@ async def test_a_peer_ahead_only_by_rounds_alone_goes_back_to_the_majoritys_stat
     alone.members.view = {"p15", "p22"}
     # Assert: only after 3 x 0.3 s without a round with another peer...
     alone.driver._together_at = time.monotonic()
-    assert not alone.driver._alone_ahead()
+    assert not alone.driver._alone_ahead(alone.members.attested())
     await asyncio.sleep(0.95)
-    assert alone.driver._alone_ahead()
+    assert alone.driver._alone_ahead(alone.members.attested())
     # (and only for a state two or more report: one member's word does not take rounds back)
     alone.members.view = {"p15"}
-    assert not alone.driver._alone_ahead()
+    assert not alone.driver._alone_ahead(alone.members.attested())
     alone.members.view = {"p15", "p22"}
     # ...it takes the majority's state, bit for bit, though its round is lower
-    assert await alone.driver.resync(alone.driver._ahead(), 2.0)
+    assert alone.driver._resync_round() == majority.round  # (what the run loop resyncs to)
+    assert await alone.driver.resync(alone.driver._resync_round(), 2.0)
     assert (alone.store.state.round, alone.store.state.global_hash) == (majority.round, majority.global_hash)
-    assert not alone.driver._alone_ahead()
+    assert not alone.driver._alone_ahead(alone.members.attested())
     # and a member of the majority, behind no one, is never moved back
-    assert not net["p15"].driver._alone_ahead()
+    assert not net["p15"].driver._alone_ahead(net["p15"].members.attested())
 
 
 async def test_a_minority_hash_is_told_to_resync_and_does(tmp_path, pool):
