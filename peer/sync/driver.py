@@ -436,8 +436,11 @@ class RoundDriver:
             if leader == self._me:
                 reply = await self.matchmaker.join(req)
             else:
-                # Joins this peer took for the round as its leader (before its view changed) go there too.
-                self.matchmaker.redirect(rnd, leader, address)
+                # Joins this peer took for the round as its leader (before its view changed) go there
+                # too; only to a member, at the address this peer's own handshake proved (a hint's
+                # address is another peer's word, not passed on in this peer's name).
+                if (proved := self._members.live().get(leader)) is not None:
+                    self.matchmaker.redirect(rnd, leader, proved)
                 try:
                     reply = await self._client.join_round(address, req, max(0.1, deadline - time.monotonic()))
                 except (PeerUnavailable, RoundError) as exc:
