@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import blake3
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 """Version of the peer wire protocol; announced in mDNS TXT and checked again by the handshake.
 It covers what peers must compute alike, not only the messages: 2 changed the outer step's
 float32 operations (``peer.sync.outer``, no fused multiply-adds), so a peer of version 1 would
@@ -21,7 +21,9 @@ part that fits one chunk goes in one message), which members send each other. 5 
 ``ReduceHeader.crc32`` at 0 over TLS (a peer of version 5 would refuse such parts as corrupt).
 7 sends JoinRound and ReduceWhole as messages on a ``Session`` stream, which a peer of version 6
 does not serve. 8: a group of two sends its leader no confirmation (``peer.sync.confirm.compared``),
-which a leader of version 7 would wait for until the all-reduce deadline."""
+which a leader of version 7 would wait for until the all-reduce deadline. 9: a group of two with
+a small model swaps whole deltas (``peer.sync.round.swaps``), which an owner of version 8 refuses
+as a part of the wrong shard."""
 
 
 @dataclass(frozen=True)

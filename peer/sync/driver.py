@@ -720,7 +720,7 @@ class RoundDriver:
         if self._mirror is not None and self._mirror.enabled:
             # The same answers and the same step on the training device; the host's state (just
             # adopted) stays the one hashed, served and saved, and checks the device's.
-            await offload(self._executor, avg.numel(), self._mirror.advance, base, Answers(group.codec, answers),
+            await offload(self._executor, avg.numel(), self._mirror.advance, base, Answers(avg.codec.name, answers),
                           state, on_device=True)
             if not self._mirror.enabled:
                 self._metrics.mirror_active.set(0)

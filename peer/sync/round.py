@@ -69,6 +69,7 @@ PhaseHook = Callable[[str, int], Awaitable[None]]
 async def no_hook(phase: str, rnd: int) -> None:
     """The default phase hook: nothing happens."""
 
+import numpy as np
 import torch
 
 from peer.codec import Codec, ErrorFeedback, all_finite, get_codec
@@ -216,6 +217,140 @@ def answer_limit(own_part_norm: float, group_size: int, norm_outlier_factor: flo
     if not own_part_norm > 0:
         return None
     return 4.0 * math.sqrt(group_size) * norm_outlier_factor * own_part_norm
+
+
+PAIR_SWAP_NUMEL = 1 << 18
+"""A group of two with at most this many values swaps whole deltas (``swaps``)."""
+
+
+def swaps(group: Group) -> bool:
+    """Whether ``group``'s members swap their whole encoded deltas instead of reducing shards:
+    a group of two whose model has at most ``PAIR_SWAP_NUMEL`` values. Each member sends the other
+    its whole delta and computes the same mean itself (``pair_mean``), so a round takes one
+    message each way after the group forms instead of a part and then an answer: a small
+    model's round is a few of those latencies and little else. The same bytes on the wire (each
+    member sends N values either way, ``2(K-1)/K N`` with K=2), and no owner answers anyone, so
+    no owner can lie about a mean. A function of the group alone, which both members validated
+    alike: they agree on it without a word. (Above the line the owners' shards stay: a whole delta
+    kept encoded beside the partner's would cost a byte a value or more, and a streamed part lets
+    the owner's barrier overlap with the wire.)"""
+    return len(group.members) == 2 and group.numel <= PAIR_SWAP_NUMEL
+
+
+def pair_mean(codec: Codec, payloads: list[bytes | bytearray], weights: list[float], numel: int) -> torch.Tensor:
+    """The weighted mean of a pair's encoded deltas (in the group's member order), the same bits
+    on every member and device: each decoded (exact, or one multiplication: int8), multiplied
+    by its share ``w / sum(w)`` rounded to float32 once, and the two products added; single,
+    correctly rounded float32 operations in numpy, which never fuses them (as the outer step,
+    ``peer.sync.outer``). A part of weight 0 takes no part (weight 1 of 1: the other's values
+    exactly); all weights 0 give zeros. Raises CodecError for a payload that does not decode to
+    ``numel`` finite values.
+
+    The group's weights are used as they are: with two members the median-based cap
+    (``cap_weights``) cannot hold one member's claim below the other's anyway, and no robust rule
+    (``Aggregation``) can tell which of two is honest. The pair's mean depends on nothing of
+    either member's own settings, which is what lets both compute it."""
+    out = torch.zeros(numel, dtype=torch.float32)
+    total = float(sum(weights))
+    if not total > 0:
+        return out
+    acc, first = out.numpy(), True
+    for payload, w in zip(payloads, weights):
+        if not w > 0:
+            continue
+        x = codec.decode(payload, numel).numpy()  # a fresh array: scratch from here on
+        share = np.float32(w / total)
+        if first:
+            np.multiply(x, share, out=acc)
+            first = False
+        else:
+            np.multiply(x, share, out=x)
+            np.add(acc, x, out=acc)
+    return out
+
+
+class SwapShard:
+    """This member's side of a pair's swap (``swaps``), registered as an owner's shard is: it takes
+    the partner's whole delta where it arrives (the span ``[0, numel)``), checks it as an owner
+    checks a part (a member of the group, its announced weight the group's, a payload that
+    decodes to finite values), and answers the partner's call with nothing but success. Waits
+    for it until ``cutoff_s``; then the round fails here (``received``'s error): a mean without
+    the partner would differ from the one the partner may compute with us."""
+
+    def __init__(self, group: Group, me: str, codec: Codec, cutoff_s: float,
+                 on_delivered: Callable[[list[str], list[str]], None] = lambda delivered, missing: None) -> None:
+        self.group = group
+        self._me = me
+        self._partner = next(m for m in group.members if m.peer_id != me)
+        self._codec = codec
+        self._on_delivered = on_delivered
+        loop = asyncio.get_running_loop()
+        self.received: asyncio.Future[bytes] = loop.create_future()  # the partner's payload
+        self.result: asyncio.Future[tuple[bytes, int]] = loop.create_future()  # the reply to its call
+        self._cutoff_s = cutoff_s
+        self._cutoff_at = loop.time() + cutoff_s
+        self._timer = loop.call_later(cutoff_s, self._cutoff)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return 0, self.group.numel
+
+    @property
+    def numel(self) -> int:
+        return self.group.numel
+
+    async def add(self, peer_id: str, weight: float, payload: bytes | bytearray) -> None:
+        """The partner's delta. Raises RoundError (with a metric reason) if it is refused; a
+        refused delta (not a stranger's, not a repeat) also fails this member's round."""
+        if peer_id != self._partner.peer_id:
+            raise RoundError("not_member", f"{peer_id} is not this peer's partner in group {self.group.group_id}")
+        if self.received.done():
+            if self.received.exception() is not None:
+                raise RoundError("late", f"the delta from {peer_id} arrived after the cut-off")
+            raise RoundError("duplicate", f"{peer_id} already sent its delta")
+        try:
+            if not (weight >= 0 and weight < float("inf")) or weight != self._partner.weight:
+                raise RoundError("bad_weight", f"{peer_id} announces weight {weight}; it joined the group with "
+                                 f"{self._partner.weight}")
+            if self._codec.value_bounds(payload, self.numel) is None:
+                self._codec.decode(payload, self.numel)  # (its scales do not prove it finite: decoded once)
+        except CodecError as exc:
+            self._refuse(RoundError("corrupt", f"the delta from {peer_id} does not decode: {exc}"))
+        except RoundError as exc:
+            self._refuse(exc)
+        self._timer.cancel()
+        self.received.set_result(payload)
+        self.result.set_result((b"", 2))
+        self._on_delivered(sorted([self._me, peer_id]), [])
+
+    def _refuse(self, error: RoundError) -> None:
+        self._timer.cancel()
+        self.received.set_exception(RoundError(error.reason, f"round {self.group.round}: {error}"))
+        self.result.set_exception(error)
+        raise error
+
+    def answered(self, peer_id: str) -> bool:
+        """The partner's call was answered: nobody else may send anything here."""
+        return True
+
+    def _cutoff(self) -> None:
+        late_by = asyncio.get_running_loop().time() - self._cutoff_at
+        stalled = late_by > max(0.05, 0.2 * self._cutoff_s)
+        if self.received.done():
+            return
+        error = RoundError("shard_missing", f"round {self.group.round}: the delta of {self._partner.peer_id} did "
+                           f"not arrive by the cut-off")
+        self.received.set_exception(error)
+        self.result.set_exception(error)
+        self._on_delivered([self._me], [] if stalled else [self._partner.peer_id])
+
+    def close(self) -> None:
+        self._timer.cancel()
+        for f in (self.received, self.result):
+            if not f.done():
+                f.set_exception(RoundError("closed", "round closed"))
+            if not f.cancelled():
+                f.exception()  # consumed: asyncio does not log "never retrieved" for abandoned rounds
 
 
 @dataclass
@@ -521,6 +656,11 @@ class OwnedShard:
         self._timer = loop.call_later(cutoff_s, self._cutoff)
 
     @property
+    def span(self) -> tuple[int, int]:
+        """The values this shard covers, ``[start, end)`` of the model."""
+        return self.me.shard_start, self.me.shard_end
+
+    @property
     def numel(self) -> int:
         return self.me.shard_end - self.me.shard_start
 
@@ -682,10 +822,10 @@ class ShardRegistry:
     """Owned shards by group id, so the server can route incoming parts. Loop-only."""
 
     def __init__(self) -> None:
-        self._shards: dict[str, OwnedShard] = {}
+        self._shards: dict[str, OwnedShard | SwapShard] = {}
         self._waiters: dict[str, asyncio.Event] = {}
 
-    def put(self, shard: OwnedShard) -> None:
+    def put(self, shard: OwnedShard | SwapShard) -> None:
         self._shards[shard.group.group_id] = shard
         self._waiters.pop(shard.group.group_id, asyncio.Event()).set()
 
@@ -694,7 +834,7 @@ class ShardRegistry:
         if shard is not None:
             shard.close()
 
-    async def get(self, group_id: str, timeout_s: float) -> OwnedShard:
+    async def get(self, group_id: str, timeout_s: float) -> OwnedShard | SwapShard:
         """The shard of ``group_id``; waits up to ``timeout_s`` for the owner to learn its group."""
         if group_id in self._shards:
             return self._shards[group_id]
@@ -782,6 +922,7 @@ class Reducer:
         self._ef: ErrorFeedback | None = None
         self._cutoff_share = owner_cutoff_share
         self._hook = phase_hook
+        self._sending: set[asyncio.Future] = set()  # pairs' swaps still sending (``_send_swap``)
 
     @property
     def feedback(self) -> ErrorFeedback | None:
@@ -820,6 +961,8 @@ class Reducer:
             # there like a host delta (its error feedback residual moves with it), instead of
             # a dozen kernels and waits for the device per shard (``HOST_NUMEL``).
             delta = delta.cpu()
+        if swaps(group):
+            return await self._swap(group, delta, weight, codec)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = started + group.reduce_deadline_s
@@ -963,6 +1106,71 @@ class Reducer:
             # Give streams that still want our shard's answer a moment, then drop it.
             loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
 
+    async def _swap(self, group: Group, delta: torch.Tensor, weight: float, codec: Codec
+                    ) -> tuple[Averaged, ReduceStats]:
+        """``run`` for a pair that swaps whole deltas (``swaps``): this member's delta, encoded
+        whole (error feedback as for any part), goes to the partner, whose delta comes in on
+        this peer's server (``SwapShard``); both then compute the same mean (``pair_mean``) of the
+        two payloads, this member's own as encoded (the partner has only those bytes). The round
+        ends here when the partner's delta is in: the partner's reply to our call (its
+        acceptance) is not waited for; a partner that refuses our delta fails its own round, and
+        the next round's hash check meets the two states as any other disagreement."""
+        partner = next(m for m in group.members if m.peer_id != self._me)
+        n = group.numel
+        deadline = time.monotonic() + group.reduce_deadline_s
+        ef = self._feedback(codec, n)
+        on_device = delta.device.type != "cpu"
+        swap = SwapShard(group, self._me, codec, cutoff_s=group.reduce_deadline_s, on_delivered=self._on_delivered)
+        self._registry.put(swap)
+        try:
+            await self._hook("reduce", group.round)
+
+            def encode() -> tuple[bytes, torch.Tensor | None]:
+                if ef is None:
+                    return codec.encode(delta), None
+                corrected = ef.corrected_in_place(delta)
+                return ef.encode_shard(corrected, 0, n), corrected
+
+            # (a delta the codec refuses, NaN/Inf, raises CodecError: the caller's error, as in ``run``)
+            mine, corrected = await offload(self._executor, n, encode, on_device=on_device)
+            header = ReduceHeader(run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
+                                  shard_start=0, shard_end=n, codec=codec.name, numel=n,
+                                  total_bytes=len(mine), weight=weight)
+            stats = ReduceStats(encoded_bytes=len(mine), sent_bytes=len(mine))
+            sending = asyncio.ensure_future(self._send_swap(partner, header, mine, deadline))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+            theirs = await asyncio.shield(swap.received)
+            stats.received_bytes += len(theirs)
+            payloads = [mine if m.peer_id == self._me else theirs for m in group.members]
+            try:
+                mean = await offload(self._executor, 2 * n, pair_mean, codec, payloads,
+                                     [m.weight for m in group.members], n)
+            except CodecError as exc:  # (both were checked to decode: a codec's bug, not a peer's)
+                raise RoundError("corrupt", f"round {group.round}: a pair's delta does not decode: {exc}") from None
+            if ef is not None and corrected is not None:
+                ef.commit(corrected, copy=corrected is delta)
+            stats.contributors.append(sum(1 for m in group.members if m.weight > 0) or 2)
+            exact = get_codec("fp32")
+            stats.answers = ((0, n, exact.encode(mean)),)
+            return Averaged(exact, n, stats.answers, magnitude(mean)), stats
+        finally:
+            # (answered, the partner's call removed it already; else a late call still gets told)
+            asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove,
+                                                  group.group_id)
+
+    async def _send_swap(self, partner: Member, header: ReduceHeader, payload: bytes, deadline: float) -> None:
+        """This member's whole delta to its partner (``_swap``); runs on after the round ended here,
+        until the partner accepts it or the deadline passes. A failure is logged: the partner's
+        round fails with it, and ours may not have."""
+        timeout = deadline - time.monotonic()
+        try:
+            if timeout <= 0:
+                raise RoundError("deadline", "no time left")
+            await self._client.reduce(partner.address, header, payload, timeout)
+        except (PeerUnavailable, RoundError) as exc:
+            log.warning("round %d: the delta for partner %s was not taken: %s", header.round, partner.peer_id, exc)
+
     async def _own(self, owned: OwnedShard, part: asyncio.Future[bytes] | torch.Tensor, weight: float
                    ) -> tuple[bytes, int] | Exception:
         """This member's part of its own shard (encoded, or a float32 tensor as it is) to the
@@ -1044,9 +1252,9 @@ class ReduceOwner:
         if owned.group.member(header.peer_id) is None:
             # Before anything is allocated for the part: only the group's members may send one.
             raise RoundError("not_member", f"{header.peer_id} is not a member of group {owned.group.group_id}")
-        if (header.shard_start, header.shard_end) != (owned.me.shard_start, owned.me.shard_end):
+        if (header.shard_start, header.shard_end) != owned.span:
             raise RoundError("bad_shard", f"{header.peer_id} sent shard {header.shard_start}-{header.shard_end}; "
-                             f"this peer owns {owned.me.shard_start}-{owned.me.shard_end}")
+                             f"this peer takes {owned.span[0]}-{owned.span[1]}")
         if header.codec != owned.group.codec or header.numel != owned.numel or header.round != owned.group.round:
             raise RoundError("malformed", f"{header.peer_id}: codec/size/round do not match group "
                              f"{owned.group.group_id}")
@@ -1060,6 +1268,8 @@ class ReduceOwner:
         try:
             await owned.add(header.peer_id, header.weight, payload)
         except RoundError as exc:
+            if isinstance(owned, SwapShard):
+                raise  # a pair's refused delta fails the partner's call (the server counts it)
             self._on_rejected(header, exc)
         await self._hook("owner", header.round)
         result, contributors = await asyncio.shield(owned.result)

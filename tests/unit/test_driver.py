@@ -18,6 +18,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from peer.codec import get_codec
 from peer.config import Settings, load_config
 from peer.errors import PeerUnavailable, RoundError
 from peer.membership import Attested
@@ -533,11 +534,12 @@ async def test_run_trains_the_configured_rounds_and_withholds_a_nan_phase(tmp_pa
     assert net["p15"].driver.progress.eval["loss"] > 0
 
 
+@pytest.mark.parametrize("k", [3, 2])  # owners' answers; a pair's swapped deltas
 @pytest.mark.parametrize("codec", ["int8", "sign1"])
-async def test_a_peer_applying_rounds_on_its_device_holds_the_groups_bits(tmp_path, pool, codec):
+async def test_a_peer_applying_rounds_on_its_device_holds_the_groups_bits(tmp_path, pool, codec, k):
     # Prepare: p22's model is "on a device" (the mirror's path, on the CPU here); sign1 with
     # error feedback, int8 without
-    net = _swarm(tmp_path, pool, 3, rounds=3, mirrored=("p22",), codec=codec, error_feedback=codec == "sign1")
+    net = _swarm(tmp_path, pool, k, rounds=3, mirrored=("p22",), codec=codec, error_feedback=codec == "sign1")
     # Execute
     await asyncio.wait_for(asyncio.gather(*(n.driver.run() for n in net.values())), 30)
     # Assert: one state everywhere; every phase of p22 started from its mirror, which holds the
@@ -675,8 +677,25 @@ def test_leader_failures_are_counted_in_a_row(tmp_path, pool):
     assert "x" in d._suspects and node.metric("peer_sync_excluded_total", reason="failing_leader") == 1
 
 
+async def test_a_pair_swaps_deltas_applies_one_mean_and_keeps_nothing_registered(tmp_path, pool):
+    # Prepare: a pair (peer.sync.round.swaps)
+    net = _swarm(tmp_path, pool, 2)
+    # Execute
+    avgs = [a.tensor() for a in await _round(net.values())]
+    await asyncio.sleep(0.05)  # (each partner's reply to the other's call)
+    # Assert: one mean, one state, each delta sent whole once (int8: 600 values + a scale a block)
+    assert torch.equal(avgs[0], avgs[1]) and torch.allclose(avgs[0], torch.full((NUMEL,), 0.015), atol=1e-4)
+    assert len({n.store.state.global_hash for n in net.values()}) == 1
+    assert all(n.store.state.round == 1 for n in net.values())
+    size = get_codec("int8").encoded_size(NUMEL)
+    for n in net.values():
+        assert n.metric("peer_net_sent_bytes_total", codec="int8") == size
+        assert n.metric("peer_rounds_total", outcome="completed") == 1
+        assert not n.driver.registry._shards  # answered: the partner's call removed it
+
+
 async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path, pool):
-    net = _swarm(tmp_path, pool, 2, codec="fp32")
+    net = _swarm(tmp_path, pool, 3, codec="fp32")  # (a pair swaps deltas: nobody answers it)
     honest = Client.reduce
 
     async def nan_answer(self, address, header, payload, timeout_s):

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from peer.codec import get_codec
-from peer.errors import PeerUnavailable, RoundError
+from peer.errors import CodecError, PeerUnavailable, RoundError
 from peer.sync.outer import OUTER_CHUNK, magnitude, step_hashed_into, tensor_digest
 from peer.sync.round import (
     DEVICE_INLINE_NUMEL,
     INLINE_NUMEL,
+    PAIR_SWAP_NUMEL,
     Averaged,
     Matchmaker,
     OwnedShard,
@@ -24,7 +25,9 @@ from peer.sync.round import (
     ShardRegistry,
     leader_for,
     offload,
+    pair_mean,
     shard_bounds,
+    swaps,
 )
 from peer.types import Group, JoinOutcome, JoinRequest, Member
 
@@ -137,6 +140,126 @@ async def test_butterfly_gives_every_member_the_same_weighted_mean(codec):
     for _, stats in results:
         assert stats.contributors == [3, 3, 3]
         assert stats.sent_bytes > 0 and stats.received_bytes > 0
+
+
+def _group(k: int, numel: int, weights: tuple[float, ...] | None = None) -> Group:
+    weights = weights or (1.0,) * k
+    return Group("g", 0, "h", tuple(Member(f"p{i}", f"p{i}", s, e, weights[i])
+                                    for i, (s, e) in enumerate(shard_bounds(numel, k))), "int8", numel, 3.0)
+
+
+def test_only_a_pair_with_a_small_model_swaps_whole_deltas():
+    assert swaps(_group(2, 9610)) and swaps(_group(2, PAIR_SWAP_NUMEL))
+    assert not swaps(_group(2, PAIR_SWAP_NUMEL + 1))  # a large pair: owners, parts streamed
+    assert not swaps(_group(3, 9610)) and not swaps(_group(1, 9610))
+
+
+def test_a_pairs_mean_is_single_float32_operations_with_the_weights_shares():
+    c = get_codec("int8")
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5000, generator=gen), torch.randn(5000, generator=gen) * 7
+    px, py = c.encode(x), c.encode(y)
+    dx, dy = c.decode(px, 5000), c.decode(py, 5000)
+    # each decoded delta times its share rounded to float32 once, then one float32 addition
+    want = (dx * torch.tensor(1 / 3, dtype=torch.float32)) + (dy * torch.tensor(2 / 3, dtype=torch.float32))
+    assert torch.equal(pair_mean(c, [px, py], [1.0, 2.0], 5000), want)
+    assert torch.equal(pair_mean(c, [px, py], [2.0, 2.0], 5000), dx * 0.5 + dy * 0.5)
+    # a weight of 0 takes no part: the other's values exactly; no weight at all: zeros
+    assert torch.equal(pair_mean(c, [px, py], [0.0, 5.0], 5000), dy)
+    assert torch.equal(pair_mean(c, [px, py], [0.0, 0.0], 5000), torch.zeros(5000))
+    with pytest.raises(CodecError):
+        pair_mean(get_codec("fp32"), [b"\xff" * 20, b"\0" * 20], [1.0, 1.0], 5)  # NaN
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+async def test_a_pair_swaps_whole_deltas_in_one_message_each_and_both_hold_the_same_mean(codec):
+    # Prepare: a pair, different deltas and weights; every call a member makes is recorded
+    numel = 3001
+    net = _swarm(2, numel, codec)
+    gen = torch.Generator().manual_seed(2)
+    deltas = {p: torch.randn(numel, generator=gen) for p in net}
+    weights = {"p0": 1.0, "p1": 3.0}
+    calls = []
+    honest = Client.reduce
+
+    async def recorded(self, address, header, payload, timeout_s):
+        calls.append((header.peer_id, address, header.shard_start, header.shard_end, len(payload)))
+        return await honest(self, address, header, payload, timeout_s)
+
+    replies = await asyncio.gather(*(_form(n, weight=weights[p]) for p, n in net.items()))
+    Client.reduce = recorded
+    try:
+        results = await asyncio.gather(*(n.reducer.run(r.group, deltas[p].clone(), weights[p])
+                                         for (p, n), r in zip(net.items(), replies)))
+        await asyncio.sleep(0.05)  # (the partners' replies, which a member does not wait for)
+    finally:
+        Client.reduce = honest
+    # Assert: one call each way, of the whole encoded delta
+    c = get_codec(codec)
+    assert sorted(calls) == [("p0", "p1", 0, numel, c.encoded_size(numel)), ("p1", "p0", 0, numel, c.encoded_size(numel))]
+    # the same bits on both: the mean of the two payloads as sent, within the codec's bound of the exact mean
+    avgs = [avg.tensor() for avg, _ in results]
+    assert torch.equal(avgs[0], avgs[1])
+    assert torch.equal(avgs[0], pair_mean(c, [c.encode(deltas["p0"]), c.encode(deltas["p1"])], [1.0, 3.0], numel))
+    ref = (deltas["p0"] + 3 * deltas["p1"]) / 4
+    bound = (c.error_bound(deltas["p0"]) + 3 * c.error_bound(deltas["p1"])) / 4 + 1e-6
+    assert (avgs[0] - ref).abs().max().item() <= bound
+    assert all(avg.magnitude == magnitude(avgs[0]) for avg, _ in results)
+    for _, stats in results:
+        assert stats.contributors == [2] and stats.sent_bytes == stats.received_bytes == c.encoded_size(numel)
+
+
+async def test_a_pair_member_refuses_a_partners_delta_that_lies_and_fails_its_round():
+    # Prepare: p1 claims another weight than the one it joined with, then sends a NaN delta
+    numel = 500
+    for lie in ("weight", "nan"):
+        net = _swarm(2, numel, "fp32")
+        replies = await asyncio.gather(*(_form(n) for n in net.values()))
+        group = replies[0].group
+        honest = Client.reduce
+        refused = []
+
+        async def lying(self, address, header, payload, timeout_s):
+            if header.peer_id == "p1":
+                header, payload = ((replace(header, weight=50.0), payload) if lie == "weight"
+                                   else (header, b"\xff" * len(payload)))
+            try:
+                return await honest(self, address, header, payload, timeout_s)
+            except RoundError as exc:
+                refused.append((header.peer_id, exc.reason))
+                raise
+
+        Client.reduce = lying
+        try:
+            outcomes = await asyncio.gather(*(n.reducer.run(group, torch.ones(numel), 1.0) for n in net.values()),
+                                            return_exceptions=True)
+            await asyncio.sleep(0.05)
+        finally:
+            Client.reduce = honest
+        # Assert: the honest member's round fails, naming why; the liar's call was refused
+        honest_outcome, liar_outcome = outcomes
+        assert isinstance(honest_outcome, RoundError), (lie, honest_outcome)
+        assert honest_outcome.reason == ("bad_weight" if lie == "weight" else "corrupt")
+        assert refused == [("p1", honest_outcome.reason)]
+        assert not isinstance(liar_outcome, BaseException)  # (it got an honest delta: the next hash check meets it)
+
+
+async def test_a_pair_member_whose_partner_sends_nothing_fails_at_the_deadline_and_blames_it():
+    net = _swarm(2, 400)
+    delivered = []
+    net["p0"].reducer._on_delivered = lambda ok, missing: delivered.append((ok, missing))
+    replies = await asyncio.gather(*(_form(n) for n in net.values()))
+    group = replace(replies[0].group, reduce_deadline_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(RoundError) as err:
+        await net["p0"].reducer.run(group, torch.ones(400), 1.0)  # p1 never runs its side
+    assert err.value.reason == "shard_missing" and "p1" in str(err.value)
+    assert 0.25 < time.monotonic() - started < 2.0
+    assert delivered == [(["p0"], ["p1"])]
+    # a delta that comes after the cut-off is refused as late
+    late = replace(group.members[1], weight=1.0)
+    with pytest.raises(RoundError, match="after the cut-off"):
+        await net["p0"].registry._shards[group.group_id].add(late.peer_id, 1.0, get_codec("int8").encode(torch.ones(400)))
 
 
 async def test_group_forms_without_a_peer_that_never_joins():
