@@ -23,7 +23,8 @@ part that fits one chunk goes in one message), which members send each other. 5 
 does not serve. 8: a group of two sends its leader no confirmation (``peer.sync.confirm.compared``),
 which a leader of version 7 would wait for until the all-reduce deadline. 9: a group of two with
 a small model swaps whole deltas (``peer.sync.round.swaps``), which an owner of version 8 refuses
-as a part of the wrong shard."""
+as a part of the wrong shard; its members offer their deltas with the join, and the leader's
+GROUP reply carries its own (``JoinRequest.swap_delta``)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class JoinRequest:
     address: str
     confirm_group: str = ""  # set: a confirmation of group ``confirm_group``'s answers, not a join
     answer_digests: tuple[str, ...] = ()
+    swap_delta: bytes = b""  # a pair's whole encoded delta, offered with the join (``peer.sync.round.swaps``)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class JoinReply:
     group: Group | None = None
     leader_hint: str = ""
     leader_round: int = 0
+    swap_delta: bytes = b""  # in a pair's GROUP reply: the other member's (the leader's) offered delta
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
-from peer.codec import all_finite
+from peer.codec import all_finite, get_codec
 from peer.config import Config, Settings
 from peer.errors import PeerError, PeerUnavailable, RoundError, StateError
 from peer.metrics import Metrics
@@ -45,7 +45,7 @@ from peer.sync.confirm import AnswerChecks, compared
 from peer.sync.mirror import Answers, DeviceMirror
 from peer.sync.outer import REMEASURE_ABOVE, finite_bound, step_hashed_into
 from peer.sync.round import (
-    Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
+    PAIR_SWAP_NUMEL, Aggregation, Averaged, Matchmaker, PeerClient, PhaseHook, Reducer, ReduceOwner, ShardRegistry,
     check_group, leader_for, let_replies_out, no_hook, offload, runs_inline,
 )
 from peer.sync.state import GlobalState
@@ -216,6 +216,8 @@ class RoundDriver:
         self._suspects: dict[str, float] = {}  # leader id -> monotonic time until which it is skipped
         self._leader_failures: dict[str, int] = {}
         self._group_leader = peer_id
+        self._relayed: tuple[str, bytes] = ("", b"")  # (group id, the partner's delta its join reply carried)
+        self._swap_bytes = get_codec(cfg.sync.codec).encoded_size(store.numel)  # a pair's offered delta, exactly
         self._misses: dict[str, int] = {}  # member -> rounds in a row its part missed our cut-off
         self._excluded: dict[str, float] = {}  # member -> monotonic time until which it is left out
         self._mismatched: dict[str, set[str]] = {}  # owner -> members that received other bytes from it
@@ -266,6 +268,13 @@ class RoundDriver:
             self._invalid("bad_join", f"{req.peer_id} asked to join with weight {req.weight} / hash "
                           f"{req.global_hash[:16]!r}")
             return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a hex hash of at most 64 digits")
+        if req.swap_delta and (self._store.numel > PAIR_SWAP_NUMEL or len(req.swap_delta) != self._swap_bytes):
+            # (its values are checked where the round takes it: ``SwapShard.add``)
+            self._invalid("bad_join", f"{req.peer_id} offered a delta of {len(req.swap_delta)} bytes with its join; "
+                          f"a pair of this model swaps {self._swap_bytes if self._store.numel <= PAIR_SWAP_NUMEL else 0}")
+            return JoinReply(JoinOutcome.REFUSED, f"a delta offered with a join must be the whole delta encoded with "
+                             f"{self._cfg.sync.codec} ({self._swap_bytes} bytes), and only for a model of at most "
+                             f"{PAIR_SWAP_NUMEL} values")
         self._heard[req.peer_id] = time.monotonic()
         return await self.matchmaker.join(req)
 
@@ -410,12 +419,16 @@ class RoundDriver:
         self._metrics.round_deadline_seconds.set(deadline)
         return deadline
 
-    async def form_group(self, rnd: int, weight: float) -> Group | JoinReply:
+    async def form_group(self, rnd: int, weight: float, offer: bytes = b"") -> Group | JoinReply:
         """Follower and leader side: join round ``rnd`` through its leader (``leader_for`` over
         the live members not under suspicion; the next one when it does not answer); return the
-        group, or why there is none."""
+        group, or why there is none. ``offer``: this peer's encoded delta, for a pair that swaps
+        (``peer.sync.round.swaps``); the partner's, where the reply carried it, is kept for the
+        round (``_relayed``)."""
         req = JoinRequest(run_id=self._run_id, peer_id=self._me, round=rnd,
-                          global_hash=self._store.state.global_hash, weight=weight, address=self._address())
+                          global_hash=self._store.state.global_hash, weight=weight, address=self._address(),
+                          swap_delta=offer)
+        self._relayed = ("", b"")
         # The leader answers within its own matchmaking timeout, which adapts to what it has
         # seen (not what we have): wait for the configured cap, plus a margin for the network.
         timeout = self._cfg.sync.matchmaking_timeout_s + 2.0
@@ -457,6 +470,8 @@ class RoundDriver:
                     # A lie gets its leader skipped at once; a group naming a peer we have not
                     # met yet counts as one failed round of an honest leader.
                     self._leader_outcome(leader, False, "bad_group" if checked.leader_round == rnd else "")
+                elif reply.swap_delta:
+                    self._relayed = (checked.group_id, reply.swap_delta)
                 return checked
             if reply.outcome == JoinOutcome.NOT_LEADER and "@" in reply.leader_hint:
                 pid, _, addr = reply.leader_hint.partition("@")
@@ -632,7 +647,11 @@ class RoundDriver:
         t0 = time.monotonic()
         self.progress.phase = "matchmaking"
         await self._hook("join", rnd)
-        formed = await self.form_group(rnd, weight)
+        # Expecting a pair that swaps (one other live peer, a small model): the delta goes with
+        # the join, encoded already, and the partner's may come back with the group.
+        offer = await self.reducer.offer(delta, self._cfg.sync.codec) \
+            if self._store.numel <= PAIR_SWAP_NUMEL and len(self._members.live()) == 1 else None
+        formed = await self.form_group(rnd, weight, offer.payload if offer is not None else b"")
         if previous is not None and not await self._settle_round(previous):
             # This round started from answers the previous group's majority did not receive; the
             # state is back to the one before them. A group that formed with us goes on without
@@ -667,7 +686,9 @@ class RoundDriver:
         leader = self._group_leader
         try:
             sent = delta.clone() if self._cfg.run.dump_dir else delta  # dump_round writes it afterwards
-            avg, stats = await self.reducer.run(group, sent, weight)
+            relayed = self._relayed[1] if self._relayed[0] == group.group_id else b""
+            self._relayed = ("", b"")
+            avg, stats = await self.reducer.run(group, sent, weight, offer=offer, relayed=relayed)
             # Kept only for a mirror to apply (a byte a value with int8): let them go otherwise.
             answers, stats.answers = (stats.answers if self._mirror is not None else ()), ()
         except RoundError as exc:

@@ -237,6 +237,17 @@ def swaps(group: Group) -> bool:
     return len(group.members) == 2 and group.numel <= PAIR_SWAP_NUMEL
 
 
+@dataclass
+class SwapOffer:
+    """A member's whole delta encoded before it joins a round it expects to swap (``swaps``),
+    offered with its join (``JoinRequest.swap_delta``), and what error feedback keeps if the
+    round takes it (``corrected``: the next residual, a tensor of its own; None without error
+    feedback). The delta itself is left as it was, for a group that does not swap."""
+
+    payload: bytes
+    corrected: torch.Tensor | None
+
+
 def pair_mean(codec: Codec, payloads: list[bytes | bytearray], weights: list[float], numel: int) -> torch.Tensor:
     """The weighted mean of a pair's encoded deltas (in the group's member order), the same bits
     on every member and device: each decoded (exact, or one multiplication: int8), multiplied
@@ -486,12 +497,26 @@ class Matchmaker:
             return JoinReply(JoinOutcome.WRONG_ROUND, f"round {req.round} is over; the leader is at round {current}",
                              leader_round=current)
         if group.member(req.peer_id) is not None:
-            return JoinReply(JoinOutcome.GROUP, group=group)
+            return JoinReply(JoinOutcome.GROUP, group=group, swap_delta=self._relayed(m, group, req.peer_id))
         if req.global_hash != group.global_hash:
             return JoinReply(JoinOutcome.HASH_MISMATCH,
                              f"round {req.round}: your parameters {req.global_hash[:12]} differ from the "
                              f"group's {group.global_hash[:12]}; resync", leader_round=group.round)
         return JoinReply(JoinOutcome.TOO_LATE, f"the group of round {req.round} formed without {req.peer_id}")
+
+    def _relayed(self, m: _Match, group: Group, peer_id: str) -> bytes:
+        """For member ``peer_id`` of a pair that swaps (``swaps``): the delta the other member
+        offered with its join, when this leader is that other member and both offered one. Both
+        replies are decided alike from the same joins, so either both members have the other's
+        delta when the group forms, or neither does (and both send theirs on the Session
+        stream). Nobody else's delta is ever passed on: a leader outside the pair relays nothing."""
+        if not swaps(group) or group.member(self._me) is None:
+            return b""
+        other = next(x.peer_id for x in group.members if x.peer_id != peer_id)
+        asking, offered = m.joins.get(peer_id), m.joins.get(other)
+        if asking is None or offered is None or not asking.swap_delta or not offered.swap_delta:
+            return b""
+        return offered.swap_delta
 
     def redirect(self, rnd: int, leader: str, address: str) -> None:
         """This peer joins round ``rnd`` at ``leader``: its view of the members changed since it
@@ -941,7 +966,28 @@ class Reducer:
             self._ef = ErrorFeedback(codec, numel)
         return self._ef
 
-    async def run(self, group: Group, delta: torch.Tensor, weight: float) -> tuple[Averaged, ReduceStats]:
+    async def offer(self, delta: torch.Tensor, codec_name: str) -> SwapOffer | None:
+        """This member's delta encoded whole for a pair's swap (``SwapOffer``), to offer with its
+        join; None for a delta the codec refuses (NaN/Inf: the round itself says so)."""
+        codec = get_codec(codec_name)
+        if delta.device.type != "cpu" and delta.numel() <= HOST_NUMEL:
+            delta = delta.cpu()
+        ef = self._feedback(codec, delta.numel())
+
+        def encode() -> SwapOffer:
+            # (bytes: protobuf takes nothing else; a codec may hand over the bytearray it wrote)
+            if ef is None:
+                return SwapOffer(bytes(codec.encode(delta)), None)
+            corrected = ef.corrected(delta)  # a new tensor: the delta stays as it is
+            return SwapOffer(bytes(ef.encode_shard(corrected, 0, delta.numel())), corrected)
+
+        try:
+            return await offload(self._executor, delta.numel(), encode, on_device=delta.device.type != "cpu")
+        except CodecError:
+            return None
+
+    async def run(self, group: Group, delta: torch.Tensor, weight: float, *, offer: SwapOffer | None = None,
+                  relayed: bytes = b"") -> tuple[Averaged, ReduceStats]:
         """All-reduce ``delta`` within ``group``; return the averaged delta (identical on every
         member that completes; kept encoded, ``Averaged``) and traffic stats. Raises RoundError
         when a shard is missing.
@@ -949,7 +995,11 @@ class Reducer:
         ``delta`` is given to the round: with error feedback its own memory holds the corrected
         delta and then the next residual (``ErrorFeedback.corrected_in_place``), so its values
         are gone after the call, whether the round completes or fails; a caller that needs them
-        passes a copy. (The residual itself changes only when the round completes.)"""
+        passes a copy. (The residual itself changes only when the round completes.)
+
+        A pair that swaps (``swaps``) uses ``offer``, this member's delta as it offered it with
+        its join, and ``relayed``, the partner's as the join's reply carried it (empty: it comes
+        on the partner's Session stream, and ours goes there too)."""
         me = group.member(self._me)
         if me is None:
             raise RoundError("not_member", f"{self._me} is not in group {group.group_id}")
@@ -962,7 +1012,7 @@ class Reducer:
             # a dozen kernels and waits for the device per shard (``HOST_NUMEL``).
             delta = delta.cpu()
         if swaps(group):
-            return await self._swap(group, delta, weight, codec)
+            return await self._swap(group, delta, weight, codec, offer, relayed)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = started + group.reduce_deadline_s
@@ -1106,22 +1156,31 @@ class Reducer:
             # Give streams that still want our shard's answer a moment, then drop it.
             loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove, group.group_id)
 
-    async def _swap(self, group: Group, delta: torch.Tensor, weight: float, codec: Codec
-                    ) -> tuple[Averaged, ReduceStats]:
-        """``run`` for a pair that swaps whole deltas (``swaps``): this member's delta, encoded
-        whole (error feedback as for any part), goes to the partner, whose delta comes in on
-        this peer's server (``SwapShard``); both then compute the same mean (``pair_mean``) of the
-        two payloads, this member's own as encoded (the partner has only those bytes). The round
-        ends here when the partner's delta is in: the partner's reply to our call (its
-        acceptance) is not waited for; a partner that refuses our delta fails its own round, and
-        the next round's hash check meets the two states as any other disagreement."""
+    async def _swap(self, group: Group, delta: torch.Tensor, weight: float, codec: Codec, offer: SwapOffer | None,
+                    relayed: bytes) -> tuple[Averaged, ReduceStats]:
+        """``run`` for a pair that swaps whole deltas (``swaps``). Both members compute the same
+        mean (``pair_mean``) of the two payloads, this member's own as encoded (the partner has
+        only those bytes). Where the join carried both deltas (``relayed``: the leader's reply
+        held the partner's, and the leader holds ours), nothing more is sent: the round is one
+        round trip, the join's. Otherwise this member's delta goes to the partner on the Session
+        stream, the partner's comes in on this peer's server (``SwapShard``), and the round ends
+        here when it is in: the partner's reply to our call (its acceptance) is not waited for; a
+        partner that refuses our delta fails its own round, and the next round's hash check meets
+        the two states as any other disagreement."""
         partner = next(m for m in group.members if m.peer_id != self._me)
         n = group.numel
         deadline = time.monotonic() + group.reduce_deadline_s
         ef = self._feedback(codec, n)
-        on_device = delta.device.type != "cpu"
         swap = SwapShard(group, self._me, codec, cutoff_s=group.reduce_deadline_s, on_delivered=self._on_delivered)
-        self._registry.put(swap)
+        if relayed:
+            try:  # checked as the partner's own call would be
+                await swap.add(partner.peer_id, partner.weight, relayed)
+            except RoundError as exc:
+                self._on_rejected(partner.peer_id, exc)
+                swap.close()
+                raise
+        else:
+            self._registry.put(swap)
         try:
             await self._hook("reduce", group.round)
 
@@ -1131,15 +1190,19 @@ class Reducer:
                 corrected = ef.corrected_in_place(delta)
                 return ef.encode_shard(corrected, 0, n), corrected
 
-            # (a delta the codec refuses, NaN/Inf, raises CodecError: the caller's error, as in ``run``)
-            mine, corrected = await offload(self._executor, n, encode, on_device=on_device)
-            header = ReduceHeader(run_id=self._run_id, group_id=group.group_id, round=group.round, peer_id=self._me,
-                                  shard_start=0, shard_end=n, codec=codec.name, numel=n,
-                                  total_bytes=len(mine), weight=weight)
+            if offer is not None:
+                mine, corrected = offer.payload, offer.corrected
+            else:  # (a delta the codec refuses, NaN/Inf, raises CodecError: the caller's error, as in ``run``)
+                mine, corrected = await offload(self._executor, n, encode, on_device=delta.device.type != "cpu")
+            # (counted alike whether the join or the Session stream carried them)
             stats = ReduceStats(encoded_bytes=len(mine), sent_bytes=len(mine))
-            sending = asyncio.ensure_future(self._send_swap(partner, header, mine, deadline))
-            self._sending.add(sending)
-            sending.add_done_callback(self._sending.discard)
+            if not relayed:
+                header = ReduceHeader(run_id=self._run_id, group_id=group.group_id, round=group.round,
+                                      peer_id=self._me, shard_start=0, shard_end=n, codec=codec.name, numel=n,
+                                      total_bytes=len(mine), weight=weight)
+                sending = asyncio.ensure_future(self._send_swap(partner, header, mine, deadline))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sending.discard)
             theirs = await asyncio.shield(swap.received)
             stats.received_bytes += len(theirs)
             payloads = [mine if m.peer_id == self._me else theirs for m in group.members]
@@ -1155,9 +1218,11 @@ class Reducer:
             stats.answers = ((0, n, exact.encode(mean)),)
             return Averaged(exact, n, stats.answers, magnitude(mean)), stats
         finally:
-            # (answered, the partner's call removed it already; else a late call still gets told)
-            asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._registry.remove,
-                                                  group.group_id)
+            if relayed:
+                swap.close()
+            else:  # (answered, the partner's call removed it already; else a late call still gets told)
+                asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()) + 1.0,
+                                                      self._registry.remove, group.group_id)
 
     async def _send_swap(self, partner: Member, header: ReduceHeader, payload: bytes, deadline: float) -> None:
         """This member's whole delta to its partner (``_swap``); runs on after the round ended here,

@@ -55,13 +55,13 @@ def status_from_pb(m: pb.StatusResponse) -> StatusInfo:
 def join_request_to_pb(r: JoinRequest) -> pb.JoinRoundRequest:
     return pb.JoinRoundRequest(run_id=r.run_id, peer_id=r.peer_id, round=r.round, global_hash=r.global_hash,
                                weight=r.weight, address=r.address, confirm_group=r.confirm_group,
-                               answer_digests=list(r.answer_digests))
+                               answer_digests=list(r.answer_digests), swap_delta=r.swap_delta)
 
 
 def join_request_from_pb(m: pb.JoinRoundRequest) -> JoinRequest:
     return JoinRequest(run_id=m.run_id, peer_id=m.peer_id, round=m.round, global_hash=m.global_hash,
                        weight=m.weight, address=m.address, confirm_group=m.confirm_group,
-                       answer_digests=tuple(m.answer_digests))
+                       answer_digests=tuple(m.answer_digests), swap_delta=m.swap_delta)
 
 
 def group_to_pb(g: Group) -> pb.Group:
@@ -80,7 +80,7 @@ def group_from_pb(m: pb.Group) -> Group:
 def join_reply_to_pb(r: JoinReply) -> pb.JoinRoundResponse:
     return pb.JoinRoundResponse(outcome=int(r.outcome), message=r.message,
                                 group=group_to_pb(r.group) if r.group else None,
-                                leader_hint=r.leader_hint, leader_round=r.leader_round)
+                                leader_hint=r.leader_hint, leader_round=r.leader_round, swap_delta=r.swap_delta)
 
 
 def join_reply_from_pb(m: pb.JoinRoundResponse) -> JoinReply:
@@ -89,7 +89,7 @@ def join_reply_from_pb(m: pb.JoinRoundResponse) -> JoinReply:
     except ValueError:
         outcome = JoinOutcome.REFUSED
     return JoinReply(outcome=outcome, message=m.message, group=group_from_pb(m.group) if m.HasField("group") else None,
-                     leader_hint=m.leader_hint, leader_round=m.leader_round)
+                     leader_hint=m.leader_hint, leader_round=m.leader_round, swap_delta=m.swap_delta)
 
 
 _REDUCE_FIELDS = ("run_id", "group_id", "round", "peer_id", "shard_start", "shard_end", "codec", "numel",

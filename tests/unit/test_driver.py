@@ -30,7 +30,7 @@ from peer.sync.mirror import DeviceMirror
 from peer.sync.outer import outer_step, tensor_digest
 from peer.sync.state import GlobalState, decode_state, read_checkpoint, state_header
 from peer.sync.store import StateStore
-from peer.types import JoinOutcome, JoinReply
+from peer.types import JoinOutcome, JoinReply, JoinRequest
 
 NUMEL = 600
 SETTINGS = Settings(inner_steps=1, batch_size=1, inner_lr=0.1, outer_lr=0.5, outer_momentum=0.9)
@@ -410,7 +410,7 @@ async def test_a_vanished_owner_fails_the_round_without_changing_the_state(tmp_p
     # the driver's own path: counted as failed, abandoned (nobody completed it), state unchanged
     net2 = _swarm(tmp_path / "b", pool, 3)
 
-    async def vanish(group, delta, weight):
+    async def vanish(group, delta, weight, **pair):
         net2["p17"].down = True
         raise RoundError("gone", "p2 died")
 
@@ -608,8 +608,10 @@ def test_deadlines_adapt_between_margin_and_cap():
 
 
 async def test_a_lying_leader_fails_the_round_counted_and_moves_nobody(tmp_path, pool):
-    net = _swarm(tmp_path, pool, 2)
-    follower = net["p22"]
+    # (three peers: in a pair, the leader holds its partner's delta from the join and completes
+    # its own round with it, however it lied; its partner then meets it a round ahead)
+    net = _swarm(tmp_path, pool, 3)
+    followers = [net["p22"], net["p17"]]
     honest = net["p15"].driver.join
 
     async def evil_group(req):
@@ -622,17 +624,18 @@ async def test_a_lying_leader_fails_the_round_counted_and_moves_nobody(tmp_path,
     async def resync(target, timeout_s):
         resyncs.append(target)
 
-    follower.driver.resync = resync
-    results = await asyncio.gather(net["p15"].driver.round(_delta(net["p15"]), 1.0),
-                                   follower.driver.round(_delta(follower), 1.0))
-    assert results[1] is None and follower.store.state.round == 0
+    for follower in followers:
+        follower.driver.resync = resync
+    results = await asyncio.gather(*(n.driver.round(_delta(n), 1.0) for n in net.values()))
+    assert results == [None, None, None] and all(n.store.state.round == 0 for n in net.values())
     # every honest member refuses such a group: nobody completes the round to catch up with
     assert resyncs == []
-    assert follower.metric("peer_sync_invalid_claims_total", reason="bad_group") == 1
-    # ... and that leader is skipped: the follower's next round does not go through it
-    assert follower.metric("peer_sync_excluded_total", reason="failing_leader") == 1
-    assert await follower.driver.round(_delta(follower), 1.0) is not None
-    assert follower.metric("peer_round_group_size_peers") == 1
+    for follower in followers:
+        assert follower.metric("peer_sync_invalid_claims_total", reason="bad_group") == 1
+        # ... and that leader is skipped: the followers' next round does not go through it
+        assert follower.metric("peer_sync_excluded_total", reason="failing_leader") == 1
+    assert all(r is not None for r in await asyncio.gather(*(f.driver.round(_delta(f), 1.0) for f in followers)))
+    assert all(f.metric("peer_round_group_size_peers") == 2 for f in followers)
 
 
 async def test_a_leader_claiming_a_round_far_ahead_moves_nobody(tmp_path, pool):
@@ -653,7 +656,7 @@ async def test_a_leader_whose_rounds_keep_failing_is_skipped(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3, leader_failure_limit=1)
     leader, follower = net["p15"], net["p22"]
 
-    async def vanish(group, delta, weight):
+    async def vanish(group, delta, weight, **pair):
         raise RoundError("gone", "an owner vanished")
 
     for n in net.values():
@@ -677,13 +680,32 @@ def test_leader_failures_are_counted_in_a_row(tmp_path, pool):
     assert "x" in d._suspects and node.metric("peer_sync_excluded_total", reason="failing_leader") == 1
 
 
-async def test_a_pair_swaps_deltas_applies_one_mean_and_keeps_nothing_registered(tmp_path, pool):
-    # Prepare: a pair (peer.sync.round.swaps)
+@pytest.mark.parametrize("offered", [True, False])
+async def test_a_pair_swaps_deltas_applies_one_mean_and_keeps_nothing_registered(tmp_path, pool, offered):
+    # Prepare: a pair (peer.sync.round.swaps); its members offer their deltas with the join, or
+    # (a member that expected a larger group) do not, and send them on the Session stream
     net = _swarm(tmp_path, pool, 2)
+    if not offered:
+        async def no_offer(delta, codec):
+            return None
+        net["p22"].driver.reducer.offer = no_offer
+    calls = []
+    honest = Client.reduce
+
+    async def recorded(self, address, header, payload, timeout_s):
+        calls.append((header.peer_id, header.shard_start, header.shard_end))
+        return await honest(self, address, header, payload, timeout_s)
+
     # Execute
-    avgs = [a.tensor() for a in await _round(net.values())]
-    await asyncio.sleep(0.05)  # (each partner's reply to the other's call)
-    # Assert: one mean, one state, each delta sent whole once (int8: 600 values + a scale a block)
+    Client.reduce = recorded
+    try:
+        avgs = [a.tensor() for a in await _round(net.values())]
+        await asyncio.sleep(0.05)  # (each partner's reply to the other's call)
+    finally:
+        Client.reduce = honest
+    # Assert: the join carried both deltas (nothing else was sent), or each went whole in one call
+    assert sorted(calls) == ([] if offered else [("p15", 0, NUMEL), ("p22", 0, NUMEL)])
+    # one mean, one state, each delta sent whole once (int8: 600 values + a scale a block)
     assert torch.equal(avgs[0], avgs[1]) and torch.allclose(avgs[0], torch.full((NUMEL,), 0.015), atol=1e-4)
     assert len({n.store.state.global_hash for n in net.values()}) == 1
     assert all(n.store.state.round == 1 for n in net.values())
@@ -692,6 +714,32 @@ async def test_a_pair_swaps_deltas_applies_one_mean_and_keeps_nothing_registered
         assert n.metric("peer_net_sent_bytes_total", codec="int8") == size
         assert n.metric("peer_rounds_total", outcome="completed") == 1
         assert not n.driver.registry._shards  # answered: the partner's call removed it
+
+
+async def test_a_pair_member_offering_a_lying_delta_fails_its_partners_round_counted(tmp_path, pool):
+    # Prepare: fp32; p22 offers a delta of NaNs with its join, then one of the wrong size
+    from peer.sync.round import SwapOffer
+
+    net = _swarm(tmp_path, pool, 2, codec="fp32")
+    leader, liar = net["p15"], net["p22"]
+    size = get_codec("fp32").encoded_size(NUMEL)
+
+    async def nan_offer(delta, codec):
+        return SwapOffer(b"\xff" * size, None)
+
+    liar.driver.reducer.offer = nan_offer
+    # Execute
+    results = await _round(net.values())
+    # Assert: the leader refuses it where its round takes it (counted), and keeps its state
+    assert results[0] is None and leader.store.state.round == 0
+    assert leader.metric("peer_sync_rejected_contributions_total", reason="corrupt") == 1
+    assert leader.metric("peer_rounds_total", outcome="failed") == 1
+
+    # a delta of the wrong size is refused with the join itself
+    reply = await leader.driver.join(JoinRequest(run_id="r", peer_id="p22", round=0, global_hash="h", weight=1.0,
+                                                 address="p22", swap_delta=b"\0" * (size - 4)))
+    assert reply.outcome == JoinOutcome.REFUSED and "whole delta" in reply.message
+    assert leader.metric("peer_sync_invalid_claims_total", reason="bad_join") == 1
 
 
 async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path, pool):

@@ -262,6 +262,31 @@ async def test_a_pair_member_whose_partner_sends_nothing_fails_at_the_deadline_a
         await net["p0"].registry._shards[group.group_id].add(late.peer_id, 1.0, get_codec("int8").encode(torch.ones(400)))
 
 
+async def test_a_pair_leader_relays_only_its_own_delta_and_only_when_both_offered_one():
+    # a pair with its leader in it: each reply carries the other's offered delta
+    net = _swarm(2, 100, timeout_s=0.3)
+    offers = {"p0": b"delta of p0", "p1": b"delta of p1"}
+    leader = net[leader_for(0, ["p0", "p1"])]
+    replies = await asyncio.gather(*(leader.matchmaker.join(replace(n.req(), swap_delta=offers[p]))
+                                     for p, n in net.items()))
+    assert [r.swap_delta for r in replies] == [offers["p1"], offers["p0"]]
+    # one join without an offer: neither reply carries one (both members then send theirs)
+    net = _swarm(2, 100)
+    leader = net[leader_for(0, ["p0", "p1"])]
+    replies = await asyncio.gather(leader.matchmaker.join(replace(net["p0"].req(), swap_delta=offers["p0"])),
+                                   leader.matchmaker.join(net["p1"].req()))
+    assert [r.swap_delta for r in replies] == [b"", b""] and all(r.outcome == JoinOutcome.GROUP for r in replies)
+    # a pair formed by a leader outside it (its timeout, without its own join): it passes nothing on
+    net = _swarm(3, 100, timeout_s=0.2)
+    leader = net[leader_for(0, ["p0", "p1", "p2"])]
+    others = [n for n in net.values() if n is not leader]
+    replies = await asyncio.gather(*(leader.matchmaker.join(replace(n.req(), swap_delta=b"d" + n.pid.encode()))
+                                     for n in others))
+    assert all(r.outcome == JoinOutcome.GROUP and len(r.group.members) == 2 for r in replies)
+    assert leader.pid not in [m.peer_id for m in replies[0].group.members]
+    assert [r.swap_delta for r in replies] == [b"", b""]
+
+
 async def test_group_forms_without_a_peer_that_never_joins():
     net = _swarm(3, 100, timeout_s=0.5)
     # p2 is live (known to the leader) but never joins: the leader forms after its timeout.

@@ -102,7 +102,7 @@ class LocalRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., alive: _Optional[bool] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class JoinRoundRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "round", "global_hash", "weight", "address", "confirm_group", "answer_digests")
+    __slots__ = ("run_id", "peer_id", "round", "global_hash", "weight", "address", "confirm_group", "answer_digests", "swap_delta")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class JoinRoundRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_GROUP_FIELD_NUMBER: _ClassVar[int]
     ANSWER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_DELTA_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     round: int
@@ -119,7 +120,8 @@ class JoinRoundRequest(_message.Message):
     address: str
     confirm_group: str
     answer_digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., weight: _Optional[float] = ..., address: _Optional[str] = ..., confirm_group: _Optional[str] = ..., answer_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    swap_delta: bytes
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., weight: _Optional[float] = ..., address: _Optional[str] = ..., confirm_group: _Optional[str] = ..., answer_digests: _Optional[_Iterable[str]] = ..., swap_delta: _Optional[bytes] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "shard_start", "shard_end", "weight")
@@ -154,7 +156,7 @@ class Group(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., reduce_deadline_s: _Optional[float] = ...) -> None: ...
 
 class JoinRoundResponse(_message.Message):
-    __slots__ = ("outcome", "message", "group", "leader_hint", "leader_round")
+    __slots__ = ("outcome", "message", "group", "leader_hint", "leader_round", "swap_delta")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[JoinRoundResponse.Outcome]
@@ -180,12 +182,14 @@ class JoinRoundResponse(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     LEADER_HINT_FIELD_NUMBER: _ClassVar[int]
     LEADER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SWAP_DELTA_FIELD_NUMBER: _ClassVar[int]
     outcome: JoinRoundResponse.Outcome
     message: str
     group: Group
     leader_hint: str
     leader_round: int
-    def __init__(self, outcome: _Optional[_Union[JoinRoundResponse.Outcome, str]] = ..., message: _Optional[str] = ..., group: _Optional[_Union[Group, _Mapping]] = ..., leader_hint: _Optional[str] = ..., leader_round: _Optional[int] = ...) -> None: ...
+    swap_delta: bytes
+    def __init__(self, outcome: _Optional[_Union[JoinRoundResponse.Outcome, str]] = ..., message: _Optional[str] = ..., group: _Optional[_Union[Group, _Mapping]] = ..., leader_hint: _Optional[str] = ..., leader_round: _Optional[int] = ..., swap_delta: _Optional[bytes] = ...) -> None: ...
 
 class ReduceHeader(_message.Message):
     __slots__ = ("run_id", "group_id", "round", "peer_id", "shard_start", "shard_end", "codec", "numel", "total_bytes", "crc32", "weight", "contributors")
