@@ -27,6 +27,12 @@ whose norm is an outlier), encodes the average once and answers every stream wit
 everyone, the owner included, applies ``decode(those bytes)``. So all members that complete the
 round apply the same averaged delta, bit for bit, whatever the codec.
 
+A pair swaps (``swaps``: a group of two, at most ``PAIR_SWAP_NUMEL`` values): each member sends
+the other its whole encoded delta, offered with its join where it expected the pair (the leader
+of the pair answers with its own, ``Matchmaker._relayed``), and both compute the same mean of the
+two payloads (``pair_mean``). One exchange, no owner, no answer; the copies below do not apply
+to it (its deltas and its mean are at most a few MB).
+
 Where the round's copies live, and why (bytes per model parameter, N parameters, K members,
 int8; ``bench.memory`` measures the whole: K=2, error feedback on, ~23 B/param at its peak):
 
