@@ -270,11 +270,11 @@ class RoundDriver:
             return JoinReply(JoinOutcome.REFUSED, "a join needs a finite weight >= 0 and a hex hash of at most 64 digits")
         if req.swap_delta and (self._store.numel > PAIR_SWAP_NUMEL or len(req.swap_delta) != self._swap_bytes):
             # (its values are checked where the round takes it: ``SwapShard.add``)
-            self._invalid("bad_join", f"{req.peer_id} offered a delta of {len(req.swap_delta)} bytes with its join; "
-                          f"a pair of this model swaps {self._swap_bytes if self._store.numel <= PAIR_SWAP_NUMEL else 0}")
-            return JoinReply(JoinOutcome.REFUSED, f"a delta offered with a join must be the whole delta encoded with "
-                             f"{self._cfg.sync.codec} ({self._swap_bytes} bytes), and only for a model of at most "
-                             f"{PAIR_SWAP_NUMEL} values")
+            why = (f"a delta offered with a join must be the whole delta encoded with {self._cfg.sync.codec} "
+                   f"({self._swap_bytes} bytes), for a model of at most {PAIR_SWAP_NUMEL} values; "
+                   f"{req.peer_id} offered {len(req.swap_delta)} bytes")
+            self._invalid("bad_join", why)
+            return JoinReply(JoinOutcome.REFUSED, why)
         self._heard[req.peer_id] = time.monotonic()
         return await self.matchmaker.join(req)
 
