@@ -239,7 +239,7 @@ class RoundDriver:
                                owner_cutoff_share=s.owner_cutoff_share, phase_hook=phase_hook,
                                aggregation=Aggregation(s.aggregation, s.trim_fraction, s.weight_cap_factor,
                                                        s.norm_outlier_factor),
-                               on_rejected=lambda pid, error: self.rejected_part(pid, error),
+                               on_rejected=lambda pid, error: self.rejected_part(pid, error, self._store.state.round),
                                on_delivered=self._delivery)
         self.owner = ReduceOwner(run_id=self._run_id, peer_id=peer_id, registry=self.registry,
                                  group_wait_s=cfg.timeouts.chunk_idle_timeout_s, on_rejected=self.rejected,

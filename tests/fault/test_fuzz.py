@@ -96,7 +96,7 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
 
         @FUZZ
         @given(req=st.builds(pb.JoinRoundRequest, run_id=run, peer_id=st.just(me), round=U64, global_hash=TEXT,
-                             weight=F64, address=TEXT))
+                             weight=F64, address=TEXT, swap_delta=st.binary(max_size=64)))
         def join(req):
             call("JoinRound", lambda: stub.JoinRound(req, timeout=5))
 
@@ -114,7 +114,8 @@ def test_every_handler_survives_generated_messages_from_a_member(tmp_path):
         @given(messages=st.lists(st.one_of(
             st.builds(pb.SessionMessage, id=U64, timeout_s=F64,
                       join=st.builds(pb.JoinRoundRequest, run_id=run, peer_id=st.sampled_from([me, "someone"]),
-                                     round=U64, global_hash=TEXT, weight=F64, address=TEXT)),
+                                     round=U64, global_hash=TEXT, weight=F64, address=TEXT,
+                                     swap_delta=st.binary(max_size=64))),
             st.builds(pb.SessionMessage, id=U64, timeout_s=st.floats(0, 0.5), part=_reduce_part(me, run_id)),
             st.builds(pb.SessionMessage, id=U64, error=st.builds(pb.SessionError, code=TEXT, message=TEXT)),
             st.builds(pb.SessionMessage, id=U64)), max_size=4))

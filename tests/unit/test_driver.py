@@ -742,6 +742,30 @@ async def test_a_pair_member_offering_a_lying_delta_fails_its_partners_round_cou
     assert leader.metric("peer_sync_invalid_claims_total", reason="bad_join") == 1
 
 
+async def test_a_pair_leader_relaying_a_lying_delta_fails_its_partners_round_counted(tmp_path, pool):
+    # Prepare: the leader's GROUP reply carries NaNs (fp32), then bytes of the wrong size, as its delta
+    for lie in (b"\xff" * get_codec("fp32").encoded_size(NUMEL), b"\0" * 7):
+        net = _swarm(tmp_path / str(len(lie)), pool, 2, codec="fp32")
+        leader, follower = net["p15"], net["p22"]
+        honest = leader.driver.join
+
+        async def lying_reply(req):
+            reply = await honest(req)
+            return replace(reply, swap_delta=lie) if reply.swap_delta else reply
+
+        leader.driver.join = lying_reply
+        # Execute
+        await _round(net.values())
+        # Assert: the follower refuses it where its round takes it, counted; the leader (which
+        # took the follower's delta from the join) completed the round, and the follower catches
+        # up with the leader's state instead of applying anything of the lie
+        assert follower.metric("peer_sync_rejected_contributions_total", reason="corrupt") == 1
+        assert follower.metric("peer_rounds_total", outcome="failed") == 1
+        assert follower.metric("peer_rounds_total", outcome="completed") == 0
+        assert follower.store.state.round == leader.store.state.round == 1
+        assert follower.store.state.global_hash == leader.store.state.global_hash
+
+
 async def test_an_owner_answering_garbage_fails_the_round_as_bad_reply(tmp_path, pool):
     net = _swarm(tmp_path, pool, 3, codec="fp32")  # (a pair swaps deltas: nobody answers it)
     honest = Client.reduce
