@@ -850,7 +850,7 @@ class OwnedShard:
 
 
 class ShardRegistry:
-    """Owned shards by group id, so the server can route incoming parts. Loop-only."""
+    """Owned shards (and pairs' swaps) by group id, so the server can route incoming parts. Loop-only."""
 
     def __init__(self) -> None:
         self._shards: dict[str, OwnedShard | SwapShard] = {}
@@ -1333,7 +1333,9 @@ class ReduceOwner:
 
     async def contribute(self, header: ReduceHeader, payload: bytes) -> tuple[ReduceHeader, bytes]:
         """Add a member's part (a refused part is left out, reported to ``on_rejected``; its
-        sender still gets the average and stays in sync); return the averaged shard."""
+        sender still gets the average and stays in sync); return the averaged shard. A pair's
+        swapped delta (``SwapShard``) is answered with nothing but success; a refused one fails
+        the call (RoundError, which the server counts), as the refusal also fails this peer's round."""
         owned = await self._registry.get(header.group_id, self._wait_s)
         self._traffic(header.codec, 0, len(payload))
         try:
