@@ -1219,7 +1219,7 @@ class Reducer:
                 raise RoundError("corrupt", f"round {group.round}: a pair's delta does not decode: {exc}") from None
             if ef is not None and corrected is not None:
                 ef.commit(corrected, copy=corrected is delta)
-            stats.contributors.append(sum(1 for m in group.members if m.weight > 0) or 2)
+            stats.contributors.append(2)  # (both deltas are in, as an owner counts the parts that arrived)
             exact = get_codec("fp32")
             stats.answers = ((0, n, exact.encode(mean)),)
             return Averaged(exact, n, stats.answers, magnitude(mean)), stats
