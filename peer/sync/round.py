@@ -254,6 +254,18 @@ class SwapOffer:
     corrected: torch.Tensor | None
 
 
+def encode_whole(codec: Codec, delta: torch.Tensor, ef: ErrorFeedback | None, *, keep_delta: bool) -> SwapOffer:
+    """``delta`` encoded whole for a pair's swap (with error feedback when ``ef``), as bytes
+    (protobuf takes nothing else; a codec may hand over the bytearray it wrote). ``keep_delta``:
+    the corrected delta is a new tensor and ``delta`` stays as it is (an offer, for a group that
+    may not swap); otherwise it is corrected in its own memory (``ErrorFeedback.corrected_in_place``).
+    Raises CodecError for a delta the codec refuses (NaN/Inf). Any thread."""
+    if ef is None:
+        return SwapOffer(bytes(codec.encode(delta)), None)
+    corrected = ef.corrected(delta) if keep_delta else ef.corrected_in_place(delta)
+    return SwapOffer(bytes(ef.encode_shard(corrected, 0, delta.numel())), corrected)
+
+
 def pair_mean(codec: Codec, payloads: list[bytes | bytearray], weights: list[float], numel: int) -> torch.Tensor:
     """The weighted mean of a pair's encoded deltas (in the group's member order), the same bits
     on every member and device: each decoded (exact, or one multiplication: int8), multiplied
@@ -979,16 +991,9 @@ class Reducer:
         if delta.device.type != "cpu" and delta.numel() <= HOST_NUMEL:
             delta = delta.cpu()
         ef = self._feedback(codec, delta.numel())
-
-        def encode() -> SwapOffer:
-            # (bytes: protobuf takes nothing else; a codec may hand over the bytearray it wrote)
-            if ef is None:
-                return SwapOffer(bytes(codec.encode(delta)), None)
-            corrected = ef.corrected(delta)  # a new tensor: the delta stays as it is
-            return SwapOffer(bytes(ef.encode_shard(corrected, 0, delta.numel())), corrected)
-
         try:
-            return await offload(self._executor, delta.numel(), encode, on_device=delta.device.type != "cpu")
+            return await offload(self._executor, delta.numel(), lambda: encode_whole(codec, delta, ef, keep_delta=True),
+                                 on_device=delta.device.type != "cpu")
         except CodecError:
             return None
 
@@ -1189,17 +1194,10 @@ class Reducer:
             self._registry.put(swap)
         try:
             await self._hook("reduce", group.round)
-
-            def encode() -> tuple[bytes, torch.Tensor | None]:
-                if ef is None:
-                    return codec.encode(delta), None
-                corrected = ef.corrected_in_place(delta)
-                return ef.encode_shard(corrected, 0, n), corrected
-
-            if offer is not None:
-                mine, corrected = offer.payload, offer.corrected
-            else:  # (a delta the codec refuses, NaN/Inf, raises CodecError: the caller's error, as in ``run``)
-                mine, corrected = await offload(self._executor, n, encode, on_device=delta.device.type != "cpu")
+            if offer is None:  # (a delta the codec refuses, NaN/Inf, raises CodecError: the caller's error, as in ``run``)
+                offer = await offload(self._executor, n, lambda: encode_whole(codec, delta, ef, keep_delta=False),
+                                      on_device=delta.device.type != "cpu")
+            mine, corrected = offer.payload, offer.corrected
             # (counted alike whether the join or the Session stream carried them)
             stats = ReduceStats(encoded_bytes=len(mine), sent_bytes=len(mine))
             if not relayed:
